@@ -1,0 +1,154 @@
+"""The gateway's whole configuration: one TOML file, embedded defaults.
+
+Each package declares its own section (see ``gateway.settings``); this module
+only puts them together, reads the file and applies command-line overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.settings import (
+    ConfigError,
+    ConfigErrors,
+    endpoint,
+    load_section,
+    non_negative,
+    positive,
+    setting,
+)
+from monitoring.settings import MonitoringSettings
+from register.settings import AuthSettings, RegisterSettings
+
+# The bundled rules and templates sit beside the package in a source checkout.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: list[str] = setting(
+        ["tcp:1344:interface=127.0.0.1"],
+        "ICAP listeners, Twisted endpoint strings (tcp:1344:interface=0.0.0.0, unix:/run/icap.sock)",
+        validate=lambda v: next(filter(None, map(endpoint, v)), None) or (None if v else "needs at least one listener"),
+    )
+    state_dir: str = setting("var", "Where the embedded SQLite register and spool files live")
+    workers: int = setting(1, "Worker processes sharing the listener; 0 means one per core", validate=non_negative)
+    max_connections: int = setting(
+        1000, "Advertised in OPTIONS as Max-Connections; more are refused with 503", validate=positive
+    )
+    options_ttl: int = setting(3600, "Options-TTL in seconds advertised in OPTIONS", validate=positive)
+    preview_size: int = setting(
+        4096, "Preview bytes asked for in OPTIONS (0 disables preview)", kind="size", validate=non_negative
+    )
+    read_timeout: float = setting(
+        30.0, "Seconds a request may stall mid-message before 408 and close", kind="duration", validate=positive
+    )
+    idle_timeout: float = setting(
+        300.0, "Seconds an idle persistent connection is kept open", kind="duration", validate=positive
+    )
+    service_id: str = setting("yara", "Service-ID advertised in OPTIONS and ISTag prefix")
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    rules: str = setting("rules", "Directory of *.yar/*.yara files, each file its own namespace")
+    threads: int = setting(0, "Scanning threads; 0 means one per core", validate=non_negative)
+    timeout: float = setting(30.0, "Seconds one scan may take", kind="duration", validate=positive)
+    error_policy: Literal["fail-open", "fail-closed"] = setting(
+        "fail-closed", "On a scan error or timeout: pass the content (fail-open) or block it"
+    )
+    max_scan_size: int = setting(
+        256 * 1024**2, "Bodies larger than this (decoded) are not scanned", kind="size", validate=positive
+    )
+    oversize_policy: Literal["pass", "block"] = setting(
+        "pass", "What happens to a body over max_scan_size: pass it unscanned (marked) or block it"
+    )
+    memory_threshold: int = setting(
+        1024**2, "Bodies above this spool to a temporary file", kind="size", validate=positive
+    )
+    max_decoded_size: int = setting(
+        256 * 1024**2, "Stop decoding Content-Encoding beyond this many bytes", kind="size", validate=positive
+    )
+    max_decode_ratio: int = setting(
+        1000, "Stop decoding when decoded/encoded size exceeds this (zip bombs)", validate=positive
+    )
+    reload_interval: float = setting(
+        2.0, "Seconds between checks of the rules directory for changes (0 disables)",
+        kind="duration", validate=non_negative,
+    )
+    block_page: str = setting("", "HTML template of the block page (empty: config/blockpage.html)")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    scan: ScanSettings = field(default_factory=ScanSettings)
+    register: RegisterSettings = field(default_factory=RegisterSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
+    source: str = "<defaults>"
+
+    def state_path(self, *parts: str) -> Path:
+        return Path(self.server.state_dir, *parts)
+
+    def rules_path(self) -> Path:
+        return Path(self.scan.rules)
+
+
+def _section_types() -> dict[str, type]:
+    hints = {f.name: f.default_factory for f in dataclasses.fields(GatewayConfig) if f.name != "source"}
+    return hints  # type: ignore[return-value]
+
+
+def parse_config(data: dict[str, Any], source: str) -> GatewayConfig:
+    """Build a config from parsed TOML; raise ConfigErrors listing every problem."""
+    errors: list[ConfigError] = []
+    sections: dict[str, Any] = {}
+    types_ = _section_types()
+    for name, table in data.items():
+        cls = types_.get(name)
+        if cls is None:
+            errors.append(ConfigError(source, f"[{name}]", f"unknown section (known: {', '.join(types_)})"))
+            continue
+        sections[name], errs = load_section(cls, table, source, name)
+        errors.extend(errs)
+    if errors:
+        raise ConfigErrors(errors)
+    return GatewayConfig(**sections, source=source)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
+    """Read ``path`` (None: embedded defaults)."""
+    if path is None:
+        return GatewayConfig()
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigErrors([ConfigError(source, "-", "file not found")]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigErrors([ConfigError(source, "-", f"not valid TOML: {e}")]) from None
+    return parse_config(data, source)
+
+
+def with_overrides(config: GatewayConfig, **overrides: Any) -> GatewayConfig:
+    """Apply command-line overrides given as ``section__key=value`` (None: not given)."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        section, key = name.split("__", 1)
+        by_section.setdefault(section, {})[key] = value
+    if not by_section:
+        return config
+    changes = {
+        section: dataclasses.replace(getattr(config, section), **values)
+        for section, values in by_section.items()
+    }
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,228 @@
+"""The small interfaces the ICAP protocol is handed at construction.
+
+The protocol knows *when* to authenticate, scan, record and observe; the
+objects behind these interfaces know *how*.  They meet only here and in
+``gateway.service.makeService``: ``register/`` and ``monitoring/`` may import
+this module (it imports nothing heavy) but never the protocol.
+
+Everything here is called on the reactor thread and must not block: an
+implementation that needs the database or YARA defers to a thread pool and
+returns a Deferred (scan) or enqueues (record).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+Direction = Literal["request", "response"]
+
+
+# --- authentication -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """A tenant as the request path needs it: no personal data here."""
+
+    id: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What an ICAP request presents.  ``key`` is secret: never log it."""
+
+    key: str | None  # from "Authorization: Bearer <key>", None when absent
+    source_ip: str  # the ICAP peer (the proxy), not the end user
+    tenant_hint: str | None = None  # e.g. a tenant name the key's prefix names
+
+    def __repr__(self) -> str:  # keep the key out of any accidental log line
+        return f"Credentials(key={'<set>' if self.key else None}, source_ip={self.source_ip!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    tenant: Tenant
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A refusal: ``status`` is the ICAP status to answer (401 or 403)."""
+
+    status: int
+    reason: str  # short, safe to log and to record ("missing-key", "unknown-key", ...)
+
+
+class Authenticator(Protocol):
+    """Checks a request's key.  Called on the reactor: must be cheap (an
+    in-memory lookup of a fast hash), never a database round trip."""
+
+    def authenticate(self, credentials: Credentials) -> Authenticated | Refused: ...
+
+
+# --- the register ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UserSeen:
+    """An end user's request passed through ``tenant``'s proxy."""
+
+    tenant_id: int
+    username: str
+    client_ip: str
+    at: float  # POSIX seconds, from the injected clock
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailure:
+    at: float
+    source_ip: str
+    tenant_presented: str | None
+    reason: str
+
+
+RegisterEvent = UserSeen | AuthFailure
+
+
+class Recorder(Protocol):
+    """Takes register events without waiting: a bounded queue drained by a
+    background writer.  ``record`` never blocks and never raises."""
+
+    def record(self, event: RegisterEvent) -> None: ...
+
+
+# --- scanning -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScanContext:
+    """Fills the YARA externals for one transaction."""
+
+    direction: Direction
+    url: str = ""
+    host: str = ""
+    filepath: str = ""  # the URL path
+    filename: str = ""  # Content-Disposition filename, else the URL path's last part
+    extension: str = ""
+    filetype: str = ""  # the MIME type the HTTP message claims
+    tenant: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a scan decided.  ``outcome`` is one of: clean, blocked, error,
+    unscanned (too big and the policy passes it)."""
+
+    outcome: Literal["clean", "blocked", "error", "unscanned"]
+    rules: Sequence[str] = ()  # "namespace.rule" for each match
+    detail: str = ""  # why: error text, "too-large", "timeout" ...
+    scanned_bytes: int = 0
+    duration: float = 0.0
+    ruleset_version: str = ""
+
+
+# --- observation ----------------------------------------------------------
+
+
+Outcome = Literal["clean", "blocked", "error", "unauthenticated", "unscanned"]
+
+
+@dataclass(slots=True)
+class TransactionRecord:
+    """One finished ICAP transaction, for metrics and the access log.
+    Holds no secret: no Authorization, no key."""
+
+    started: float
+    duration: float
+    method: str
+    service: str
+    icap_status: int
+    client_ip: str  # X-Client-IP, else the peer
+    peer: str  # the proxy
+    tenant: str = ""
+    user: str = ""
+    url: str = ""
+    http_status: int | None = None
+    outcome: Outcome | None = None
+    rules: Sequence[str] = field(default_factory=tuple)
+    direction: Direction | None = None
+    body_bytes: int = 0
+    scan_duration: float | None = None
+    detail: str = ""
+
+
+class Observer(Protocol):
+    """Sees what the gateway does.  Must not block or raise."""
+
+    def connection_opened(self) -> None: ...
+
+    def connection_closed(self) -> None: ...
+
+    def transaction_finished(self, record: TransactionRecord) -> None: ...
+
+    def scan_finished(self, verdict: Verdict, direction: Direction) -> None: ...
+
+    def auth_failed(self, reason: str) -> None: ...
+
+    def rules_loaded(self, ok: bool, rule_count: int, version: str) -> None: ...
+
+
+class NullObserver:
+    """An Observer that does nothing (tests, tools)."""
+
+    def connection_opened(self) -> None:
+        pass
+
+    def connection_closed(self) -> None:
+        pass
+
+    def transaction_finished(self, record: TransactionRecord) -> None:
+        pass
+
+    def scan_finished(self, verdict: Verdict, direction: Direction) -> None:
+        pass
+
+    def auth_failed(self, reason: str) -> None:
+        pass
+
+    def rules_loaded(self, ok: bool, rule_count: int, version: str) -> None:
+        pass
+
+
+class Scanner(Protocol):
+    """Scans a complete body off the reactor.  ``body`` is bytes or a path to
+    a spooled file.  The Deferred fires with a Verdict; it never errbacks
+    (errors and timeouts become ``Verdict(outcome="error")``)."""
+
+    @property
+    def version(self) -> str:
+        """The ISTag-worthy identity of the loaded ruleset."""
+        ...
+
+    def scan(self, body: bytes | str, context: ScanContext) -> Deferred[Verdict]: ...
+
+
+__all__ = [
+    "AuthFailure",
+    "Authenticated",
+    "Authenticator",
+    "Credentials",
+    "Direction",
+    "NullObserver",
+    "Observer",
+    "Outcome",
+    "Recorder",
+    "Refused",
+    "RegisterEvent",
+    "ScanContext",
+    "Scanner",
+    "Tenant",
+    "TransactionRecord",
+    "UserSeen",
+    "Verdict",
+]

@@ -1,0 +1,1 @@
+"""Operator visibility: Prometheus metrics, health endpoints, the access log."""

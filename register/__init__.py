@@ -1,0 +1,1 @@
+"""The personal-data register: tenants, keys, login records, authentication failures."""
