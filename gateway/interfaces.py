@@ -111,6 +111,9 @@ class ScanContext:
     extension: str = ""
     filetype: str = ""  # the MIME type the HTTP message claims
     tenant: str = ""
+    # Not an external: how the body is encoded (Content-Encoding); the
+    # scanner decodes gzip, deflate, br and zstd before matching, off the reactor.
+    content_encoding: str = ""
 
 
 @dataclass(frozen=True, slots=True)
