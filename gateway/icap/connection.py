@@ -1,0 +1,496 @@
+"""The server side of an ICAP/1.0 connection (RFC 3507), sans I/O.
+
+Bytes in (``receive_data``), events out (``next_event``), bytes back
+(``send_*``), in the manner of h11's ``Connection``: no sockets, no Twisted,
+no YARA.  The caller owns the transport and the policy; this class owns the
+framing and the rules of the exchange:
+
+* two state machines, the client's (what we read) and ours (what we write);
+  a cycle ends when both are done, then the next (pipelined) request is read;
+* a Preview ends in ``PreviewEnd`` unless ``ieof``; the server then calls
+  ``send_continue()`` or answers at once (``can_send_204`` tells whether a
+  204 is allowed: only with ``Allow: 204`` or in answer to a preview);
+* an answer sent before the client finished its body (an early 403) makes the
+  rest of that body be read and dropped, so the connection stays in frame;
+* every violation raises ``ProtocolError`` carrying the status to answer with;
+  after it the connection only lets ``send_error`` be called, then closes.
+"""
+
+from __future__ import annotations
+
+import string
+from collections import deque
+from itertools import pairwise
+from typing import Final
+
+from gateway.icap import limits
+from gateway.icap.errors import LocalProtocolError, ProtocolError
+from gateway.icap.events import (
+    NEED_DATA,
+    PAUSED,
+    BodyData,
+    BodyKind,
+    ConnectionClosed,
+    EndOfMessage,
+    Event,
+    PreviewEnd,
+    Request,
+    _Sentinel,
+)
+from gateway.icap.headers import parse_header_lines
+
+METHODS: Final = frozenset({"OPTIONS", "REQMOD", "RESPMOD"})
+
+REASONS: Final[dict[int, str]] = {
+    100: "Continue",
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "ICAP Service Not Found",
+    405: "Method Not Allowed For Service",
+    408: "Request Timeout",
+    500: "Server Error",
+    501: "Method Not Implemented",
+    503: "Service Overloaded",
+    505: "ICAP Version Not Supported",
+}
+
+# Which encapsulated sections each method may carry, in the order they must
+# appear (RFC 3507 section 4.4.1).
+_ALLOWED_SECTIONS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "REQMOD": (("req-hdr",), ("req-body", "null-body")),
+    "RESPMOD": (("req-hdr", "res-hdr"), ("res-body", "null-body")),
+    "OPTIONS": ((), ("opt-body", "null-body")),
+}
+_HEXDIGITS: Final = frozenset(string.hexdigits.encode())
+
+# Client states
+IDLE: Final = "IDLE"  # waiting for a request head
+CHUNK_SIZE: Final = "CHUNK_SIZE"
+CHUNK_DATA: Final = "CHUNK_DATA"
+CHUNK_CRLF: Final = "CHUNK_CRLF"
+TRAILER: Final = "TRAILER"
+PREVIEW_WAIT: Final = "PREVIEW_WAIT"  # preview over, waiting for our 100 or answer
+DONE: Final = "DONE"
+CLOSED: Final = "CLOSED"
+ERROR: Final = "ERROR"
+# Our states
+SEND_RESPONSE: Final = "SEND_RESPONSE"  # a request arrived; we may answer
+SEND_BODY: Final = "SEND_BODY"
+MUST_CLOSE: Final = "MUST_CLOSE"
+
+
+def parse_encapsulated(value: str | None, method: str) -> list[tuple[str, int]]:
+    """Parse and check an ``Encapsulated`` header for ``method``."""
+    if value is None:
+        if method == "OPTIONS":
+            return [("null-body", 0)]
+        raise ProtocolError(400, "missing Encapsulated header")
+    heads, bodies = _ALLOWED_SECTIONS[method]
+    entries: list[tuple[str, int]] = []
+    for item in value.split(","):
+        name, sep, offset = item.strip().partition("=")
+        name = name.strip().lower()
+        offset = offset.strip()
+        if not sep or not offset.isdigit() or len(offset) > 12:
+            raise ProtocolError(400, f"malformed Encapsulated entry {item.strip()[:40]!r}")
+        entries.append((name, int(offset)))
+    *head_entries, (body_name, body_offset) = entries
+    if body_name not in bodies:
+        raise ProtocolError(400, f"Encapsulated must end with one of {', '.join(bodies)} for {method}")
+    order = [heads.index(n) if n in heads else -1 for n, _ in head_entries]
+    if -1 in order or order != sorted(set(order)):
+        raise ProtocolError(400, f"Encapsulated sections not allowed or out of order for {method}")
+    offsets = [o for _, o in entries]
+    if offsets[0] != 0:
+        raise ProtocolError(400, "Encapsulated offsets must start at 0")
+    if any(b <= a for a, b in pairwise(offsets)):
+        raise ProtocolError(400, "Encapsulated offsets must increase")
+    if body_offset > limits.MAX_ENCAPSULATED_HEAD_SIZE:
+        raise ProtocolError(
+            400, f"encapsulated HTTP headers larger than {limits.MAX_ENCAPSULATED_HEAD_SIZE} bytes"
+        )
+    return entries
+
+
+def service_of(uri: str) -> str:
+    """``icap://host:1344/respmod?x=1`` -> ``respmod``; ``/respmod`` too."""
+    rest = uri
+    if "://" in rest:
+        rest = rest.split("://", 1)[1]
+        slash = rest.find("/")
+        rest = rest[slash:] if slash >= 0 else "/"
+    return rest.split("?", 1)[0].strip("/")
+
+
+class ServerConnection:
+    """One ICAP connection seen from the server."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._eof = False
+        self._events: deque[Event] = deque()
+        self.their_state: str = IDLE
+        self.our_state: str = IDLE
+        self.request: Request | None = None
+        self._chunk_left = 0
+        self._in_preview = False
+        self._preview_left = 0
+        self._ieof = False
+        self._ended_in_preview = False
+        self._trailer_size = 0
+        self._close_after = False
+        self.requests_seen = 0  # completed cycles, for tests and logs
+
+    # --- input -------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed."""
+        if data:
+            if self._eof:
+                raise LocalProtocolError("data received after end of file")
+            self._buf += data
+        else:
+            self._eof = True
+
+    @property
+    def has_buffered_input(self) -> bool:
+        return bool(self._buf)
+
+    @property
+    def mid_request(self) -> bool:
+        """A request has started arriving but is not complete: a read stall
+        now is a timeout (408), not an idle keep-alive connection."""
+        if self.their_state == IDLE:
+            return bool(self._buf.strip(b"\r\n"))
+        return self.their_state in (CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER)
+
+    def next_event(self) -> Event | _Sentinel:
+        """The next event, ``NEED_DATA`` or ``PAUSED``.  Raises ProtocolError."""
+        if self.their_state == ERROR:
+            raise LocalProtocolError("next_event after a protocol error")
+        try:
+            while True:
+                if self._events:
+                    return self._events.popleft()
+                state = self.their_state
+                if state == IDLE:
+                    if not self._read_head():
+                        return self._need_data()
+                elif state in (DONE, PREVIEW_WAIT, CLOSED):
+                    return PAUSED
+                elif state == CHUNK_DATA:
+                    if not self._read_chunk_data():
+                        return self._need_data()
+                elif state == CHUNK_SIZE:
+                    if not self._read_chunk_size():
+                        return self._need_data()
+                elif state == CHUNK_CRLF:
+                    if len(self._buf) < 2:
+                        return self._need_data()
+                    if self._buf[:2] != b"\r\n":
+                        raise ProtocolError(400, "chunk data not followed by CRLF")
+                    del self._buf[:2]
+                    self.their_state = CHUNK_SIZE
+                elif state == TRAILER:
+                    if not self._read_trailer():
+                        return self._need_data()
+                else:  # pragma: no cover - all states handled above
+                    raise LocalProtocolError(f"unknown state {state}")
+        except ProtocolError:
+            self.their_state = ERROR
+            raise
+
+    def _need_data(self) -> _Sentinel:
+        if not self._eof:
+            return NEED_DATA
+        if self.their_state == IDLE and not self._buf.strip(b"\r\n"):
+            self.their_state = CLOSED
+            self._buf.clear()
+            return ConnectionClosed()  # type: ignore[return-value]
+        raise ProtocolError(400, "connection closed in the middle of a request")
+
+    def _read_head(self) -> bool:
+        buf = self._buf
+        # RFC 9112 section 2.2: ignore empty lines before a request line.
+        while buf[:2] == b"\r\n":
+            del buf[:2]
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > limits.MAX_ICAP_HEAD_SIZE:
+                raise ProtocolError(400, f"ICAP head larger than {limits.MAX_ICAP_HEAD_SIZE} bytes")
+            return False
+        if end > limits.MAX_ICAP_HEAD_SIZE:
+            raise ProtocolError(400, f"ICAP head larger than {limits.MAX_ICAP_HEAD_SIZE} bytes")
+        lines = bytes(buf[:end]).split(b"\r\n")
+        head_len = end + 4
+        method, uri = self._parse_request_line(lines[0])
+        headers = parse_header_lines(lines[1:], limits.MAX_ICAP_HEADERS, "ICAP")
+        entries = parse_encapsulated(headers.get("Encapsulated"), method)
+        body_name, body_offset = entries[-1]
+        if len(buf) < head_len + body_offset:
+            return False  # wait for the encapsulated header blocks
+        sections: dict[str, bytes] = {}
+        for (name, start), (_, stop) in pairwise(entries):
+            block = bytes(buf[head_len + start : head_len + stop])
+            if not block.endswith(b"\r\n\r\n"):
+                raise ProtocolError(400, f"encapsulated {name} does not end with an empty line")
+            sections[name] = block
+        del buf[: head_len + body_offset]
+
+        preview: int | None = None
+        preview_value = headers.get("Preview")
+        if preview_value is not None:
+            preview_value = preview_value.strip()
+            if not preview_value.isdigit() or len(preview_value) > 12:
+                raise ProtocolError(400, "Preview must be a number of bytes")
+            preview = int(preview_value)
+        body: BodyKind = body_name  # type: ignore[assignment]
+        keep_alive = "close" not in headers.tokens("Connection")
+        self.request = Request(
+            method=method,
+            uri=uri,
+            service=service_of(uri),
+            headers=headers,
+            req_hdr=sections.get("req-hdr"),
+            res_hdr=sections.get("res-hdr"),
+            body=body,
+            preview=preview if body != "null-body" else None,
+            allow_204="204" in headers.tokens("Allow"),
+            keep_alive=keep_alive,
+        )
+        self._close_after = not keep_alive
+        self.our_state = SEND_RESPONSE
+        self._ended_in_preview = False
+        self._events.append(self.request)
+        if body == "null-body":
+            self.their_state = DONE
+            self._events.append(EndOfMessage())
+        else:
+            self._in_preview = preview is not None
+            self._preview_left = preview or 0
+            self.their_state = CHUNK_SIZE
+        return True
+
+    @staticmethod
+    def _parse_request_line(line: bytes) -> tuple[str, str]:
+        parts = line.split(b" ")
+        if len(parts) != 3 or not all(parts):
+            raise ProtocolError(400, "malformed ICAP request line")
+        try:
+            method, uri, version = (p.decode("ascii") for p in parts)
+        except UnicodeDecodeError:
+            raise ProtocolError(400, "non-ASCII ICAP request line") from None
+        if version != "ICAP/1.0":
+            if version.startswith("ICAP/"):
+                raise ProtocolError(505, f"unsupported version {version[:16]}")
+            raise ProtocolError(400, "not an ICAP request")
+        if method not in METHODS:
+            if not method.isalpha() or not method.isupper():
+                raise ProtocolError(400, "malformed ICAP method")
+            raise ProtocolError(501, f"method {method[:16]} not implemented")
+        if not (uri.startswith("icap://") or uri.startswith("/")):
+            raise ProtocolError(400, "ICAP URI must be icap://host/service")
+        return method, uri
+
+    def _read_chunk_size(self) -> bool:
+        buf = self._buf
+        end = buf.find(b"\r\n", 0, limits.MAX_CHUNK_SIZE_LINE + 2)
+        if end < 0:
+            if len(buf) > limits.MAX_CHUNK_SIZE_LINE:
+                raise ProtocolError(400, f"chunk-size line longer than {limits.MAX_CHUNK_SIZE_LINE} bytes")
+            return False
+        line = bytes(buf[:end])
+        del buf[: end + 2]
+        size_part, _, extensions = line.partition(b";")
+        size_part = size_part.strip(b" \t")
+        if not size_part or len(size_part) > 16 or not _HEXDIGITS.issuperset(size_part):
+            raise ProtocolError(400, "malformed chunk size")
+        size = int(size_part, 16)
+        if size > limits.MAX_CHUNK_SIZE:
+            raise ProtocolError(400, "chunk size too large")
+        if size == 0:
+            self._ieof = any(ext.strip(b" \t").lower() == b"ieof" for ext in extensions.split(b";"))
+            self._trailer_size = 0
+            self.their_state = TRAILER
+            return True
+        if self._in_preview:
+            if size > self._preview_left:
+                raise ProtocolError(400, "preview body longer than the Preview header says")
+            self._preview_left -= size
+        self._chunk_left = size
+        self.their_state = CHUNK_DATA
+        return True
+
+    def _read_chunk_data(self) -> bool:
+        buf = self._buf
+        if not buf:
+            return False
+        n = min(self._chunk_left, len(buf))
+        if n == len(buf):
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:n])
+            del buf[:n]
+        self._chunk_left -= n
+        if self._chunk_left == 0:
+            self.their_state = CHUNK_CRLF
+        if not self._discarding:
+            self._events.append(BodyData(data))
+        return True
+
+    def _read_trailer(self) -> bool:
+        buf = self._buf
+        while True:
+            end = buf.find(b"\r\n")
+            if end < 0:
+                if self._trailer_size + len(buf) > limits.MAX_TRAILER_SIZE:
+                    raise ProtocolError(400, "chunked trailer too large")
+                return False
+            del buf[: end + 2]
+            if end == 0:
+                break
+            self._trailer_size += end + 2
+            if self._trailer_size > limits.MAX_TRAILER_SIZE:
+                raise ProtocolError(400, "chunked trailer too large")
+        self._end_of_body()
+        return True
+
+    def _end_of_body(self) -> None:
+        if self._in_preview and not self._ieof and self.our_state not in (DONE, MUST_CLOSE):
+            self._in_preview = False
+            self.their_state = PREVIEW_WAIT
+            self._events.append(PreviewEnd())
+            return
+        ieof = self._in_preview and self._ieof
+        self._ended_in_preview = ieof
+        self._in_preview = False
+        self.their_state = DONE
+        if not self._discarding:
+            self._events.append(EndOfMessage(ieof=ieof))
+        self._maybe_next_cycle()
+
+    @property
+    def _discarding(self) -> bool:
+        # We already answered: what the client still sends of this request is
+        # read only to stay in frame.
+        return self.our_state in (DONE, MUST_CLOSE)
+
+    # --- output ------------------------------------------------------------
+
+    @property
+    def can_send_204(self) -> bool:
+        """RFC 3507 section 4.6: 204 only with ``Allow: 204`` or in answer to a
+        preview (before 100 Continue, or after a preview ending in ieof)."""
+        req = self.request
+        if req is None:
+            return False
+        return req.allow_204 or self.their_state == PREVIEW_WAIT or self._ended_in_preview
+
+    @property
+    def keep_alive(self) -> bool:
+        return not self._close_after
+
+    def send_continue(self) -> bytes:
+        if self.their_state != PREVIEW_WAIT or self.our_state != SEND_RESPONSE:
+            raise LocalProtocolError("100 Continue only after a preview, before the answer")
+        self.their_state = CHUNK_SIZE
+        return b"ICAP/1.0 100 Continue\r\n\r\n"
+
+    def send_response(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        *,
+        req_hdr: bytes | None = None,
+        res_hdr: bytes | None = None,
+        body: bool = False,
+        close: bool = False,
+    ) -> bytes:
+        """The response head, with the Encapsulated header computed from the
+        HTTP heads given.  With ``body=True`` follow with ``send_data`` and
+        ``send_end``."""
+        if self.our_state != SEND_RESPONSE:
+            raise LocalProtocolError(f"cannot send a response in state {self.our_state}")
+        if status == 204 and not self.can_send_204:
+            raise LocalProtocolError("204 not allowed: no Allow: 204 and not in a preview")
+        if body and req_hdr is None and res_hdr is None:
+            raise LocalProtocolError("a body needs an encapsulated HTTP head")
+        if close:
+            self._close_after = True
+        out = [f"ICAP/1.0 {status} {REASONS.get(status, 'Unknown')}\r\n".encode()]
+        out.extend(f"{n}: {v}\r\n".encode("latin-1") for n, v in headers)
+        if self._close_after:
+            out.append(b"Connection: close\r\n")
+        entries = []
+        offset = 0
+        for name, block in (("req-hdr", req_hdr), ("res-hdr", res_hdr)):
+            if block is not None:
+                entries.append(f"{name}={offset}")
+                offset += len(block)
+        if body:
+            entries.append(f"{'res-body' if res_hdr is not None else 'req-body'}={offset}")
+        else:
+            entries.append(f"null-body={offset}")
+        out.append(f"Encapsulated: {', '.join(entries)}\r\n\r\n".encode())
+        if req_hdr is not None:
+            out.append(req_hdr)
+        if res_hdr is not None:
+            out.append(res_hdr)
+        if body:
+            self.our_state = SEND_BODY
+        else:
+            self._our_done()
+        return b"".join(out)
+
+    def send_data(self, data: bytes) -> bytes:
+        """One chunk of the response body (empty data gives nothing)."""
+        if self.our_state != SEND_BODY:
+            raise LocalProtocolError("send_data without a response body under way")
+        if not data:
+            return b""
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    def send_end(self) -> bytes:
+        if self.our_state != SEND_BODY:
+            raise LocalProtocolError("send_end without a response body under way")
+        self._our_done()
+        return b"0\r\n\r\n"
+
+    def send_error(self, status: int, headers: list[tuple[str, str]] = ()) -> bytes:  # type: ignore[assignment]
+        """Answer a ProtocolError: the status, ``Connection: close``, no body.
+        Returns b"" when a response is already under way (just close then)."""
+        if self.our_state not in (IDLE, SEND_RESPONSE):
+            self.our_state = MUST_CLOSE
+            return b""
+        self.our_state = SEND_RESPONSE
+        self._close_after = True
+        out = self.send_response(status, list(headers), close=True)
+        self.their_state = ERROR
+        self.our_state = MUST_CLOSE
+        return out
+
+    def _our_done(self) -> None:
+        self.our_state = DONE
+        if self.their_state == PREVIEW_WAIT:
+            # We answered the preview: the client sends nothing more.
+            self.their_state = DONE
+        self._maybe_next_cycle()
+
+    def _maybe_next_cycle(self) -> None:
+        if self.our_state != DONE or self.their_state != DONE:
+            return
+        self.requests_seen += 1
+        if self._close_after:
+            self.our_state = MUST_CLOSE
+            self.their_state = CLOSED
+            return
+        self.our_state = IDLE
+        self.their_state = IDLE
+        self.request = None
+        self._in_preview = False
+        self._ieof = False
+        self._ended_in_preview = False

@@ -1,0 +1,97 @@
+"""Header fields as they arrived: ordered, case-insensitive lookup."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from gateway.icap.errors import ProtocolError
+
+
+class Headers:
+    """An ordered list of (name, value) with case-insensitive access.
+
+    Names and values are ``str`` decoded as Latin-1, so every byte survives a
+    round trip unchanged (RFC 9110 treats field values as opaque octets).
+    """
+
+    __slots__ = ("_fields", "_index")
+
+    def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
+        self._fields: list[tuple[str, str]] = list(fields)
+        self._index: dict[str, list[str]] | None = None
+
+    def _lookup(self) -> dict[str, list[str]]:
+        if self._index is None:
+            index: dict[str, list[str]] = {}
+            for name, value in self._fields:
+                index.setdefault(name.lower(), []).append(value)
+            self._index = index
+        return self._index
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The field's value; several fields of one name join with ", "."""
+        values = self._lookup().get(name.lower())
+        if not values:
+            return default
+        return values[0] if len(values) == 1 else ", ".join(values)
+
+    def get_all(self, name: str) -> list[str]:
+        return list(self._lookup().get(name.lower(), ()))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._lookup()
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Headers) and self._fields == other._fields
+
+    def __repr__(self) -> str:
+        return f"Headers({self._fields!r})"
+
+    def lowered(self) -> dict[str, str]:
+        """A plain dict of lower-cased names to (joined) values."""
+        return {name: ", ".join(values) for name, values in self._lookup().items()}
+
+    def tokens(self, name: str) -> set[str]:
+        """Comma-separated tokens of a field, lower-cased (e.g. ``Allow: 204, trailers``)."""
+        out: set[str] = set()
+        for value in self.get_all(name):
+            out.update(t.strip().lower() for t in value.split(",") if t.strip())
+        return out
+
+    def to_bytes(self) -> bytes:
+        return b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in self._fields)
+
+
+def _is_token(name: str) -> bool:
+    # RFC 9110 token characters; rejecting others stops header injection and
+    # request smuggling through odd names ("Transfer-Encoding :" and the like).
+    return bool(name) and all(c in _TCHAR for c in name)
+
+
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def parse_header_lines(lines: list[bytes], max_count: int, what: str) -> Headers:
+    """Parse ``Name: value`` lines (no line endings).  Raises ProtocolError(400)."""
+    if len(lines) > max_count:
+        raise ProtocolError(400, f"too many {what} header fields (limit {max_count})")
+    fields: list[tuple[str, str]] = []
+    for raw in lines:
+        if raw[:1] in (b" ", b"\t"):
+            # obs-fold was deprecated by RFC 7230; accepting it invites
+            # disagreement with the proxy about where a field ends.
+            raise ProtocolError(400, f"folded {what} header line")
+        name, sep, value = raw.partition(b":")
+        if not sep:
+            raise ProtocolError(400, f"{what} header line without a colon")
+        text_name = name.decode("latin-1")
+        if not _is_token(text_name):
+            raise ProtocolError(400, f"invalid {what} header name {text_name[:40]!r}")
+        fields.append((text_name, value.strip(b" \t").decode("latin-1")))
+    return Headers(fields)
