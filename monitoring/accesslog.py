@@ -1,0 +1,230 @@
+"""The access log: one JSON line per ICAP transaction, through twisted.logger.
+
+A :class:`AccessLog` turns a :class:`~gateway.interfaces.TransactionRecord`
+into a flat dict and emits it as a twisted.logger event on its own publisher,
+so access lines never mix with the diagnostic log (and vice versa).  The
+destination observer (:class:`AccessLogFile`) writes each event as one JSON
+line to a file or stdout; :meth:`AccessLogFile.reopen` (wired to SIGUSR1 by
+:func:`install_sigusr1`) lets logrotate move the file away.
+
+What is never written: Authorization, Proxy-Authorization, tenant keys (the
+record does not carry them) and URL userinfo (``user:password@``), which
+:func:`redact_url` strips whatever the redaction mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from twisted.logger import ILogObserver, Logger, LogPublisher
+from zope.interface import implementer
+
+from gateway.interfaces import TransactionRecord
+from monitoring.settings import UrlRedaction
+
+log = Logger()
+
+# Created 0640: the log holds client IPs (and usernames when enabled).
+FILE_MODE = 0o640
+
+
+def redact_url(url: str, mode: UrlRedaction) -> str:
+    """``url`` reduced per ``mode``; userinfo is removed in every mode.
+
+    full: everything but userinfo; no-query: drops ?query and #fragment;
+    host-only: scheme://host[:port]; none: "".  Handles absolute-form
+    (``http://h/p``), authority-form (``h:443``, as CONNECT) and origin-form
+    (``/p?q``).
+    """
+    if mode == "none" or not url:
+        return ""
+    sep = url.find("://")
+    if sep > 0 and url[:sep].replace("+", "").replace("-", "").replace(".", "").isalnum():
+        prefix, rest = url[: sep + 3], url[sep + 3 :]
+    elif url.startswith("/"):
+        # origin-form: no authority, nothing of a host to keep
+        if mode == "host-only":
+            return ""
+        return url if mode == "full" else _cut_query(url)
+    else:
+        prefix, rest = "", url  # authority-form
+    # The authority ends at the first "/".  Userinfo is cut through the last
+    # "@" before it, so a password holding "?", "#" or "@" cannot leak.
+    slash = rest.find("/")
+    head, tail = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
+    at = head.rfind("@")
+    if at >= 0:
+        head = head[at + 1 :]
+    cut = _query_start(head)
+    if cut >= 0:  # "http://host?q": a query with no path
+        head, tail = head[:cut], head[cut:] + tail
+    if mode == "host-only":
+        return prefix + head
+    if mode == "no-query":
+        tail = _cut_query(tail)
+    return prefix + head + tail
+
+
+def _query_start(s: str) -> int:
+    q, f = s.find("?"), s.find("#")
+    if q < 0:
+        return f
+    if f < 0:
+        return q
+    return min(q, f)
+
+
+def _cut_query(s: str) -> str:
+    cut = _query_start(s)
+    return s if cut < 0 else s[:cut]
+
+
+def format_time(t: float) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. 2026-11-26T07:16:00.123Z."""
+    secs = int(t)
+    ms = int((t - secs) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ms:03d}Z"
+
+
+def access_fields(record: TransactionRecord, *, users: bool, redaction: UrlRedaction) -> dict[str, Any]:
+    """The JSON object of one access line.  Keys are stable: log parsers rely on them."""
+    fields: dict[str, Any] = {
+        "time": format_time(record.started),
+        "tenant": record.tenant,
+        "client_ip": record.client_ip,
+        "peer": record.peer,
+        "method": record.method,
+        "service": record.service,
+        "url": redact_url(record.url, redaction),
+        "icap_status": record.icap_status,
+        "http_status": record.http_status,
+        "outcome": record.outcome,
+        "rules": list(record.rules),
+        "direction": record.direction,
+        "bytes": record.body_bytes,
+        "duration": round(record.duration, 6),
+        "scan_duration": None if record.scan_duration is None else round(record.scan_duration, 6),
+        "detail": record.detail,
+    }
+    if users:
+        fields["user"] = record.user
+    return fields
+
+
+@implementer(ILogObserver)
+class AccessLogFile:
+    """Writes each access event as one JSON line.
+
+    ``destination`` is "stdout" or a file path (appended to, created 0640).
+    :meth:`reopen` closes the file and opens the path again: after logrotate
+    renamed it, lines go to a fresh file.
+    """
+
+    def __init__(self, destination: str, *, stdout: IO[str] | None = None) -> None:
+        self.destination = destination
+        self._stdout = stdout
+        self._file: IO[str] | None = None
+        self._errors = 0
+        self.open()
+
+    @property
+    def is_open(self) -> bool:
+        return self._file is not None
+
+    def open(self) -> None:
+        """Open the destination; raises OSError when a file cannot be opened."""
+        if self._file is not None:
+            return
+        if self.destination == "stdout":
+            self._file = self._stdout or sys.stdout
+        else:
+            self._file = _open_append(self.destination)
+
+    def reopen(self) -> None:
+        """Open the path anew (after rotation).  On failure keep writing to
+        the old file and say why: losing lines is worse than a big file."""
+        if self.destination == "stdout":
+            return
+        try:
+            new = _open_append(self.destination)
+        except OSError as e:
+            log.error("access log {path}: cannot reopen: {error}", path=self.destination, error=str(e))
+            return
+        old, self._file = self._file, new
+        if old is not None:
+            old.close()
+
+    def close(self) -> None:
+        f, self._file = self._file, None
+        if f is not None and self.destination != "stdout":
+            f.close()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        fields = event.get("access")
+        f = self._file
+        if fields is None or f is None:
+            return
+        try:
+            f.write(json.dumps(fields, separators=(",", ":"), ensure_ascii=False) + "\n")
+        except (OSError, ValueError, TypeError) as e:
+            # Disk full and the like: say so now and then, never break a request.
+            self._errors += 1
+            if self._errors == 1 or self._errors % 1000 == 0:
+                log.error("access log {path}: write failed ({n} so far): {error}",
+                          path=self.destination, n=self._errors, error=str(e))
+
+
+def _open_append(path: str) -> IO[str]:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+    # Line buffered: every transaction reaches the file at once, so a crash
+    # or a rotation loses nothing.
+    return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+
+
+class AccessLog:
+    """Turns transaction records into access events on a private publisher."""
+
+    def __init__(
+        self, observer: ILogObserver, *, users: bool = False, redaction: UrlRedaction = "no-query"
+    ) -> None:
+        self.publisher = LogPublisher(observer)
+        self._log = Logger(namespace="icap_gateway.access", observer=self.publisher)
+        self.users = users
+        self.redaction = redaction
+
+    def write(self, record: TransactionRecord) -> None:
+        self._log.info("access", access=access_fields(record, users=self.users, redaction=self.redaction))
+
+
+def install_sigusr1(reactor: Any, reopen: Callable[[], None]) -> Callable[[], None]:
+    """Reopen the access log on SIGUSR1 (logrotate's ``postrotate``).
+
+    The signal handler only schedules the reopen on the reactor thread, so
+    it never interrupts a half-written line.  Returns a function that
+    restores the previous handler.
+    """
+    def handler(signum: int, frame: object) -> None:
+        reactor.callFromThread(reopen)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+
+    def restore() -> None:
+        signal.signal(signal.SIGUSR1, previous)
+
+    return restore
+
+
+__all__ = [
+    "AccessLog",
+    "AccessLogFile",
+    "access_fields",
+    "format_time",
+    "install_sigusr1",
+    "redact_url",
+]

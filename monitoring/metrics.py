@@ -1,0 +1,362 @@
+"""The gateway's Prometheus metrics: definitions, label caps, registries.
+
+Metric names and labels are an interface (dashboards and alerts use them);
+``docs/metrics.md`` documents each one and a test keeps the two in step.
+
+Every metric lives in a registry handed in, never the process-global default,
+so tests and several gateways in one process stay apart.  Several worker
+processes are supported through prometheus_client's multiprocess mode: see
+:func:`metrics_registry`.
+
+Recording sits on the request path, so label children are resolved once and
+cached; a transaction costs a few dict lookups and two locked increments.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+PREFIX = "icap_gateway"
+OTHER = "other"  # the label value every capped-away value is counted under
+NONE = "none"  # the label value for an empty tenant / absent outcome
+
+METHODS = ("OPTIONS", "REQMOD", "RESPMOD")
+OUTCOMES = ("clean", "blocked", "error", "unauthenticated", "unscanned")
+DIRECTIONS = ("request", "response")
+RELOAD_RESULTS = ("success", "failure")
+
+# ICAP round trips: an OPTIONS answers in well under a millisecond, a large
+# RESPMOD scan may take tens of seconds (scan timeout defaults to 30 s).
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0, 60.0)
+SCAN_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                2.5, 5.0, 10.0, 30.0)
+
+MAX_SERVICE_LABELS = 16  # the service is the ICAP URI path: a client may send anything
+MAX_REASON_LABELS = 32  # auth failure reasons are a small fixed set; the cap is a seatbelt
+
+
+class MultiProcessRegistry(CollectorRegistry):
+    """A registry that exposes the sum of every worker's metric files."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        MultiProcessCollector(self, path)
+
+
+def metrics_registry(multiprocess_dir: str | None) -> CollectorRegistry:
+    """The registry to expose at /metrics.
+
+    ``None``: a private single-process registry with the process collector.
+
+    A directory: multiprocess mode.  Every worker writes its values to files
+    there (prometheus_client's mmap files) and the returned registry reads and
+    sums all of them, so any process may answer a scrape.  The metric objects
+    are then *not* registered in it (they would count this process twice).
+    The directory must be emptied before the first worker starts
+    (:func:`prepare_multiprocess_dir`), and a dead worker's live gauges
+    dropped (:func:`worker_exited`).  The process collector is left out: it
+    would describe only the process that happens to answer.
+    """
+    if multiprocess_dir is None:
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        return registry
+    os.makedirs(multiprocess_dir, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
+    # prometheus_client picks its value class from the environment when it is
+    # first imported; a worker that set the variable later (the usual case
+    # when the directory comes from the config file) switches it here, before
+    # any metric object exists.
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()
+    return MultiProcessRegistry(multiprocess_dir)
+
+
+def prepare_multiprocess_dir(path: str) -> None:
+    """Empty (or create) the multiprocess directory.  Call once in the parent
+    before workers start: files of a previous run would be summed in."""
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(path, name))
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def worker_exited(pid: int, path: str) -> None:
+    """Drop a dead worker's live gauges (active connections, queue depth)."""
+    mark_process_dead(pid, path)
+
+
+def remove_multiprocess_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class LabelCap:
+    """Maps label values to themselves until ``limit`` distinct values have
+    been seen; any later new value maps to "other".  Values in ``fixed`` are
+    always their own label and do not use up the limit."""
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int, fixed: Iterable[str] = ()) -> None:
+        self._seen: dict[str, str] = {v: v for v in fixed}
+        self._limit = limit + len(self._seen)
+
+    def __call__(self, value: str) -> str:
+        label = self._seen.get(value)
+        if label is not None:
+            return label
+        if len(self._seen) < self._limit:
+            self._seen[value] = value
+            return value
+        return OTHER
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class _RegisterCollector(Collector):
+    """Reads the register writer's queue depth and error count at scrape time."""
+
+    def __init__(self, queue_depth: Callable[[], int], write_errors: Callable[[], int]) -> None:
+        self._queue_depth = queue_depth
+        self._write_errors = write_errors
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            f"{PREFIX}_register_queue_depth",
+            "Register events waiting to be written",
+            value=_safe_number(self._queue_depth),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_register_write_errors",
+            "Register batches that failed to be written",
+            value=_safe_number(self._write_errors),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        # Describing without calling the callables keeps registration cheap
+        # and free of side effects.
+        yield GaugeMetricFamily(f"{PREFIX}_register_queue_depth", "Register events waiting to be written")
+        yield CounterMetricFamily(f"{PREFIX}_register_write_errors", "Register batches that failed to be written")
+
+
+def _safe_number(f: Callable[[], float]) -> float:
+    try:
+        return float(f())
+    except Exception:
+        # A scrape must not fail because the register is gone; NaN says "unknown".
+        return float("nan")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("icap-gateway")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class GatewayMetrics:
+    """All metric objects of one gateway process, with cached label children.
+
+    Methods here are the hot path: they take plain values and touch only
+    pre-resolved children where they can.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        max_tenants: int = 100,
+        max_rules: int = 200,
+        queue_depth: Callable[[], int] = lambda: 0,
+        write_errors: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.registry = registry
+        self.multiprocess = isinstance(registry, MultiProcessRegistry)
+        # In multiprocess mode the objects write to files that the registry
+        # reads back; registering them too would count this process twice.
+        reg: CollectorRegistry | None = None if self.multiprocess else registry
+
+        self.requests = Counter(
+            f"{PREFIX}_requests", "ICAP transactions finished, by verdict",
+            ["method", "service", "tenant", "outcome"], registry=reg,
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Time from an ICAP request's first byte to the end of its response",
+            ["method"], buckets=REQUEST_BUCKETS, registry=reg,
+        )
+        self.scanned_bytes = Counter(
+            f"{PREFIX}_scanned_bytes", "Decoded body bytes handed to YARA", ["direction"], registry=reg,
+        )
+        self.scan_duration = Histogram(
+            f"{PREFIX}_scan_duration_seconds", "Time one YARA scan took (decoding included)",
+            ["direction"], buckets=SCAN_BUCKETS, registry=reg,
+        )
+        self.rule_matches = Counter(
+            f"{PREFIX}_rule_matches", "YARA rule matches, by rule (namespace.rule)", ["rule"], registry=reg,
+        )
+        self.connections = Counter(f"{PREFIX}_connections", "ICAP connections accepted", registry=reg)
+        self.active_connections = Gauge(
+            f"{PREFIX}_active_connections", "ICAP connections open now",
+            registry=reg, multiprocess_mode="livesum",
+        )
+        self.auth_failures = Counter(
+            f"{PREFIX}_auth_failures", "Refused ICAP requests, by reason", ["reason"], registry=reg,
+        )
+        # livemin: with several workers the smallest count shows a worker
+        # that has no (or fewer) rules, which is what an operator must see.
+        self.rules_loaded_gauge = Gauge(
+            f"{PREFIX}_rules_loaded", "YARA rules in force (0: none loaded)",
+            registry=reg, multiprocess_mode="livemin",
+        )
+        self.rules_reloads = Counter(
+            f"{PREFIX}_rules_reload", "Rule (re)load attempts, by result", ["result"], registry=reg,
+        )
+        self.rules_last_success = Gauge(
+            f"{PREFIX}_rules_last_success_timestamp_seconds",
+            "When rules were last loaded successfully (POSIX seconds)",
+            registry=reg, multiprocess_mode="livemax",
+        )
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info", "Always 1; the version label names the running gateway",
+            ["version"], registry=reg, multiprocess_mode="livemax",
+        )
+        self.build_info.labels(_version()).set(1)
+
+        self._queue_depth = queue_depth
+        self._write_errors = write_errors
+        self._write_errors_seen = 0
+        if self.multiprocess:
+            # A collector's callables would only describe the answering
+            # process: in multiprocess mode the values go through files,
+            # refreshed by :meth:`refresh_register` on a timer.
+            self.register_queue_depth: Gauge | None = Gauge(
+                f"{PREFIX}_register_queue_depth", "Register events waiting to be written",
+                registry=None, multiprocess_mode="livesum",
+            )
+            self.register_write_errors: Counter | None = Counter(
+                f"{PREFIX}_register_write_errors", "Register batches that failed to be written",
+                registry=None,
+            )
+        else:
+            self.register_queue_depth = None
+            self.register_write_errors = None
+            registry.register(_RegisterCollector(queue_depth, write_errors))
+
+        # Label caps and pre-resolved children.
+        self.tenant_label = LabelCap(max_tenants, fixed=(NONE,))
+        self.rule_label = LabelCap(max_rules)
+        self.service_label = LabelCap(MAX_SERVICE_LABELS)
+        self.reason_label = LabelCap(MAX_REASON_LABELS)
+        self._requests_children: dict[tuple[str, str, str, str], Counter] = {}
+        self._method_label = {m: m for m in METHODS}
+        self._outcome_label: dict[str | None, str] = {o: o for o in OUTCOMES}
+        self._outcome_label[None] = NONE
+        self._duration_children = {m: self.request_duration.labels(m) for m in (*METHODS, OTHER)}
+        self._scanned_children = {d: self.scanned_bytes.labels(d) for d in DIRECTIONS}
+        self._scan_duration_children = {d: self.scan_duration.labels(d) for d in DIRECTIONS}
+        self._rule_children: dict[str, Counter] = {}
+        self._reason_children: dict[str, Counter] = {}
+        self._reload_children = {r: self.rules_reloads.labels(r) for r in RELOAD_RESULTS}
+
+    # --- hot path -----------------------------------------------------------
+
+    def request_finished(
+        self, method: str, service: str, tenant: str, outcome: str | None, duration: float
+    ) -> None:
+        method_label = self._method_label.get(method, OTHER)
+        key = (
+            method_label,
+            self.service_label(service),
+            self.tenant_label(tenant or NONE),
+            self._outcome_label.get(outcome, OTHER),
+        )
+        child = self._requests_children.get(key)
+        if child is None:
+            child = self._requests_children[key] = self.requests.labels(*key)
+        child.inc()
+        self._duration_children[method_label].observe(duration)
+
+    def scan_finished(self, direction: str, outcome: str, scanned_bytes: int, duration: float,
+                      rules: Iterable[str]) -> None:
+        counter = self._scanned_children.get(direction)
+        if counter is None:  # not a Direction: nothing sensible to count it under
+            return
+        if scanned_bytes:
+            counter.inc(scanned_bytes)
+        # An "unscanned" verdict (too large, passed) never ran YARA: a zero
+        # there would drag the latency quantiles down.
+        if outcome != "unscanned":
+            self._scan_duration_children[direction].observe(duration)
+        for rule in rules:
+            label = self.rule_label(rule)
+            child = self._rule_children.get(label)
+            if child is None:
+                child = self._rule_children[label] = self.rule_matches.labels(label)
+            child.inc()
+
+    def connection_opened(self) -> None:
+        self.connections.inc()
+        self.active_connections.inc()
+
+    def connection_closed(self) -> None:
+        self.active_connections.dec()
+
+    def auth_failed(self, reason: str) -> None:
+        label = self.reason_label(reason or NONE)
+        child = self._reason_children.get(label)
+        if child is None:
+            child = self._reason_children[label] = self.auth_failures.labels(label)
+        child.inc()
+
+    # --- rare events --------------------------------------------------------
+
+    def rules_loaded(self, ok: bool, rule_count: int, now: float) -> None:
+        """A (re)load finished.  On failure the previous rules stay in force,
+        so the gauge keeps its value (0 if nothing was ever loaded)."""
+        if ok:
+            self.rules_loaded_gauge.set(rule_count)
+            self.rules_last_success.set(now)
+            self._reload_children["success"].inc()
+        else:
+            self._reload_children["failure"].inc()
+
+    def refresh_register(self) -> None:
+        """Multiprocess mode: copy the register writer's figures into files."""
+        if self.register_queue_depth is None or self.register_write_errors is None:
+            return
+        depth = _safe_number(self._queue_depth)
+        if depth == depth:  # not NaN
+            self.register_queue_depth.set(depth)
+        errors = _safe_number(self._write_errors)
+        if errors == errors and errors > self._write_errors_seen:
+            self.register_write_errors.inc(errors - self._write_errors_seen)
+            self._write_errors_seen = int(errors)
+
+
+__all__ = [
+    "NONE",
+    "OTHER",
+    "PREFIX",
+    "GatewayMetrics",
+    "LabelCap",
+    "MultiProcessRegistry",
+    "metrics_registry",
+    "prepare_multiprocess_dir",
+    "remove_multiprocess_dir",
+    "worker_exited",
+]
