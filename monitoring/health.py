@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import pages, resource, server
 from twisted.web.iweb import IRequest
 
 log = Logger()
@@ -62,7 +62,7 @@ class IndexResource(resource.Resource):
     def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
         if path == b"":
             return self
-        return resource.NoResource()
+        return pages.notFound()
 
 
 def build_root(registry: CollectorRegistry, ready: ReadyCheck) -> resource.Resource:
