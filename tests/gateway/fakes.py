@@ -1,0 +1,176 @@
+"""Stand-ins for the policy objects, so protocol tests drive only the protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from gateway.blockpage import BlockPage
+from gateway.interfaces import (
+    Authenticated,
+    Credentials,
+    NullObserver,
+    Refused,
+    RegisterEvent,
+    ScanContext,
+    Tenant,
+    TransactionRecord,
+    Verdict,
+)
+from gateway.protocol import GatewayContext, ICAPServerProtocol
+
+GOOD_KEY = "good-key"
+
+
+class MemorySpool:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+        self.finished = False
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def scan_target(self) -> bytes:
+        return bytes(self.data)
+
+    def iter_chunks(self, block: int = 65536) -> Iterator[bytes]:
+        for i in range(0, len(self.data), block):
+            yield bytes(self.data[i : i + block])
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class SubstringScanner:
+    """Blocks bodies containing ``needle``; can hold verdicts back (``hold``)."""
+
+    version = "test1"
+
+    def __init__(self, needle: bytes = b"EVIL") -> None:
+        self.needle = needle
+        self.hold = False
+        self.pending: list[tuple[Deferred[Verdict], Verdict]] = []
+        self.contexts: list[ScanContext] = []
+        self.result: Verdict | None = None
+
+    def scan(self, body: bytes | str, context: ScanContext) -> Deferred[Verdict]:
+        self.contexts.append(context)
+        assert isinstance(body, bytes)
+        if self.result is not None:
+            verdict = self.result
+        elif self.needle in body:
+            verdict = Verdict("blocked", rules=("test.evil",), scanned_bytes=len(body))
+        else:
+            verdict = Verdict("clean", scanned_bytes=len(body))
+        if self.hold:
+            d: Deferred[Verdict] = Deferred()
+            self.pending.append((d, verdict))
+            return d
+        return succeed(verdict)
+
+    def release(self) -> None:
+        pending, self.pending = self.pending, []
+        for d, v in pending:
+            d.callback(v)
+
+
+class KeyAuthenticator:
+    def authenticate(self, credentials: Credentials) -> Authenticated | Refused:
+        if credentials.key is None:
+            return Refused(401, "missing-key")
+        if credentials.key != GOOD_KEY:
+            return Refused(403, "unknown-key")
+        return Authenticated(Tenant(1, "acme"))
+
+
+@dataclass
+class ListRecorder:
+    events: list[RegisterEvent] = field(default_factory=list)
+
+    def record(self, event: RegisterEvent) -> None:
+        self.events.append(event)
+
+
+class RecordingObserver(NullObserver):
+    def __init__(self) -> None:
+        self.records: list[TransactionRecord] = []
+        self.opened = 0
+        self.closed = 0
+
+    def connection_opened(self) -> None:
+        self.opened += 1
+
+    def connection_closed(self) -> None:
+        self.closed += 1
+
+    def transaction_finished(self, record: TransactionRecord) -> None:
+        self.records.append(record)
+
+
+def identify(headers: Mapping[str, str], peer: str) -> tuple[str | None, str]:
+    return headers.get("x-client-username"), headers.get("x-client-ip", peer)
+
+
+@dataclass
+class Harness:
+    proto: ICAPServerProtocol
+    transport: StringTransport
+    clock: Clock
+    scanner: SubstringScanner
+    recorder: ListRecorder
+    observer: RecordingObserver
+    spools: list[MemorySpool]
+
+    def send(self, data: bytes, bytewise: bool = False) -> None:
+        if bytewise:
+            for i in range(len(data)):
+                self.proto.dataReceived(data[i : i + 1])
+        else:
+            self.proto.dataReceived(data)
+
+    def output(self) -> bytes:
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    def pump_producer(self) -> None:
+        """StringTransport does not pull: drive a registered pull producer."""
+        while self.transport.producer is not None and not self.transport.streaming:
+            self.transport.producer.resumeProducing()
+
+
+def make_harness(**overrides: object) -> Harness:
+    clock = Clock()
+    scanner = SubstringScanner()
+    recorder = ListRecorder()
+    observer = RecordingObserver()
+    spools: list[MemorySpool] = []
+
+    def new_spool() -> MemorySpool:
+        s = MemorySpool()
+        spools.append(s)
+        return s
+
+    ctx = GatewayContext(
+        scanner=scanner, authenticator=KeyAuthenticator(), recorder=recorder, observer=observer,
+        new_spool=new_spool, block_page=BlockPage(), clock=clock, identify=identify,
+        wall_time=lambda: 1_700_000_000.0 + clock.seconds(),
+    )
+    for k, v in overrides.items():
+        setattr(ctx, k, v)
+    proto = ICAPServerProtocol(ctx)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return Harness(proto, transport, clock, scanner, recorder, observer, spools)

@@ -1,0 +1,269 @@
+"""The Twisted protocol over StringTransport with stand-in policy objects."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.interfaces import AuthFailure, UserSeen, Verdict
+from tests.gateway.fakes import GOOD_KEY, make_harness
+from tests.icap_responses import parse_responses
+
+REQ_HDR = b"GET http://example.com/dl/file.txt HTTP/1.1\r\nHost: example.com\r\n\r\n"
+RES_HDR = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\n"
+AUTH = f"Authorization: Bearer {GOOD_KEY}"
+
+
+def chunked(body: bytes, size: int = 7) -> bytes:
+    out = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + size]), body[i : i + size]) for i in range(0, len(body), size))
+    return out + b"0\r\n\r\n"
+
+
+def respmod(body: bytes | None, *extra: str, service: str = "respmod", method: str = "RESPMOD") -> bytes:
+    if body is None:
+        enc = f"req-hdr=0, res-hdr={len(REQ_HDR)}, null-body={len(REQ_HDR) + len(RES_HDR)}"
+    else:
+        enc = f"req-hdr=0, res-hdr={len(REQ_HDR)}, res-body={len(REQ_HDR) + len(RES_HDR)}"
+    head = "\r\n".join([f"{method} icap://gw/{service} ICAP/1.0", "Host: gw", *extra, f"Encapsulated: {enc}"])
+    return head.encode() + b"\r\n\r\n" + REQ_HDR + RES_HDR + (b"" if body is None else body)
+
+
+def options(service: str = "respmod") -> bytes:
+    return f"OPTIONS icap://gw/{service} ICAP/1.0\r\nHost: gw\r\nEncapsulated: null-body=0\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_options(bytewise: bool) -> None:
+    h = make_harness(preview_size=1024, max_connections=77)
+    h.send(options(), bytewise)
+    [r] = parse_responses(h.output())
+    assert r.status == 200
+    assert r.headers["methods"] == "RESPMOD"
+    assert r.headers["istag"] == '"yara-test1"'
+    assert r.headers["preview"] == "1024"
+    assert r.headers["max-connections"] == "77"
+    assert r.headers["allow"] == "204"
+    assert r.headers["transfer-preview"] == "*"
+    assert "options-ttl" in r.headers and "date" in r.headers
+    h.send(options("reqmod"))
+    assert parse_responses(h.output())[0].headers["methods"] == "REQMOD"
+    h.send(options("nope"))
+    assert parse_responses(h.output())[0].status == 404
+    assert not h.transport.disconnecting
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_clean_with_allow_204(bytewise: bool) -> None:
+    h = make_harness()
+    h.send(respmod(chunked(b"hello world"), AUTH, "Allow: 204", "X-Client-Username: alice",
+                   "X-Client-IP: 10.1.2.3"), bytewise)
+    [r] = parse_responses(h.output())
+    assert r.status == 204
+    assert h.scanner.contexts[0].filename == "file.txt"
+    assert h.scanner.contexts[0].extension == "txt"
+    assert h.scanner.contexts[0].tenant == "acme"
+    assert h.scanner.contexts[0].direction == "response"
+    assert h.recorder.events == [UserSeen(1, "alice", "10.1.2.3", 1_700_000_000.0)]
+    assert h.spools[0].closed
+    rec = h.observer.records[0]
+    assert (rec.outcome, rec.icap_status, rec.tenant, rec.user, rec.client_ip) == ("clean", 204, "acme", "alice", "10.1.2.3")
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_clean_without_allow_204_echoes_everything(bytewise: bool) -> None:
+    h = make_harness()
+    body = bytes(range(256)) * 1000
+    h.send(respmod(chunked(body, 5000), AUTH), bytewise)
+    h.pump_producer()
+    [r] = parse_responses(h.output())
+    assert r.status == 200
+    assert r.sections["res-hdr"] == RES_HDR
+    assert r.body == body
+    assert h.spools[0].closed
+
+
+def test_blocked_gets_block_page() -> None:
+    h = make_harness()
+    h.send(respmod(chunked(b"some EVIL bytes"), AUTH, "Allow: 204"))
+    [r] = parse_responses(h.output())
+    assert r.status == 200
+    assert r.headers["x-infection-found"] == "Type=0; Resolution=2; Threat=test.evil;"
+    assert "x-violations-found" in r.headers
+    assert r.sections["res-hdr"].startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert b"test.evil" in r.body and b"http://example.com/dl/file.txt" in r.body
+    assert h.observer.records[0].outcome == "blocked"
+    assert h.observer.records[0].detail.startswith("ref=")
+
+
+def test_reqmod_post_blocked_and_clean_echo() -> None:
+    post = b"POST http://example.com/up HTTP/1.1\r\nHost: example.com\r\nContent-Length: 9\r\n\r\n"
+
+    def reqmod(body: bytes) -> bytes:
+        head = f"REQMOD icap://gw/reqmod ICAP/1.0\r\nHost: gw\r\n{AUTH}\r\nEncapsulated: req-hdr=0, req-body={len(post)}\r\n\r\n"
+        return head.encode() + post + chunked(body)
+
+    h = make_harness()
+    h.send(reqmod(b"EVIL data"))
+    [r] = parse_responses(h.output())
+    assert r.sections["res-hdr"].startswith(b"HTTP/1.1 403")
+    assert h.scanner.contexts[0].direction == "request"
+    h.send(reqmod(b"good data"))
+    h.pump_producer()
+    [r] = parse_responses(h.output())
+    assert r.status == 200 and r.sections["req-hdr"] == post and r.body == b"good data"
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_preview_continue_then_verdict(bytewise: bool) -> None:
+    h = make_harness()
+    body = b"0123456789" * 3
+    h.send(respmod(chunked(body[:10]), AUTH, "Preview: 10"), bytewise)
+    [cont] = parse_responses(h.output())
+    assert cont.status == 100
+    h.send(chunked(body[10:]), bytewise)
+    h.pump_producer()
+    [r] = parse_responses(h.output())
+    assert r.status == 200 and r.body == body  # no Allow: 204 after the preview
+
+
+def test_preview_ieof_allows_204() -> None:
+    h = make_harness()
+    h.send(respmod(b"5\r\nhello\r\n0; ieof\r\n\r\n", AUTH, "Preview: 10"))
+    [r] = parse_responses(h.output())
+    assert r.status == 204
+
+
+def test_null_body_passes_without_scan() -> None:
+    h = make_harness()
+    h.send(respmod(None, AUTH, "Allow: 204"))
+    assert parse_responses(h.output())[0].status == 204
+    h.send(respmod(None, AUTH))
+    [r] = parse_responses(h.output())
+    assert r.status == 200 and r.body is None and r.sections["res-hdr"] == RES_HDR
+    assert h.scanner.contexts == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "reason"),
+    [((), 401, "missing-key"), (("Authorization: Bearer wrong",), 403, "unknown-key"),
+     (("Authorization: Basic Zm9vOmJhcg==",), 401, "missing-key")],
+)
+def test_unauthenticated_is_refused_and_recorded(extra: tuple[str, ...], status: int, reason: str) -> None:
+    h = make_harness()
+    h.send(respmod(chunked(b"hello EVIL"), *extra, "Allow: 204"))
+    [r] = parse_responses(h.output())
+    assert r.status == status
+    assert h.scanner.contexts == []  # neither scanned nor passed
+    [failure] = h.recorder.events
+    assert isinstance(failure, AuthFailure) and failure.reason == reason
+    assert h.observer.records[0].outcome == "unauthenticated"
+    # the connection stays in frame: the next request is served
+    h.send(options())
+    assert parse_responses(h.output())[0].status == 200
+
+
+def test_wrong_service_and_method() -> None:
+    h = make_harness()
+    h.send(respmod(chunked(b"x"), AUTH, service="nothing"))
+    assert parse_responses(h.output())[0].status == 404
+    h.send(respmod(chunked(b"x"), AUTH, service="reqmod"))
+    assert parse_responses(h.output())[0].status == 405
+    assert not h.transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [(b"OPTIONS icap://gw/respmod ICAP/1.1\r\n\r\n", 505), (b"BREW icap://gw/x ICAP/1.0\r\n\r\n", 501),
+     (b"nonsense\r\n\r\n", 400)],
+)
+def test_protocol_errors_answer_and_close(data: bytes, status: int) -> None:
+    h = make_harness()
+    h.send(data)
+    [r] = parse_responses(h.output())
+    assert r.status == status
+    assert r.headers["connection"] == "close"
+    assert h.transport.disconnecting
+
+
+def test_bad_encapsulated_http_head_is_400() -> None:
+    h = make_harness()
+    bad = b"NOT HTTP\r\n\r\n"
+    head = f"RESPMOD icap://gw/respmod ICAP/1.0\r\n{AUTH}\r\nEncapsulated: res-hdr=0, res-body={len(bad)}\r\n\r\n"
+    h.send(head.encode() + bad + chunked(b"abc") + options())
+    rs = parse_responses(h.output())
+    assert [r.status for r in rs] == [400, 200]
+
+
+def test_read_timeout_mid_request_answers_408() -> None:
+    h = make_harness(read_timeout=5.0)
+    h.send(respmod(b"5\r\nhel", AUTH))
+    h.clock.advance(4.9)
+    assert not h.transport.disconnecting
+    h.clock.advance(0.2)
+    [r] = parse_responses(h.output())
+    assert r.status == 408
+    assert h.transport.disconnecting
+
+
+def test_idle_timeout_closes_quietly() -> None:
+    h = make_harness(idle_timeout=60.0)
+    h.send(options())
+    h.output()
+    h.clock.advance(61)
+    assert h.transport.value() == b""
+    assert h.transport.disconnecting
+
+
+def test_reading_pauses_while_scanning_and_pipelined_requests_wait() -> None:
+    h = make_harness()
+    h.scanner.hold = True
+    h.send(respmod(chunked(b"one"), AUTH, "Allow: 204") + options())
+    assert h.transport.producerState == "paused"
+    assert h.output() == b""  # the pipelined OPTIONS waits for the first answer
+    h.clock.advance(1000)  # no read timeout while we scan
+    assert not h.transport.disconnecting
+    h.scanner.release()
+    assert [r.status for r in parse_responses(h.output())] == [204, 200]
+    assert h.transport.producerState == "producing"
+
+
+@pytest.mark.parametrize(
+    ("verdict", "policy_kw", "expected"),
+    [
+        (Verdict("error", detail="timeout"), {"error_policy": "fail-closed"}, 403),
+        (Verdict("error", detail="timeout"), {"error_policy": "fail-open"}, 204),
+        (Verdict("unscanned", detail="too-large"), {"oversize_policy": "pass"}, 204),
+        (Verdict("unscanned", detail="too-large"), {"oversize_policy": "block"}, 403),
+    ],
+)
+def test_error_and_oversize_policies(verdict: Verdict, policy_kw: dict[str, str], expected: int) -> None:
+    h = make_harness(**policy_kw)
+    h.scanner.result = verdict
+    h.send(respmod(chunked(b"data"), AUTH, "Allow: 204"))
+    [r] = parse_responses(h.output())
+    if expected == 204:
+        assert r.status == 204
+    else:
+        assert r.status == 200 and r.sections["res-hdr"].startswith(b"HTTP/1.1 403")
+
+
+def test_too_many_connections_get_503() -> None:
+    h1 = make_harness(max_connections=1)
+    ctx = h1.proto.ctx
+    from twisted.internet.testing import StringTransport
+
+    from gateway.protocol import ICAPServerProtocol
+
+    second = ICAPServerProtocol(ctx)
+    t = StringTransport()
+    second.makeConnection(t)
+    second.dataReceived(options())
+    assert parse_responses(t.value())[0].status == 503
+    assert t.disconnecting
+
+
+def test_connection_counts_reach_observer() -> None:
+    h = make_harness()
+    assert h.observer.opened == 1
+    h.proto.connectionLost(None)
+    assert h.observer.closed == 1
+    assert h.proto.ctx.connections == 0
