@@ -1,0 +1,269 @@
+"""Streaming Content-Encoding decoders, bounded against decompression bombs.
+
+Runs in a scanning thread, never on the reactor: decoding is CPU work.  Each
+decoder is a pull stream (``read(n) -> bytes``, ``b""`` only at the end) over
+the stream below it, so stacked encodings ("gzip, br") chain naturally and no
+stage ever holds more than about one block of output: a bomb is stopped after
+``limit`` bytes whatever its ratio, without ever being inflated in memory.
+
+Corrupt or truncated input raises :class:`DecodeError` *after* every byte that
+could be decoded has been returned, so the caller can still scan that prefix.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+import brotli
+import zstandard
+
+BLOCK = 64 * 1024
+# RFC 9659: HTTP zstd senders keep the window at 8 MiB or less; refusing
+# bigger windows bounds the decoder's own memory, whatever the frame claims.
+ZSTD_MAX_WINDOW = 8 * 1024 * 1024
+# zstd's decompressobj has no output limit, and one 4-byte RLE block expands
+# to 128 KiB: feeding it 256 bytes at a time caps one call's output at 8 MiB.
+ZSTD_FEED = 256
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class DecodeError(Exception):
+    """The body is not what its Content-Encoding says (corrupt, truncated, unknown)."""
+
+
+class DecodeTimeout(Exception):
+    """Decoding ran past the scan's deadline."""
+
+
+class Readable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+
+def parse_encodings(header: str) -> list[str]:
+    """The codings of a Content-Encoding value, in the order they were applied.
+
+    ``identity`` and empty items mean nothing; ``x-gzip`` is ``gzip`` (RFC 9110).
+    """
+    codings = []
+    for item in header.split(","):
+        token = item.strip().lower()
+        if token in ("", "identity"):
+            continue
+        codings.append("gzip" if token == "x-gzip" else token)
+    return codings
+
+
+class BytesSource:
+    """A pull stream over bytes in memory, without copying them up front."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, n: int, /) -> bytes:
+        chunk = self._view[self._pos : self._pos + n]
+        self._pos += len(chunk)
+        return bytes(chunk)
+
+
+class _Decoder:
+    """Base: buffers what ``_produce`` makes so ``read(n)`` never returns more than n."""
+
+    name = ""
+
+    def __init__(self, inner: Readable) -> None:
+        self._inner = inner
+        self._buf = b""
+        self._done = False
+
+    def read(self, n: int, /) -> bytes:
+        while not self._buf and not self._done:
+            self._buf = self._produce(n)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def _produce(self, n: int) -> bytes:  # b"" means "call again" unless _done is set
+        raise NotImplementedError
+
+    def _more(self) -> bytes:
+        return self._inner.read(BLOCK)
+
+
+class _ZlibDecoder(_Decoder):
+    """gzip (several members allowed) and deflate (zlib-wrapped or raw, as
+    servers disagree about what "deflate" means: sniff the zlib header)."""
+
+    def __init__(self, inner: Readable, coding: str) -> None:
+        super().__init__(inner)
+        self.name = coding
+        self._obj: zlib._Decompress | None = None
+        self._pending = b""  # compressed input not yet given to zlib
+
+    def _start(self) -> bool:
+        """Begin a (new) stream at ``_pending``; False at a clean end of input."""
+        need = 2
+        while len(self._pending) < need:
+            more = self._more()
+            if not more:
+                break
+            self._pending += more
+        if not self._pending:
+            return False
+        if self._obj is not None and (self.name != "gzip" or not self._pending.startswith(_GZIP_MAGIC)):
+            return False  # trailing garbage after the stream: ignored, as gzip(1) and browsers do
+        if self.name == "gzip":
+            wbits = 31
+        else:
+            b0, b1 = self._pending[0], self._pending[1] if len(self._pending) > 1 else 0
+            wbits = 15 if (b0 & 0x0F) == 8 and ((b0 << 8) | b1) % 31 == 0 else -15
+        self._obj = zlib.decompressobj(wbits)
+        return True
+
+    def _produce(self, n: int) -> bytes:
+        obj = self._obj
+        if obj is None or obj.eof:
+            if obj is not None:
+                self._pending = obj.unused_data + self._pending
+            if not self._start():
+                self._done = True
+                return b""
+            obj = self._obj
+            assert obj is not None
+        if obj.unconsumed_tail:
+            data = obj.unconsumed_tail
+        elif self._pending:
+            data, self._pending = self._pending, b""
+        else:
+            data = self._more()
+            if not data:
+                self._done = True
+                raise DecodeError(f"{self.name}: truncated stream")
+        try:
+            return obj.decompress(data, n)
+        except zlib.error as e:
+            self._done = True
+            raise DecodeError(f"{self.name}: {e}") from None
+
+
+class _BrotliDecoder(_Decoder):
+    name = "br"
+
+    def __init__(self, inner: Readable) -> None:
+        super().__init__(inner)
+        self._obj = brotli.Decompressor()
+
+    def _produce(self, n: int) -> bytes:
+        obj = self._obj
+        try:
+            if not obj.can_accept_more_data():  # output still pending from the last input
+                return obj.process(b"", output_buffer_limit=n)
+            if obj.is_finished():
+                self._done = True  # anything after the end of the stream is ignored
+                return b""
+            data = self._more()
+            if not data:
+                self._done = True
+                raise DecodeError("br: truncated stream")
+            return obj.process(data, output_buffer_limit=n)
+        except brotli.error as e:
+            self._done = True
+            raise DecodeError(f"br: {e}") from None
+
+
+class _ZstdDecoder(_Decoder):
+    name = "zstd"
+
+    def __init__(self, inner: Readable) -> None:
+        super().__init__(inner)
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+        self._obj: zstandard.ZstdDecompressionObj | None = None
+        self._pending = b""
+
+    def _produce(self, n: int) -> bytes:
+        obj = self._obj
+        if obj is None or obj.eof:
+            if obj is not None:
+                self._pending = obj.unused_data + self._pending
+            while len(self._pending) < 4:
+                more = self._more()
+                if not more:
+                    break
+                self._pending += more
+            if not self._pending or (obj is not None and not self._pending.startswith(_ZSTD_MAGIC)):
+                self._done = True  # clean end, or trailing garbage after a frame: ignored
+                return b""
+            obj = self._obj = self._dctx.decompressobj()
+        if not self._pending:
+            self._pending = self._more()
+            if not self._pending:
+                self._done = True
+                raise DecodeError("zstd: truncated stream")
+        data, self._pending = self._pending[:ZSTD_FEED], self._pending[ZSTD_FEED:]
+        try:
+            return obj.decompress(data)
+        except zstandard.ZstdError as e:
+            self._done = True
+            raise DecodeError(f"zstd: {e}") from None
+
+
+def decoder_chain(source: Readable, codings: list[str]) -> Readable:
+    """Stack decoders over ``source``: the last coding applied is undone first."""
+    stream = source
+    for coding in reversed(codings):
+        if coding in ("gzip", "deflate"):
+            stream = _ZlibDecoder(stream, coding)
+        elif coding == "br":
+            stream = _BrotliDecoder(stream)
+        elif coding == "zstd":
+            stream = _ZstdDecoder(stream)
+        else:
+            raise DecodeError(f"unsupported content-coding {coding!r}")
+    return stream
+
+
+@dataclass
+class DecodeResult:
+    size: int  # decoded bytes written to the sink
+    exceeded: bool  # more output was there past ``limit`` (not decoded further)
+    error: str = ""  # why decoding stopped early ("" when it completed)
+
+
+def decode_into(
+    source: bytes | BinaryIO,
+    codings: list[str],
+    write: Callable[[bytes], None],
+    *,
+    limit: int,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> DecodeResult:
+    """Decode ``source`` and pass at most ``limit`` decoded bytes to ``write``.
+
+    Never raises DecodeError: a corrupt stream ends the output where the
+    damage starts and is reported in ``error``.  Raises DecodeTimeout when
+    ``deadline`` (on ``clock``) passes.
+    """
+    src: Readable = BytesSource(source) if isinstance(source, bytes | bytearray) else source
+    written = 0
+    try:
+        stream = decoder_chain(src, codings)
+        while True:
+            if deadline is not None and clock() > deadline:
+                raise DecodeTimeout()
+            # One byte past the limit tells "exactly at the limit" from "over it".
+            chunk = stream.read(min(BLOCK, limit - written + 1))
+            if not chunk:
+                return DecodeResult(written, exceeded=False)
+            if written + len(chunk) > limit:
+                write(chunk[: limit - written])
+                return DecodeResult(limit, exceeded=True)
+            write(chunk)
+            written += len(chunk)
+    except DecodeError as e:
+        return DecodeResult(written, exceeded=False, error=str(e))

@@ -1,0 +1,167 @@
+"""Bodies held in memory while small, in a temporary file once they grow.
+
+The ICAP protocol feeds a :class:`BodySpool` chunk by chunk as the body
+arrives, hands ``scan_target()`` to the scanner (bytes, or the file's path,
+which YARA maps itself) and, for a 200 echo, streams the raw body back out
+with ``iter_chunks()``.  Memory stays flat at ``memory_threshold`` whatever
+the body's size.
+
+Writes happen on the reactor thread.  That is acceptable because they are
+``write(2)`` calls into the page cache of a local spool directory: they copy
+memory and return, the kernel writes back later; a body never waits for the
+disk unless the machine is out of dirty-page budget, and then the whole box is
+in trouble anyway.  Handing each 64 KiB chunk to a thread would cost more than
+the copy.  (Keep ``state_dir`` on a local disk or tmpfs, not NFS.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+# Spool files carry the creating process's id, so a restarted worker can
+# remove what a crashed one left behind without touching its siblings' files.
+PREFIXES = ("body-", "decoded-")
+_NAME = re.compile(r"^(?:body|decoded)-(\d+)-")
+
+
+def open_spool_file(spool_dir: Path, prefix: str = "body-") -> tuple[BinaryIO, str]:
+    """A new private (0600) temporary file in ``spool_dir``, created if missing."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".spool", dir=spool_dir)
+    return os.fdopen(fd, "wb"), path
+
+
+class BodySpool:
+    """One message body: bytes in memory up to ``memory_threshold``, then a file."""
+
+    def __init__(self, memory_threshold: int, spool_dir: Path, *, prefix: str = "body-") -> None:
+        self.memory_threshold = memory_threshold
+        self.spool_dir = Path(spool_dir)
+        self._prefix = prefix
+        self._buf = bytearray()
+        self._file: BinaryIO | None = None
+        self._path: str | None = None
+        self._size = 0
+        self._finished = False
+        self._frozen: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def path(self) -> str | None:
+        """The temporary file, once the body outgrew memory; else None."""
+        return self._path
+
+    @property
+    def in_memory(self) -> bool:
+        return self._path is None
+
+    def write(self, data: bytes) -> None:
+        if self._finished:
+            raise ValueError("write after finish()")
+        if not data:
+            return
+        self._size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._buf += data
+        if len(self._buf) > self.memory_threshold:
+            self._file, self._path = open_spool_file(self.spool_dir, self._prefix)
+            self._file.write(self._buf)
+            self._buf = bytearray()  # a fresh object: the old one's memory is freed now
+
+    def finish(self) -> None:
+        """No more data: flush the file so readers (YARA, iter_chunks) see it all."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def scan_target(self) -> bytes | str:
+        """The body for ``Scanner.scan``: its bytes, or the spool file's path."""
+        self.finish()
+        if self._path is not None:
+            return self._path
+        if self._frozen is None:
+            self._frozen = bytes(self._buf)
+            self._buf = bytearray()
+        return self._frozen
+
+    def iter_chunks(self, block: int = 65536) -> Iterator[bytes]:
+        """The raw body again, ``block`` bytes at a time (for the 200 echo)."""
+        self.finish()
+        if self._path is None:
+            data = self._frozen if self._frozen is not None else self._buf
+            view = memoryview(data)
+            for start in range(0, len(view), block):
+                yield bytes(view[start : start + block])
+            return
+        with open(self._path, "rb") as f:
+            while chunk := f.read(block):
+                yield chunk
+
+    def close(self) -> None:
+        """Forget the body and delete its file.  Safe to call twice."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+            self._path = None
+        self._buf = bytearray()
+        self._frozen = None
+        self._finished = True
+
+    def __enter__(self) -> BodySpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # last resort: never leave a file behind a lost spool
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def purge_stale(spool_dir: Path) -> int:
+    """Delete spool files whose process is gone (a crash); returns how many.
+
+    Call once at startup.  Files of live processes (sibling workers) stay."""
+    removed = 0
+    try:
+        entries = list(os.scandir(spool_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        m = _NAME.match(entry.name)
+        if not m or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue  # ours or a sibling's: possibly in use
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
