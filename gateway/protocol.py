@@ -46,7 +46,6 @@ from gateway.icap.http import (
 from gateway.interfaces import (
     Authenticated,
     Authenticator,
-    AuthFailure,
     Credentials,
     Direction,
     Observer,
@@ -99,6 +98,9 @@ class GatewayContext:
     clock: interfaces.IReactorTime
     # (lower-cased ICAP headers, peer ip) -> (username or None, client ip)
     identify: Callable[[Mapping[str, str], str], tuple[str | None, str]]
+    # (lower-cased ICAP headers, peer ip) -> what the authenticator checks
+    credentials: Callable[[Mapping[str, str], str], Credentials] = field(
+        default_factory=lambda: bearer_credentials)
     service_id: str = "yara"
     max_connections: int = 1000
     options_ttl: int = 3600
@@ -291,13 +293,11 @@ class ICAPServerProtocol(Protocol):
             return
         headers = req.headers.lowered()
         username, tx.client_ip = ctx.identify(headers, self._peer)
-        decision = ctx.authenticator.authenticate(
-            Credentials(key=_bearer(req.headers.get("Authorization")), source_ip=self._peer)
-        )
+        # The authenticator records its own refusals: only it knows which
+        # tenant a key claimed and how it rate-limits a source.
+        decision = ctx.authenticator.authenticate(ctx.credentials(headers, self._peer))
         if isinstance(decision, Refused):
             ctx.observer.auth_failed(decision.reason)
-            ctx.recorder.record(AuthFailure(
-                at=ctx.wall_time(), source_ip=self._peer, tenant_presented=None, reason=decision.reason))
             self._answer_now(decision.status, outcome="unauthenticated", detail=decision.reason)
             return
         assert isinstance(decision, Authenticated)
@@ -523,13 +523,12 @@ class ICAPServerProtocol(Protocol):
         ctx.observer.transaction_finished(record)
 
 
-def _bearer(value: str | None) -> str | None:
-    if not value:
-        return None
+def bearer_credentials(headers: Mapping[str, str], peer: str) -> Credentials:
+    """Credentials from ``Authorization: Bearer <key>`` (names lower-cased)."""
+    value = headers.get("authorization") or ""
     scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+    key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return Credentials(key=key, source_ip=peer)
 
 
 def _violations(rules: Any, url: str) -> str:

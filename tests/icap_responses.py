@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 
 @dataclass
@@ -34,7 +35,7 @@ def parse_responses(data: bytes) -> list[ParsedResponse]:
             (n.strip(), int(o)) for n, o in (e.split("=") for e in headers["encapsulated"].split(","))
         ]
         sections = {}
-        for (name, start), (_, stop) in zip(entries, entries[1:], strict=False):
+        for (name, start), (_, stop) in pairwise(entries):
             sections[name] = data[pos + start : pos + stop]
         pos += entries[-1][1]
         body = None

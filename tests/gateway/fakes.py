@@ -12,6 +12,7 @@ from twisted.internet.testing import StringTransport
 from gateway.blockpage import BlockPage
 from gateway.interfaces import (
     Authenticated,
+    AuthFailure,
     Credentials,
     NullObserver,
     Refused,
@@ -87,7 +88,16 @@ class SubstringScanner:
 
 
 class KeyAuthenticator:
+    def __init__(self, recorder: ListRecorder) -> None:
+        self.recorder = recorder
+
     def authenticate(self, credentials: Credentials) -> Authenticated | Refused:
+        result = self._check(credentials)
+        if isinstance(result, Refused):
+            self.recorder.record(AuthFailure(0.0, credentials.source_ip, None, result.reason))
+        return result
+
+    def _check(self, credentials: Credentials) -> Authenticated | Refused:
         if credentials.key is None:
             return Refused(401, "missing-key")
         if credentials.key != GOOD_KEY:
@@ -164,7 +174,7 @@ def make_harness(**overrides: object) -> Harness:
         return s
 
     ctx = GatewayContext(
-        scanner=scanner, authenticator=KeyAuthenticator(), recorder=recorder, observer=observer,
+        scanner=scanner, authenticator=KeyAuthenticator(recorder), recorder=recorder, observer=observer,
         new_spool=new_spool, block_page=BlockPage(), clock=clock, identify=identify,
         wall_time=lambda: 1_700_000_000.0 + clock.seconds(),
     )
