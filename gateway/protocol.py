@@ -473,7 +473,7 @@ class ICAPServerProtocol(Protocol):
         self.transport.write(self.conn.send_response(200, headers, res_hdr=head, body=True))
         self.transport.write(self.conn.send_data(body))
         self.transport.write(self.conn.send_end())
-        self._finish_tx(icap_status=200, outcome=outcome, detail=verdict.detail or reference,
+        self._finish_tx(icap_status=200, outcome=outcome, detail=verdict.detail,
                         verdict=verdict, http_status=403, reference=reference)
         self._close_spool()
 

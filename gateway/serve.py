@@ -1,0 +1,118 @@
+"""``icap-gateway serve``: run the gateway in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+from twisted.logger import Logger
+
+from gateway.settings import ConfigError, ConfigErrors
+
+log = Logger()
+
+
+def add_commands(subparsers: Any) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the ICAP gateway",
+        description="Run the ICAP gateway in the foreground until SIGTERM or SIGINT. "
+        "SIGHUP reloads the rules; SIGUSR1 reopens the access log.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML config file (default: embedded defaults)")
+    serve.add_argument("--listen", metavar="ENDPOINT", action="append",
+                       help="ICAP listener, a Twisted endpoint string such as tcp:1344 (repeatable; "
+                       "replaces [server] listen)")
+    serve.add_argument("--rules", metavar="DIR", help="rules directory (replaces [scan] rules)")
+    serve.add_argument("--database", metavar="URL", help="register database URL (replaces [register] database)")
+    serve.add_argument("--metrics", metavar="ENDPOINT",
+                       help="metrics listener endpoint (replaces [monitoring] metrics_listen)")
+    serve.add_argument("--workers", metavar="N", type=int,
+                       help="worker processes sharing the listener, 0: one per core (replaces [server] workers)")
+    serve.set_defaults(func=run_serve)
+
+
+def load_serve_config(args: argparse.Namespace) -> Any:
+    """The config file plus command-line overrides, every value checked."""
+    from gateway.config import load_config, parse_config, with_overrides
+    from gateway.settings import endpoint
+
+    config = load_config(args.config)
+    errors = []
+    for value in args.listen or []:
+        reason = endpoint(value)
+        if reason:
+            errors.append(ConfigError("command line", "--listen", reason))
+    if args.metrics is not None and endpoint(args.metrics):
+        errors.append(ConfigError("command line", "--metrics", endpoint(args.metrics) or ""))
+    if args.workers is not None and args.workers < 0:
+        errors.append(ConfigError("command line", "--workers", "must not be negative"))
+    if args.database is not None:
+        try:  # the register section's own validator
+            parse_config({"register": {"database": args.database}}, "command line")
+        except ConfigErrors as e:
+            errors.extend(ConfigError("command line", "--database", x.reason) for x in e.errors)
+    if errors:
+        raise ConfigErrors(errors)
+    return with_overrides(
+        config,
+        server__listen=args.listen,
+        server__workers=args.workers,
+        scan__rules=args.rules,
+        register__database=args.database,
+        monitoring__metrics_listen=args.metrics,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from gateway.scanner import RulesError
+
+    try:
+        config = load_serve_config(args)
+    except ConfigErrors as e:
+        print(e, file=sys.stderr)
+        return 2
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+
+    from gateway.service import build_gateway
+
+    try:
+        gateway = build_gateway(config, reactor)
+    except RulesError as e:
+        print(f"cannot load rules: {e}", file=sys.stderr)
+        return 1
+    except ConfigErrors as e:
+        print(e, file=sys.stderr)
+        return 2
+    except Exception as e:  # the register refusing an old schema, a port in use...
+        name = type(e).__name__
+        if name in {"SchemaError", "RegisterError"}:
+            print(f"register: {e}", file=sys.stderr)
+            return 1
+        raise
+
+    exit_code = [0]
+
+    def start() -> None:
+        try:
+            gateway.service.startService()
+        except Exception as e:  # a listener that cannot bind
+            print(f"cannot start: {e}", file=sys.stderr)
+            exit_code[0] = 1
+            reactor.stop()  # type: ignore[attr-defined]
+            return
+        log.info("icap-gateway serving on {listen}, rules {rules} ({count} rules, version {version})",
+                 listen=", ".join(config.server.listen), rules=str(gateway.rules.directory),
+                 count=gateway.rules.rule_count, version=gateway.rules.version)
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", gateway.service.stopService)  # type: ignore[attr-defined]
+    gateway.rules.install_sighup()
+    signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(gateway.reopen_logs))  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    return exit_code[0]

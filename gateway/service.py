@@ -1,0 +1,162 @@
+"""Wire everything in one place: ``makeService(config, reactor)``.
+
+The ICAP listeners, the scanning pool and rules, the register (key table,
+batched writer, purge timer) and monitoring (metrics listener, access log)
+become one ``MultiService``.  Nothing else constructs these objects, so a
+test builds the real gateway exactly as ``serve`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.logger import Logger
+
+from gateway.blockpage import BlockPage
+from gateway.config import PROJECT_ROOT, GatewayConfig
+from gateway.protocol import GatewayContext, ICAPFactory
+from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
+from gateway.spool import BodySpool, purge_stale
+from monitoring.service import build_monitoring
+from register.auth import credentials_from_headers
+from register.service import build_register
+
+log = Logger()
+
+
+class ThreadPoolService(Service):
+    """Starts a thread pool with the service and stops it (joining its
+    threads) at shutdown, after the listeners stopped feeding it."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class RulesService(Service):
+    def __init__(self, rules: RulesManager) -> None:
+        self.rules = rules
+
+    def startService(self) -> None:
+        super().startService()
+        self.rules.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.rules.stop()
+
+
+@dataclass
+class Gateway:
+    """What ``makeService`` built, for ``serve`` (signals) and tests."""
+
+    service: MultiService
+    context: GatewayContext
+    rules: RulesManager
+    reopen_logs: Any
+    register: Any
+    monitoring: Any
+
+
+def resolve_path(value: str, config: GatewayConfig) -> Path:
+    """Relative paths in a config file are relative to the working directory,
+    but the embedded default ``rules`` also works from anywhere in a checkout."""
+    path = Path(value)
+    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        return PROJECT_ROOT / path
+    return path
+
+
+def build_gateway(config: GatewayConfig, reactor: Any) -> Gateway:
+    """Build every part; raises RulesError, ConfigErrors or the register's
+    SchemaError with a message fit for an admin."""
+    state_dir = Path(config.server.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    spool_dir = state_dir / "spool"
+    spool_dir.mkdir(exist_ok=True)
+    purge_stale(spool_dir)  # temp files a crashed run left behind
+
+    top = MultiService()
+    pool = make_scan_pool(config.scan)
+    ThreadPoolService(pool).setServiceParent(top)
+
+    rules = RulesManager(resolve_path(config.scan.rules, config), reactor, pool, config.scan.reload_interval)
+    register = build_register(config, reactor)
+
+    def ready() -> tuple[bool, str]:
+        if rules.current is None:
+            return False, "no rules loaded"
+        if not register.healthy():
+            return False, "register unreachable and its queue is full"
+        return True, "ok"
+
+    monitoring = build_monitoring(
+        config, reactor, ready=ready, queue_depth=register.queue_depth, write_errors=register.write_errors
+    )
+    rules.add_observer(monitoring.observer.rules_loaded)
+    rules.load_now()
+    RulesService(rules).setServiceParent(top)
+
+    scanner = YaraScanner(rules, reactor, pool, config.scan, spool_dir)
+    block_page = BlockPage(resolve_path(config.scan.block_page, config) if config.scan.block_page else None)
+    server = config.server
+    context = GatewayContext(
+        scanner=scanner,
+        authenticator=register.authenticator,
+        recorder=register.recorder,
+        observer=monitoring.observer,
+        new_spool=partial(BodySpool, config.scan.memory_threshold, spool_dir),
+        block_page=block_page,
+        clock=reactor,
+        identify=register.identify,
+        credentials=partial(_credentials, settings=config.auth),
+        service_id=server.service_id,
+        max_connections=server.max_connections,
+        options_ttl=server.options_ttl,
+        preview_size=server.preview_size,
+        read_timeout=server.read_timeout,
+        idle_timeout=server.idle_timeout,
+        error_policy=config.scan.error_policy,
+        oversize_policy=config.scan.oversize_policy,
+        max_scan_size=config.scan.max_scan_size,
+    )
+    factory = ICAPFactory(context)
+    # The register first: it stops last, after the listeners, so its writer
+    # flushes what the final transactions recorded.
+    register.service.setServiceParent(top)
+    monitoring.service.setServiceParent(top)
+    for description in server.listen:
+        endpoint = endpoints.serverFromString(reactor, description)
+        listener = StreamServerEndpointService(endpoint, factory)
+        listener._raiseSynchronously = True  # a port in use fails the start, loudly
+        listener.setServiceParent(top)
+    return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring)
+
+
+def _credentials(headers: Any, peer: str, *, settings: Any) -> Any:
+    return credentials_from_headers(headers, peer, settings)
+
+
+def makeService(config: GatewayConfig, reactor: Any) -> MultiService:
+    return build_gateway(config, reactor).service
+
+
+__all__ = ["Gateway", "build_gateway", "makeService"]
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1

@@ -1,0 +1,345 @@
+"""Real peers for end-to-end tests: the gateway as a process, Squid, an origin
+web server, curl and c-icap-client.
+
+A peer that is missing skips its tests on a developer machine but fails them
+under CI (``CI`` set), so a green CI always means the real peers ran.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SQUID_SNIPPET = REPO / "config" / "squid.conf.example"
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path is None:
+        message = f"{name} is not installed (Debian package: see .ci/run)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0,
+                  what: str = "server", log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            detail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening:\n{detail}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    detail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s:\n{detail}")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon ... of a process, in bytes."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        parts = value.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            out[name] = int(parts[0]) * 1024
+    return out
+
+
+# --- the gateway as a process -------------------------------------------------
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    workdir: Path
+    config_path: Path
+    log_path: Path
+    access_log: Path
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``icap-gateway ARGS --config <this gateway's config>``."""
+        cmd = [sys.executable, "-m", "gateway", *args, "--config", str(self.config_path)]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=self.workdir, timeout=120)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def write_gateway_config(workdir: Path, port: int, metrics_port: int, *, rules: Path | str,
+                         auth_required: bool, database: str | None = None, extra: str = "") -> Path:
+    config = workdir / "gateway.toml"
+    db = database or f"sqlite:///{workdir / 'register.sqlite3'}"
+    config.write_text(
+        f"""
+[server]
+listen = ["tcp:{port}:interface=127.0.0.1"]
+state_dir = "{workdir / 'var'}"
+
+[scan]
+rules = "{rules}"
+
+[register]
+database = "{db}"
+flush_interval = "200ms"
+
+[auth]
+required = {"true" if auth_required else "false"}
+
+[monitoring]
+metrics_listen = "tcp:{metrics_port}:interface=127.0.0.1"
+access_log = "{workdir / 'access.log'}"
+{extra}
+"""
+    )
+    return config
+
+
+@contextlib.contextmanager
+def gateway_process(*, rules: Path | str = REPO / "rules", auth_required: bool = False,
+                    database: str | None = None, extra: str = "",
+                    before_start: Callable[[GatewayProcess], None] | None = None) -> Iterator[GatewayProcess]:
+    workdir = Path(tempfile.mkdtemp(prefix="icapgw-"))
+    port, metrics_port = free_port(), free_port()
+    config = write_gateway_config(workdir, port, metrics_port, rules=rules, auth_required=auth_required,
+                                  database=database, extra=extra)
+    log_path = workdir / "gateway.log"
+    gw = GatewayProcess(None, port, metrics_port, workdir, config, log_path,  # type: ignore[arg-type]
+                        workdir / "access.log")
+    if before_start:
+        before_start(gw)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    gw.proc = proc
+    try:
+        wait_for_port(port, proc, what="icap-gateway", log=log_path)
+        yield gw
+    finally:
+        gw.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- an origin web server -------------------------------------------------------
+
+
+@dataclass
+class Resource:
+    body: bytes | Callable[[], Iterator[bytes]]
+    length: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Origin:
+    """A threaded HTTP/1.1 server for Squid to fetch from; records uploads."""
+
+    def __init__(self) -> None:
+        self.resources: dict[str, Resource] = {}
+        self.uploads: list[bytes] = []
+        origin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                res = origin.resources.get(self.path)
+                if res is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                for k, v in {"Content-Type": "application/octet-stream", **res.headers}.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(res.length))
+                self.end_headers()
+                if callable(res.body):
+                    for piece in res.body():
+                        self.wfile.write(piece)
+                else:
+                    self.wfile.write(res.body)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                origin.uploads.append(self.rfile.read(length))
+                body = b"stored"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, path: str, body: bytes, **headers: str) -> str:
+        self.resources[path] = Resource(body, len(body), {k.replace("_", "-"): v for k, v in headers.items()})
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def add_stream(self, path: str, length: int, chunks: Callable[[], Iterator[bytes]], **headers: str) -> str:
+        self.resources[path] = Resource(chunks, length, {k.replace("_", "-"): v for k, v in headers.items()})
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def gzipped(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+# --- Squid ----------------------------------------------------------------------
+
+
+def squid_snippet(icap_port: int, key: str = "") -> str:
+    """config/squid.conf.example as an admin would paste it, pointed at our port."""
+    text = SQUID_SNIPPET.read_text()
+    text = text.replace("127.0.0.1:1344", f"127.0.0.1:{icap_port}")
+    if key:
+        text = text.replace("TENANT_KEY", key)
+    else:
+        text = "\n".join(line for line in text.splitlines() if "TENANT_KEY" not in line)
+    return text
+
+
+@dataclass
+class SquidProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    workdir: Path
+
+    def cache_log(self) -> str:
+        path = self.workdir / "cache.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def access_log(self) -> str:
+        path = self.workdir / "access.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@contextlib.contextmanager
+def squid_process(icap_port: int, *, key: str = "", extra: str = "") -> Iterator[SquidProcess]:
+    squid = require_binary("squid")
+    workdir = Path(tempfile.mkdtemp(prefix="squid-"))
+    os.chmod(workdir, 0o777)  # Squid drops root for its effective user
+    port = free_port()
+    conf = workdir / "squid.conf"
+    conf.write_text(
+        f"""
+http_port 127.0.0.1:{port}
+pid_filename {workdir}/squid.pid
+cache_log {workdir}/cache.log
+access_log stdio:{workdir}/access.log
+coredump_dir {workdir}
+cache deny all
+cache_mem 8 MB
+shutdown_lifetime 0 seconds
+dns_nameservers 127.0.0.1
+acl localhost src 127.0.0.1/32
+{extra}
+http_access allow localhost
+http_access deny all
+forwarded_for on
+{squid_snippet(icap_port, key)}
+"""
+    )
+    proc = subprocess.Popen([squid, "-N", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=open(workdir / "stderr.log", "wb"), cwd=workdir)
+    sq = SquidProcess(proc, port, workdir)
+    try:
+        wait_for_port(port, proc, what="squid", log=workdir / "cache.log", timeout=60)
+        yield sq
+    finally:
+        stop_process(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass
+class Fetched:
+    status: int
+    body: bytes
+    headers: str
+
+
+def curl(proxy_port: int, url: str, *, data: bytes | None = None, user: str | None = None,
+         timeout: float = 120, output: Path | None = None, compressed: bool = False) -> Fetched:
+    """Fetch ``url`` through the proxy with real curl."""
+    require_binary("curl")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = output or Path(tmp, "body")
+        headers = Path(tmp, "headers")
+        cmd = ["curl", "-sS", "--max-time", str(int(timeout)), "-x", f"http://127.0.0.1:{proxy_port}",
+               "-o", str(out), "-D", str(headers), "-w", "%{http_code}"]
+        if user:
+            cmd += ["--proxy-user", user]
+        if compressed:
+            cmd += ["-H", "Accept-Encoding: gzip"]
+        if data is not None:
+            body_file = Path(tmp, "upload")
+            body_file.write_bytes(data)
+            cmd += ["--data-binary", f"@{body_file}", "-H", "Content-Type: application/octet-stream"]
+        cmd.append(url)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10)
+        if result.returncode != 0:
+            raise AssertionError(f"curl failed ({result.returncode}): {result.stderr}")
+        body = out.read_bytes() if output is None else b""
+        return Fetched(int(result.stdout.strip() or 0), body, headers.read_text(errors="replace"))
+
+
+def basic_user(name: str) -> str:
+    return base64.b64encode(name.encode()).decode()
+
+
+def read_json_lines(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
