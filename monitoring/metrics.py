@@ -226,6 +226,14 @@ class GatewayMetrics:
         self.rules_reloads = Counter(
             f"{PREFIX}_rules_reload", "Rule (re)load attempts, by result", ["result"], registry=reg,
         )
+        # 1 until a reload fails; the reload-failing alert needs a state, not
+        # an event: a failure followed by no further attempt stays visible.
+        self.rules_last_reload_ok = Gauge(
+            f"{PREFIX}_rules_last_reload_success",
+            "1 if the last rule (re)load succeeded, 0 if it failed (the previous rules stay in force)",
+            registry=reg, multiprocess_mode="livemin",
+        )
+        self.rules_last_reload_ok.set(1)
         self.rules_last_success = Gauge(
             f"{PREFIX}_rules_last_success_timestamp_seconds",
             "When rules were last loaded successfully (POSIX seconds)",
@@ -331,8 +339,10 @@ class GatewayMetrics:
         if ok:
             self.rules_loaded_gauge.set(rule_count)
             self.rules_last_success.set(now)
+            self.rules_last_reload_ok.set(1)
             self._reload_children["success"].inc()
         else:
+            self.rules_last_reload_ok.set(0)
             self._reload_children["failure"].inc()
 
     def refresh_register(self) -> None:

@@ -119,10 +119,15 @@ def test_rules_loaded_gauge_and_reload_results(registry: CollectorRegistry) -> N
     assert val(registry, "icap_gateway_rules_loaded") == 1834
     assert val(registry, "icap_gateway_rules_last_success_timestamp_seconds") == 1234.5
     # a failed reload keeps the old rules in force and the gauge with them
+    assert val(registry, "icap_gateway_rules_last_reload_success") == 1
     observer.rules_loaded(False, 0, "v1")
     assert val(registry, "icap_gateway_rules_loaded") == 1834
+    assert val(registry, "icap_gateway_rules_last_reload_success") == 0
     assert val(registry, "icap_gateway_rules_reload_total", result="success") == 1
     assert val(registry, "icap_gateway_rules_reload_total", result="failure") == 1
+    observer.rules_loaded(True, 1900, "v2")
+    assert val(registry, "icap_gateway_rules_last_reload_success") == 1
+    assert val(registry, "icap_gateway_rules_loaded") == 1900
 
 
 def test_register_figures_read_at_scrape_time(registry: CollectorRegistry) -> None:

@@ -1,0 +1,96 @@
+"""Several worker processes: prometheus_client multiprocess mode sums them.
+
+Each worker runs in its own subprocess (multiprocess mode switches
+prometheus_client's value storage for the whole process, so it must not
+happen inside the test process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from monitoring.metrics import MultiProcessRegistry, prepare_multiprocess_dir, worker_exited
+
+WORKER = textwrap.dedent("""
+    import json, os, sys
+    from twisted.internet import task
+    from gateway.config import GatewayConfig, ServerSettings
+    from gateway.interfaces import TransactionRecord, Verdict
+    from monitoring.service import build_monitoring
+    from monitoring.settings import MonitoringSettings
+
+    state_dir, tenant, rules, depth, errors = sys.argv[1:6]
+    config = GatewayConfig(
+        server=ServerSettings(state_dir=state_dir, workers=2),
+        monitoring=MonitoringSettings(access_log="none"),
+    )
+    clock = task.Clock()
+    c = build_monitoring(config, clock, ready=lambda: (True, ""),
+                         queue_depth=lambda: int(depth), write_errors=lambda: int(errors),
+                         serve_http=False)
+    c.service.startService()  # starts the register refresh loop on the clock
+    c.observer.connection_opened()
+    c.observer.connection_opened()
+    c.observer.connection_closed()
+    c.observer.transaction_finished(TransactionRecord(
+        started=0.0, duration=0.02, method="RESPMOD", service="yara", icap_status=200,
+        client_ip="10.0.0.1", peer="127.0.0.1", tenant=tenant, outcome="clean"))
+    c.observer.scan_finished(Verdict("clean", scanned_bytes=1000, duration=0.01), "response")
+    c.observer.rules_loaded(True, int(rules), "v")
+    clock.advance(1.0)
+    print(json.dumps({"pid": os.getpid(), "env": os.environ["PROMETHEUS_MULTIPROC_DIR"],
+                      "own": c.registry.get_sample_value("icap_gateway_connections_total")}))
+""")
+
+
+def run_worker(state_dir: Path, tenant: str, rules: int, depth: int, errors: int) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, str(state_dir), tenant, str(rules), str(depth), str(errors)],
+        check=True, capture_output=True, text=True, env=env, timeout=60,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_workers_are_summed(tmp_path: Path) -> None:
+    mp_dir = tmp_path / "prometheus"
+    prepare_multiprocess_dir(str(mp_dir))
+    (mp_dir / "counter_99999.db").write_bytes(b"stale")  # a previous run's file
+    prepare_multiprocess_dir(str(mp_dir))
+    assert list(mp_dir.iterdir()) == []
+
+    a = run_worker(tmp_path, "acme", rules=100, depth=4, errors=1)
+    run_worker(tmp_path, "beta", rules=90, depth=6, errors=2)
+    # workers=2 and no explicit directory: <state_dir>/prometheus
+    assert a["env"] == str(mp_dir)
+    # a worker's registry reads the shared files (only its own exist yet)
+    assert a["own"] == 2
+
+    registry = MultiProcessRegistry(str(mp_dir))
+
+    def v(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert v("icap_gateway_requests_total", method="RESPMOD", service="yara", tenant="acme",
+             outcome="clean") == 1
+    assert v("icap_gateway_requests_total", method="RESPMOD", service="yara", tenant="beta",
+             outcome="clean") == 1
+    assert v("icap_gateway_connections_total") == 4
+    assert v("icap_gateway_request_duration_seconds_count", method="RESPMOD") == 2
+    assert v("icap_gateway_scanned_bytes_total", direction="response") == 2000
+    assert v("icap_gateway_active_connections") == 2  # livesum: 1 + 1
+    assert v("icap_gateway_rules_loaded") == 90  # livemin: the worker with fewer rules shows
+    assert v("icap_gateway_register_queue_depth") == 10  # livesum
+    assert v("icap_gateway_register_write_errors_total") == 3
+
+    # a worker that died takes its live gauges with it; its counters stay
+    worker_exited(int(a["pid"]), str(mp_dir))  # type: ignore[call-overload]
+    assert v("icap_gateway_active_connections") == 1
+    assert v("icap_gateway_register_queue_depth") == 6
+    assert v("icap_gateway_rules_loaded") == 90
+    assert v("icap_gateway_connections_total") == 4
