@@ -85,11 +85,20 @@ def _cut_query(s: str) -> str:
     return s if cut < 0 else s[:cut]
 
 
+# (second, its formatted prefix): most lines share a second.  One tuple,
+# swapped whole, so a reader never pairs one second with another's text.
+_last_second: tuple[int, str] = (-1, "")
+
+
 def format_time(t: float) -> str:
     """ISO 8601 UTC with milliseconds, e.g. 2026-11-26T07:16:00.123Z."""
+    global _last_second
     secs = int(t)
     ms = int((t - secs) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ms:03d}Z"
+    cached = _last_second
+    if cached[0] != secs:
+        cached = _last_second = (secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)))
+    return f"{cached[1]}.{ms:03d}Z"
 
 
 def access_fields(record: TransactionRecord, *, users: bool, redaction: UrlRedaction) -> dict[str, Any]:

@@ -43,6 +43,7 @@ SCAN_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.
 
 MAX_SERVICE_LABELS = 16  # the service is the ICAP URI path: a client may send anything
 MAX_REASON_LABELS = 32  # auth failure reasons are a small fixed set; the cap is a seatbelt
+RAW_CACHE_SIZE = 4096  # (method, service, tenant, outcome) combinations remembered as seen
 
 
 class MultiProcessRegistry(CollectorRegistry):
@@ -271,6 +272,7 @@ class GatewayMetrics:
         self.service_label = LabelCap(MAX_SERVICE_LABELS)
         self.reason_label = LabelCap(MAX_REASON_LABELS)
         self._requests_children: dict[tuple[str, str, str, str], Counter] = {}
+        self._requests_by_raw: dict[tuple[str, str, str, str | None], tuple[Counter, Histogram]] = {}
         self._method_label = {m: m for m in METHODS}
         self._outcome_label: dict[str | None, str] = {o: o for o in OUTCOMES}
         self._outcome_label[None] = NONE
@@ -286,6 +288,23 @@ class GatewayMetrics:
     def request_finished(
         self, method: str, service: str, tenant: str, outcome: str | None, duration: float
     ) -> None:
+        raw = (method, service, tenant, outcome)
+        hit = self._requests_by_raw.get(raw)
+        if hit is None:
+            hit = self._resolve_request(raw)
+        hit[0].inc()
+        hit[1].observe(duration)
+
+    def _resolve_request(
+        self, raw: tuple[str, str, str, str | None]
+    ) -> tuple[Counter, Histogram]:
+        """Cap the labels of a new combination and find its children.
+
+        The cache is keyed by the raw values so the usual call is one tuple
+        and one dict lookup; it stops growing at RAW_CACHE_SIZE entries (a
+        flood of odd service names), after which misses are resolved anew.
+        """
+        method, service, tenant, outcome = raw
         method_label = self._method_label.get(method, OTHER)
         key = (
             method_label,
@@ -296,8 +315,10 @@ class GatewayMetrics:
         child = self._requests_children.get(key)
         if child is None:
             child = self._requests_children[key] = self.requests.labels(*key)
-        child.inc()
-        self._duration_children[method_label].observe(duration)
+        hit = (child, self._duration_children[method_label])
+        if len(self._requests_by_raw) < RAW_CACHE_SIZE:
+            self._requests_by_raw[raw] = hit
+        return hit
 
     def scan_finished(self, direction: str, outcome: str, scanned_bytes: int, duration: float,
                       rules: Iterable[str]) -> None:
