@@ -531,7 +531,7 @@ class YaraScanner:
             matches += self._match(compiled, body, externals, deadline)
             scanned += raw_size
             if result.exceeded:
-                outcome, detail = self._incomplete("decode-limit")
+                outcome, _, detail = self._incomplete("decode-limit")
                 return verdict("blocked" if matches else outcome, matches, detail)
             detail = f"decode-error: {result.error}"
             return verdict("blocked" if matches else "clean", matches, detail)

@@ -1,0 +1,240 @@
+"""YaraScanner: verdicts, externals, Content-Encoding, limits, timeouts."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import brotli
+import pytest
+import zstandard
+
+from gateway.interfaces import ScanContext
+from gateway.scanner import YaraScanner
+
+from .conftest import EICAR, SyncPool, SyncReactor, result_of, scan, write_rule
+
+EICAR_RULE = "eicar.yar.EICAR_Test_File"
+PAGE = b"<html><body>" + b"nothing to see here " * 200 + b"</body></html>"
+INFECTED = PAGE[:500] + EICAR + PAGE[500:]
+
+Make = Callable[..., YaraScanner]
+
+
+def raw_deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(wbits=-15)
+    return c.compress(data) + c.flush()
+
+
+ENCODERS: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": gzip.compress,
+    "x-gzip": gzip.compress,
+    "deflate": zlib.compress,  # RFC 9110 "deflate": zlib-wrapped
+    "br": lambda data: brotli.compress(data, quality=5),
+    "zstd": zstandard.ZstdCompressor().compress,
+}
+
+
+def test_clean_and_blocked_raw(make_scanner: Make) -> None:
+    scanner = make_scanner()
+    clean = scan(scanner, PAGE)
+    assert clean.outcome == "clean"
+    assert clean.rules == ()
+    assert clean.scanned_bytes == len(PAGE)
+    assert clean.ruleset_version == scanner.version != ""
+    blocked = scan(scanner, INFECTED)
+    assert blocked.outcome == "blocked"
+    assert blocked.rules == (EICAR_RULE,)
+    assert blocked.scanned_bytes == len(INFECTED)
+    assert blocked.duration > 0
+
+
+@pytest.mark.parametrize("coding", sorted(ENCODERS))
+def test_eicar_found_through_each_encoding(make_scanner: Make, coding: str) -> None:
+    scanner = make_scanner()
+    encoded = ENCODERS[coding](INFECTED)
+    if coding != "zstd":  # zstd keeps a short, unrepeated run as a literal
+        assert EICAR not in encoded
+    verdict = scan(scanner, encoded, content_encoding=coding)
+    assert (verdict.outcome, verdict.rules, verdict.detail) == ("blocked", (EICAR_RULE,), "")
+    assert verdict.scanned_bytes == len(INFECTED)  # the decoded body, not the raw bytes
+    assert scan(scanner, ENCODERS[coding](PAGE), content_encoding=coding).outcome == "clean"
+
+
+def test_raw_deflate(make_scanner: Make) -> None:
+    verdict = scan(make_scanner(), raw_deflate(INFECTED), content_encoding="deflate")
+    assert (verdict.outcome, verdict.detail) == ("blocked", "")
+
+
+@pytest.mark.parametrize("header", ["gzip, br", "deflate,zstd", "br, gzip, zstd", "identity, gzip"])
+def test_stacked_encodings(make_scanner: Make, header: str) -> None:
+    body = INFECTED
+    for coding in (c.strip() for c in header.split(",")):
+        if coding != "identity":
+            body = ENCODERS[coding](body)
+    verdict = scan(make_scanner(), body, content_encoding=header.upper())
+    assert (verdict.outcome, verdict.rules, verdict.detail) == ("blocked", (EICAR_RULE,), "")
+
+
+def test_multi_member_gzip(make_scanner: Make) -> None:
+    body = gzip.compress(INFECTED[:520]) + gzip.compress(INFECTED[520:])
+    verdict = scan(make_scanner(), body, content_encoding="gzip")
+    assert verdict.outcome == "blocked"
+    assert verdict.scanned_bytes == len(INFECTED)
+
+
+def test_decode_error_scans_raw_bytes(make_scanner: Make) -> None:
+    # A server labelling plain content as gzip: the raw bytes are still scanned.
+    verdict = scan(make_scanner(), INFECTED, content_encoding="gzip")
+    assert verdict.outcome == "blocked"
+    assert verdict.detail.startswith("decode-error: gzip")
+    clean = scan(make_scanner(), PAGE, content_encoding="br")
+    assert clean.outcome == "clean"
+    assert clean.detail.startswith("decode-error: br")
+    assert clean.scanned_bytes == len(PAGE)
+
+
+def test_truncated_stream_scans_decoded_prefix(make_scanner: Make) -> None:
+    body = INFECTED + os.urandom(200_000)
+    encoded = gzip.compress(body)
+    verdict = scan(make_scanner(), encoded[: len(encoded) // 2], content_encoding="gzip")
+    assert verdict.outcome == "blocked"  # EICAR sits in the part that did decode
+    assert verdict.detail == "decode-error: gzip: truncated stream"
+
+
+def test_unsupported_encoding(make_scanner: Make) -> None:
+    verdict = scan(make_scanner(), INFECTED, content_encoding="compress")
+    assert verdict.outcome == "blocked"
+    assert "unsupported content-coding 'compress'" in verdict.detail
+
+
+def test_decode_bomb_is_bounded_and_prefix_scanned(make_scanner: Make) -> None:
+    # 64 MiB of zeros in ~64 KiB: the ratio limit stops decoding at 100x.
+    bomb_plain = EICAR + bytes(64 * 1024**2)
+    bomb = zlib.compress(bomb_plain, 9)
+    scanner = make_scanner(max_decode_ratio=100)
+    verdict = scan(scanner, bomb, content_encoding="deflate")
+    assert verdict.outcome == "blocked"  # found in the prefix
+    assert verdict.detail == "decode-limit"
+    assert verdict.scanned_bytes == 100 * len(bomb) + len(bomb)  # prefix + raw bytes
+
+    clean_bomb = zstandard.ZstdCompressor().compress(bytes(64 * 1024**2))
+    verdict = scan(scanner, clean_bomb, content_encoding="zstd")
+    assert (verdict.outcome, verdict.detail) == ("unscanned", "decode-limit")
+    assert verdict.scanned_bytes == 101 * len(clean_bomb)
+    blocking = make_scanner(max_decode_ratio=100, oversize_policy="block")
+    verdict = scan(blocking, clean_bomb, content_encoding="zstd")
+    assert (verdict.outcome, verdict.rules, verdict.detail) == ("blocked", (), "decode-limit")
+
+
+def test_max_decoded_size(make_scanner: Make) -> None:
+    body = brotli.compress(os.urandom(3 * 1024**2), quality=1)  # ratio ~1: the size limit bites
+    verdict = scan(make_scanner(max_decoded_size=1024**2), body, content_encoding="br")
+    assert (verdict.outcome, verdict.detail) == ("unscanned", "decode-limit")
+    assert verdict.scanned_bytes == 1024**2 + len(body)
+
+
+def test_oversize_is_not_scanned(make_scanner: Make) -> None:
+    body = INFECTED + bytes(10_000)
+    verdict = scan(make_scanner(max_scan_size=10_000), body)
+    assert (verdict.outcome, verdict.rules, verdict.detail) == ("unscanned", (), "too-large")
+    assert verdict.scanned_bytes == 0
+    verdict = scan(make_scanner(max_scan_size=10_000, oversize_policy="block"), body)
+    assert (verdict.outcome, verdict.rules, verdict.detail) == ("blocked", (), "too-large")
+    # Exactly at the limit is scanned.
+    assert scan(make_scanner(max_scan_size=len(body)), body).outcome == "blocked"
+
+
+def test_decoded_oversize_is_too_large(make_scanner: Make) -> None:
+    body = gzip.compress(INFECTED + bytes(50_000))
+    assert len(body) < 10_000
+    verdict = scan(make_scanner(max_scan_size=10_000), body, content_encoding="gzip")
+    assert (verdict.outcome, verdict.detail, verdict.scanned_bytes) == ("unscanned", "too-large", 0)
+
+
+def test_large_decoded_body_spools_to_file_and_is_removed(make_scanner: Make, tmp_path: Path) -> None:
+    body = os.urandom(300_000) + EICAR + os.urandom(300_000)
+    scanner = make_scanner(memory_threshold=64 * 1024)
+    verdict = scan(scanner, gzip.compress(body), content_encoding="gzip")
+    assert (verdict.outcome, verdict.scanned_bytes) == ("blocked", len(body))
+    spool = tmp_path / "spool"
+    assert spool.is_dir()  # the decoded body did go to a file ...
+    assert list(spool.iterdir()) == []  # ... which is gone after the scan
+
+
+def test_spooled_body_scanned_by_path(make_scanner: Make, tmp_path: Path) -> None:
+    raw = tmp_path / "body"
+    raw.write_bytes(INFECTED)
+    assert scan(make_scanner(), str(raw)).rules == (EICAR_RULE,)
+    gz = tmp_path / "body.gz"
+    gz.write_bytes(gzip.compress(INFECTED))
+    verdict = scan(make_scanner(), str(gz), content_encoding="gzip")
+    assert (verdict.outcome, verdict.scanned_bytes) == ("blocked", len(INFECTED))
+    missing = scan(make_scanner(), str(tmp_path / "gone"))
+    assert missing.outcome == "error"
+    assert "FileNotFoundError" in missing.detail
+
+
+def test_externals_reach_rules(make_scanner: Make, tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    write_rule(rules, "ctx.yar", """
+rule tenant_acme { condition: tenant == "acme" }
+rule uploads { condition: direction == "request" }
+rule invoice { condition: filename matches /^invoice.*\\.pdf$/ and extension == "pdf" }
+rule where { condition: host == "example.org" and url startswith "https://example.org/"
+             and filepath == "/a/invoice-7.pdf" and filetype == "application/pdf" }
+""")
+    scanner = make_scanner(rules)
+    verdict = scan(scanner, b"x", direction="request", tenant="acme", filename="invoice-7.pdf",
+                   extension="pdf", host="example.org", url="https://example.org/a/invoice-7.pdf",
+                   filepath="/a/invoice-7.pdf", filetype="application/pdf")
+    assert sorted(verdict.rules) == [
+        "ctx.yar.invoice", "ctx.yar.tenant_acme", "ctx.yar.uploads", "ctx.yar.where"]
+    # Externals are per scan: the next transaction does not inherit them.
+    assert scan(scanner, b"x", tenant="other").outcome == "clean"
+
+
+def test_timeout_is_an_error_verdict(make_scanner: Make, tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    write_rule(rules, "slow.yar", """
+rule slow { condition: for any i in (0..4000000000) : (uint8(i % filesize) == 0xFF and i < 0) }
+""")
+    verdict = scan(make_scanner(rules, timeout=0.5), b"a" * 100)  # YARA counts whole seconds: 1 s
+    assert (verdict.outcome, verdict.detail) == ("error", "timeout")
+    assert 0.9 < verdict.duration < 5
+
+
+def test_decoding_past_deadline_is_a_timeout(make_scanner: Make) -> None:
+    scanner = make_scanner(timeout=10)
+    ticks = iter(range(0, 10_000, 5))
+    scanner._clock = lambda: float(next(ticks))  # 5 s per look at the clock
+    verdict = scan(scanner, gzip.compress(os.urandom(1024**2)), content_encoding="gzip")
+    assert (verdict.outcome, verdict.detail) == ("error", "timeout")
+
+
+def test_scan_never_errbacks(reactor: SyncReactor, make_scanner: Make) -> None:
+    scanner = make_scanner()
+
+    class BrokenPool(SyncPool):
+        def callInThreadWithCallback(self, on_result, f, *args, **kw):  # type: ignore[no-untyped-def]
+            raise_inside = lambda: 1 / 0  # noqa: E731
+            super().callInThreadWithCallback(on_result, raise_inside)
+
+    scanner._pool = BrokenPool()  # type: ignore[assignment]
+    verdict = result_of(scanner.scan(b"x", ScanContext(direction="response")))
+    assert verdict.outcome == "error"
+    assert "ZeroDivisionError" in verdict.detail
+
+
+def test_no_rules_loaded_is_an_error(reactor: SyncReactor, pool: SyncPool, tmp_path: Path) -> None:
+    from gateway.config import ScanSettings
+    from gateway.scanner import RulesManager
+
+    manager = RulesManager(tmp_path, reactor, pool, 0)  # type: ignore[arg-type]
+    scanner = YaraScanner(manager, reactor, pool, ScanSettings(), tmp_path)  # type: ignore[arg-type]
+    assert scanner.version == ""
+    verdict = result_of(scanner.scan(b"x", ScanContext(direction="request")))
+    assert (verdict.outcome, verdict.detail) == ("error", "no rules loaded")
