@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from register.access import SYSTEM_RETENTION, Actor, Conflict, NotFound, audit
 from register.models import (
+    ApiKey,
     AuditRecord,
     AuthFailureRecord,
     LoginRecord,
@@ -137,10 +138,10 @@ def erase(
         s.execute(update(AuditRecord).where(
             AuditRecord.tenant == t.name, AuditRecord.subject_user == name
         ).values(subject_user=pseudonym(t.name, name)))
-    for u in list(t.users):
-        s.delete(u)
-    for k in list(t.keys):
-        s.delete(k)
+    # Core deletes: the database cascades (users -> login records) do the rest.
+    s.execute(delete(User).where(User.tenant_id == t.id))
+    s.execute(delete(ApiKey).where(ApiKey.tenant_id == t.id))
+    s.expire(t, ["users", "keys"])
     kept: list[dict[str, Any]] = []
     last = _last_accounting_event(t)
     retain_until = last + dt.timedelta(seconds=settings.billing_retention) if last else None
@@ -156,7 +157,7 @@ def erase(
         deleted["tenant"] = 1
         deleted["orders"] = len(t.orders)
         deleted["billing"] = 1 if t.billing else 0
-        s.delete(t)
+        s.execute(delete(Tenant).where(Tenant.id == t.id))
     kept.append(audit_kept)
     audit(s, actor, "erase", now, tenant=tenant, deleted=deleted)
     return {"tenant": tenant, "deleted": deleted, "kept": kept}
@@ -196,11 +197,7 @@ def purge(
     # open-ended ones stay as long as their tenant.
     run("orders", delete(Order).where(Order.ends_on < billing_cutoff.date()))
     # Erased tenants whose accounting retention is over go entirely.
-    erased = list(s.scalars(select(Tenant).where(Tenant.status == "erased", Tenant.retain_until <= now)))
-    for t in erased:
-        s.delete(t)
-    counts["tenants"] = len(erased)
-    s.flush()
+    run("tenants", delete(Tenant).where(Tenant.status == "erased", Tenant.retain_until <= now))
     run("audit_records", delete(AuditRecord).where(AuditRecord.at < ago(settings.audit_retention)))
     if any(counts.values()):
         audit(s, actor, "purge", now, deleted=counts)
