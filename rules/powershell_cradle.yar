@@ -39,9 +39,10 @@ rule ClickFix_Clipboard_PowerShell
     strings:
         $clip1 = "clipboard.writeText" ascii
         $clip2 = /execCommand\s*\(\s*["']copy["']/
-        $cmd1 = /["'`]\s*powershell(\.exe)?\s[^"'`\r\n]{0,400}(https?:\/\/|iwr\s|irm\s|invoke-webrequest|invoke-restmethod|downloadstring|net\.webclient)/ nocase
+        // The command starts a string literal; quotes may follow inside it (escaped).
+        $cmd1 = /["'`]\s*powershell(\.exe)?\s[^\r\n]{0,400}(https?:\/\/|iwr\s|irm\s|invoke-webrequest|invoke-restmethod|downloadstring|net\.webclient)/ nocase
         $cmd2 = /["'`]\s*mshta(\.exe)?\s+["']?https?:\/\// nocase
-        $cmd3 = /["'`]\s*cmd(\.exe)?\s+\/c\s+[^"'`\r\n]{0,200}(curl|bitsadmin|certutil)[^"'`\r\n]{0,200}https?:\/\// nocase
+        $cmd3 = /["'`]\s*cmd(\.exe)?\s+\/c\s+[^\r\n]{0,200}(curl|bitsadmin|certutil)[^\r\n]{0,200}https?:\/\// nocase
 
     condition:
         direction == "response"
