@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from twisted.internet.task import Clock
 
-from gateway.interfaces import AuthFailure, Authenticated, Credentials, Refused, Tenant
+from gateway.interfaces import Authenticated, AuthFailure, Credentials, Refused, Tenant
 from register import ops
 from register.auth import (
     KeyAuthenticator,
@@ -151,7 +151,7 @@ def test_credentials_from_headers() -> None:
 
 def test_key_table_from_database(engine: Engine) -> None:
     acme_id, acme_key = add_tenant(engine, "acme")
-    beta_id, beta_key = add_tenant(engine, "beta")
+    _beta_id, beta_key = add_tenant(engine, "beta")
     with Session(engine) as s, s.begin():
         extra, extra_key = ops.create_key(s, ADMIN, "acme", utc(T0), expires=utc(T0 + 3600))
         ops.revoke_key(s, ADMIN, extra.id, utc(T0))
