@@ -23,7 +23,7 @@ from gateway.interfaces import Observer
 from gateway.settings import ConfigError, ConfigErrors
 from monitoring.accesslog import AccessLog, AccessLogFile
 from monitoring.health import QuietSite, ReadyCheck, build_root
-from monitoring.metrics import GatewayMetrics, metrics_registry
+from monitoring.metrics import GatewayMetrics, MultiProcessRegistry, metrics_registry
 from monitoring.observer import MonitoringObserver
 
 if TYPE_CHECKING:
@@ -188,8 +188,30 @@ def build_monitoring(
     return MonitoringComponents(observer=observer, service=service, registry=registry, reopen_logs=reopen)
 
 
+def build_metrics_service(
+    config: GatewayConfig, reactor: Any, *, ready: ReadyCheck, multiprocess_dir: str
+) -> MonitoringService:
+    """The monitoring listener of a supervising parent in multi-worker mode.
+
+    It serves /metrics summed over the workers' files, /healthz and /readyz,
+    and records nothing itself: a parent with metric objects of its own would
+    add a live process whose gauges never move (``rules_loaded`` would read
+    0 through livemin).  Workers then call ``build_monitoring(...,
+    serve_http=False)``.  Call ``prepare_multiprocess_dir`` first.
+    """
+    registry = MultiProcessRegistry(multiprocess_dir)
+    site = QuietSite(build_root(registry, ready))
+    return MonitoringService(reactor, config.monitoring.metrics_listen, site)
+
+
 def _nothing() -> None:
     pass
 
 
-__all__ = ["MonitoringComponents", "MonitoringService", "build_monitoring", "multiprocess_dir"]
+__all__ = [
+    "MonitoringComponents",
+    "MonitoringService",
+    "build_metrics_service",
+    "build_monitoring",
+    "multiprocess_dir",
+]

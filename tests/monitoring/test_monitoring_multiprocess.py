@@ -13,8 +13,17 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.web.client import Agent, readBody
+
+from gateway.config import GatewayConfig
 from monitoring.metrics import MultiProcessRegistry, prepare_multiprocess_dir, worker_exited
+from monitoring.service import build_metrics_service
+from monitoring.settings import MonitoringSettings
 
 WORKER = textwrap.dedent("""
     import json, os, sys
@@ -94,3 +103,34 @@ def test_workers_are_summed(tmp_path: Path) -> None:
     assert v("icap_gateway_register_queue_depth") == 6
     assert v("icap_gateway_rules_loaded") == 90
     assert v("icap_gateway_connections_total") == 4
+
+
+@pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
+@pytest_twisted.inlineCallbacks
+def test_parent_serves_the_sum_of_its_workers(tmp_path: Path) -> Any:
+    from twisted.internet import reactor
+
+    mp_dir = tmp_path / "prometheus"
+    prepare_multiprocess_dir(str(mp_dir))
+    run_worker(tmp_path, "acme", rules=100, depth=1, errors=0)
+    run_worker(tmp_path, "acme", rules=100, depth=2, errors=0)
+    config = GatewayConfig(monitoring=MonitoringSettings(metrics_listen="tcp:0:interface=127.0.0.1"))
+    service = build_metrics_service(config, reactor, ready=lambda: (True, "workers up"),
+                                    multiprocess_dir=str(mp_dir))
+    service.startService()
+    try:
+        port = yield service.whenListening()
+        base = f"http://127.0.0.1:{port.getHost().port}"
+        response = yield Agent(reactor).request(b"GET", (base + "/metrics").encode())
+        body = (yield readBody(response)).decode()
+        ready = yield Agent(reactor).request(b"GET", (base + "/readyz").encode())
+        ready_body = (yield readBody(ready)).decode()
+    finally:
+        yield defer.maybeDeferred(service.stopService)
+    assert response.code == 200
+    assert ('icap_gateway_requests_total{method="RESPMOD",outcome="clean",service="yara",tenant="acme"} 2.0'
+            in body)
+    assert "icap_gateway_register_queue_depth 3.0" in body
+    assert "icap_gateway_rules_loaded 100.0" in body  # the parent adds no zero of its own
+    assert "process_cpu_seconds_total" not in body
+    assert (ready.code, ready_body) == (200, "ready: workers up\n")
