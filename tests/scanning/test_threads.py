@@ -1,0 +1,76 @@
+"""The real thing: the real reactor, a real ThreadPool, concurrent scans."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.python.threadpool import ThreadPool
+
+from gateway.config import ScanSettings
+from gateway.interfaces import ScanContext, Verdict
+from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
+
+from .conftest import BUNDLED_RULES, EICAR, write_rule
+
+
+class RecordingScanner(YaraScanner):
+    threads: set[str]
+
+    def scan_blocking(self, *args: Any, **kwargs: Any) -> Verdict:
+        self.threads.add(threading.current_thread().name)
+        return super().scan_blocking(*args, **kwargs)
+
+
+@pytest.fixture
+def pool() -> Generator[ThreadPool, None, None]:
+    p = make_scan_pool(ScanSettings(threads=2))
+    p.start()
+    yield p
+    p.stop()
+
+
+def test_pool_size_follows_settings() -> None:
+    assert make_scan_pool(ScanSettings(threads=3)).max == 3
+    assert make_scan_pool(ScanSettings(threads=0)).max >= 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_scans_off_the_reactor(pool: ThreadPool, tmp_path: Path) -> Any:
+    from twisted.internet import reactor
+
+    manager = RulesManager(BUNDLED_RULES, reactor, pool, 0)
+    manager.load_now()
+    scanner = RecordingScanner(manager, reactor, pool, ScanSettings(), tmp_path)
+    scanner.threads = set()
+    bodies = [gzip.compress(b"x" * 100_000 + (EICAR if i % 2 else b"")) for i in range(8)]
+    verdicts = yield defer.gatherResults([
+        scanner.scan(body, ScanContext(direction="response", content_encoding="gzip"))
+        for body in bodies
+    ])
+    assert [v.outcome for v in verdicts] == ["clean", "blocked"] * 4
+    assert threading.current_thread().name not in scanner.threads
+    assert scanner.threads and all("yara-scan" in name for name in scanner.threads)
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_in_the_pool(pool: ThreadPool, tmp_path: Path) -> Any:
+    from twisted.internet import reactor
+
+    write_rule(tmp_path, "a.yar", 'rule a { strings: $a = "one" condition: $a }\n')
+    events: list[tuple[bool, int, str]] = []
+    manager = RulesManager(tmp_path, reactor, pool, 0, on_loaded=lambda *a: events.append(a))
+    manager.load_now()
+    write_rule(tmp_path, "b.yar", "rule b { condition: nope }\n")
+    ok = yield manager.reload()
+    assert ok is False and manager.rule_count == 1
+    write_rule(tmp_path, "b.yar", "rule b { condition: true }\n")
+    ok = yield manager.reload()
+    assert ok is True and manager.rule_count == 2
+    assert [e[0] for e in events] == [True, False, True]
