@@ -62,6 +62,7 @@ def classify(engine: Engine) -> SchemaCategories:
                 out.unclassified.append(where)
     for table_name in sorted(tables - {t.name for t in Base.metadata.sorted_tables} - {"alembic_version"}):
         out.unclassified.append(f"{table_name}.*")
+    out.present = {c: out.present[c] for c in CATEGORIES if c in out.present}
     return out
 
 
