@@ -1,0 +1,147 @@
+"""Memory and CPU of a server's whole process tree, read from /proc.
+
+c-icap and a multi-worker gateway are several processes: every figure here is
+summed over the tree (the process and all its descendants, found through
+``/proc/PID/task/TID/children``).  Peak RSS is sampled (sum of VmRSS, the
+largest seen); the kernel's own peak (VmHWM) is reset before a scenario
+through ``clear_refs`` so it covers that scenario only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
+def _status_kib(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_kib(pid: int) -> int:
+    return sum(_status_kib(p, "VmRSS") for p in tree(pid))
+
+
+def hwm_kib(pid: int) -> int:
+    return sum(_status_kib(p, "VmHWM") for p in tree(pid))
+
+
+def reset_hwm(pid: int) -> None:
+    for p in tree(pid):
+        try:
+            Path(f"/proc/{p}/clear_refs").write_text("5")
+        except OSError:
+            pass  # not ours, or an old kernel: the sampled peak still holds
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+@dataclass
+class TreeUsage:
+    rss_start_kib: int = 0  # before the load started
+    rss_peak_kib: int = 0  # largest sampled sum of VmRSS
+    hwm_kib: int = 0  # sum of VmHWM after the scenario (reset before it)
+    rss_end_kib: int = 0
+    cpu: float = 0.0  # CPU seconds of the tree inside the measurement window
+
+    @property
+    def peak_mib(self) -> float:
+        return max(self.rss_peak_kib, self.hwm_kib) / 1024
+
+    @property
+    def growth_mib(self) -> float:
+        return (max(self.rss_peak_kib, self.hwm_kib) - self.rss_start_kib) / 1024
+
+
+class Sampler:
+    """Watch a process tree while a load runs: call ``during(lo, hi)`` from the
+    parent; it samples RSS every ``interval`` and takes CPU at lo and hi."""
+
+    def __init__(self, pid: int | None, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.usage = TreeUsage()
+
+    def begin(self) -> None:
+        if self.pid is None:
+            return
+        reset_hwm(self.pid)
+        self.usage.rss_start_kib = rss_kib(self.pid)
+        self.usage.rss_peak_kib = self.usage.rss_start_kib
+
+    def during(self, lo: float, hi: float) -> None:
+        if self.pid is None:
+            return
+        cpu0: float | None = None
+        while True:
+            now = time.monotonic()
+            if cpu0 is None and now >= lo:
+                cpu0 = cpu_seconds(self.pid)
+            if now >= hi:
+                break
+            self.usage.rss_peak_kib = max(self.usage.rss_peak_kib, rss_kib(self.pid))
+            time.sleep(min(self.interval, max(0.0, hi - now)))
+        self.usage.cpu = cpu_seconds(self.pid) - (cpu0 or 0.0)
+
+    def end(self) -> TreeUsage:
+        if self.pid is not None:
+            self.usage.rss_peak_kib = max(self.usage.rss_peak_kib, rss_kib(self.pid))
+            self.usage.hwm_kib = hwm_kib(self.pid)
+            self.usage.rss_end_kib = rss_kib(self.pid)
+        return self.usage
+
+
+class BackgroundSampler:
+    """Sample a tree's RSS in a thread until stopped (for streaming scenarios)."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_kib = rss_kib(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_kib = max(self.peak_kib, rss_kib(self.pid))
+
+    def __enter__(self) -> BackgroundSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
