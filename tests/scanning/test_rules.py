@@ -124,3 +124,16 @@ def test_cli_rules_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] is False
     assert result["errors"][0] == {"file": str(bad), "line": 6, "message": result["errors"][0]["message"]}
+
+
+def test_cli_rules_check_prints_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_rule(tmp_path, "slow.yar", "rule s { strings: $a = /[a-z]+x/ condition: $a }\n")
+    assert run_cli("rules", "check", str(tmp_path)) == 0
+    assert 'string "$a" may slow down scanning' in capsys.readouterr().err
+
+
+def test_cli_rules_bench(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("rules", "bench", str(BUNDLED_RULES), "--seconds", "0.05", "--json") == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["rules"] >= 5
+    assert figures["ms_per_1kib_scan"] > 0 and figures["mb_per_s_random"] > 0
