@@ -112,6 +112,7 @@ class RulesError(Exception):
         self.file = file
         self.line = line
         self.message = message
+        self.snapshot: tuple[tuple[str, int, int, int], ...] | None = None
         super().__init__(f"{file}:{line}: {message}" if line else f"{file}: {message}")
 
     def as_dict(self) -> dict[str, Any]:
@@ -187,6 +188,16 @@ def compile_directory(directory: Path) -> CompiledRules:
     started = time.perf_counter()
     # Stat before reading: a change after this point makes the poller reload again.
     snapshot = stat_snapshot(directory)
+    try:
+        return _compile(directory, snapshot, started)
+    except RulesError as e:
+        e.snapshot = snapshot  # what was tried: the poller waits for a change
+        raise
+
+
+def _compile(
+    directory: Path, snapshot: tuple[tuple[str, int, int, int], ...], started: float
+) -> CompiledRules:
     files = rule_files(directory)
     if not files:
         raise RulesError(str(directory), 0, "no *.yar or *.yara rule files")
@@ -285,7 +296,7 @@ class RulesManager:
         try:
             compiled = compile_directory(self.directory)
         except RulesError as e:
-            self._attempted = stat_snapshot(self.directory)
+            self._attempted = e.snapshot
             self._failed(e)
             raise
         self._install(compiled)
@@ -311,9 +322,10 @@ class RulesManager:
                 ok = True
             else:
                 error = result.value
-                if not isinstance(error, RulesError):
+                if not isinstance(error, RulesError):  # a bug: log it, retry on the next poll
+                    log.failure("rules compile failed", result)
                     error = RulesError(str(self.directory), 0, f"{type(error).__name__}: {error}")
-                self._attempted = stat_snapshot(self.directory)
+                self._attempted = error.snapshot
                 self._failed(error)
                 ok = False
             self._running = False
