@@ -10,24 +10,24 @@
 * :class:`YaraScanner` implements ``gateway.interfaces.Scanner``: in a worker
   thread it undoes Content-Encoding within limits, then matches.
 
-Verdict policy (what an admin sees in the access log as outcome/detail):
+Verdict policy (what an admin sees in the access log as outcome/detail).  The
+scanner reports; the transaction applies ``error_policy`` to "error" and
+``oversize_policy`` to "unscanned" (pass it marked, or block it).
 
 =====================================  ==========================================
 situation                              verdict
 =====================================  ==========================================
 a rule matches                         blocked, rules=[namespace.rule, ...]
 nothing matches                        clean
-body (or its decoding) > max_scan_size unscanned "too-large" (oversize_policy=pass)
-                                       or blocked "too-large" (oversize_policy=block);
-                                       nothing is scanned
+body (or its decoding) > max_scan_size unscanned "too-large"; nothing is scanned
 decoding passes max_decoded_size or    the decoded prefix (up to the limit) and the
-max_decode_ratio (a bomb)              raw bytes are scanned: a match blocks;
-                                       otherwise as oversize, detail "decode-limit"
+max_decode_ratio (a bomb)              raw bytes are scanned: a match blocks,
+                                       otherwise unscanned "decode-limit"
 corrupt/truncated/unknown encoding     the decoded prefix and the raw bytes are
                                        scanned: a match blocks, otherwise clean
-                                       with detail "decode-error: <why>"
-scan or decoding past ``timeout``      error "timeout" (the transaction applies
-                                       error_policy)
+                                       with detail "decode-error: <why>" (what a
+                                       browser cannot decode it does not run)
+scan or decoding past ``timeout``      error "timeout"
 YARA or I/O failure                    error "<why>"
 =====================================  ==========================================
 """
@@ -513,7 +513,7 @@ class YaraScanner:
             externals = externals_for(context)
             s = self.settings
             if raw_size > s.max_scan_size:
-                return verdict(*self._incomplete("too-large"))
+                return verdict("unscanned", detail="too-large")
             if not codings:
                 matches = self._match(compiled, body, externals, deadline)
                 scanned = raw_size
@@ -530,7 +530,7 @@ class YaraScanner:
                     )
                 decoded.finish()
                 if result.exceeded and limit == s.max_scan_size:
-                    return verdict(*self._incomplete("too-large"))
+                    return verdict("unscanned", detail="too-large")
                 matches = []
                 if result.size or not (result.exceeded or result.error):
                     matches += self._match(compiled, decoded.scan_target(), externals, deadline)
@@ -543,8 +543,7 @@ class YaraScanner:
             matches += self._match(compiled, body, externals, deadline)
             scanned += raw_size
             if result.exceeded:
-                outcome, _, detail = self._incomplete("decode-limit")
-                return verdict("blocked" if matches else outcome, matches, detail)
+                return verdict("blocked" if matches else "unscanned", matches, "decode-limit")
             detail = f"decode-error: {result.error}"
             return verdict("blocked" if matches else "clean", matches, detail)
         except (_Timeout, DecodeTimeout, yara.TimeoutError):
@@ -553,11 +552,6 @@ class YaraScanner:
             return verdict("error", detail=f"yara: {e}")
         except OSError as e:
             return verdict("error", detail=f"{type(e).__name__}: {e.strerror or e}")
-
-    def _incomplete(self, detail: str) -> tuple[str, tuple[str, ...], str]:
-        """Outcome for a body not (fully) scanned: the oversize policy decides."""
-        outcome = "blocked" if self.settings.oversize_policy == "block" else "unscanned"
-        return outcome, (), detail
 
     def _match(
         self, compiled: CompiledRules, target: bytes | str, externals: dict[str, str],
