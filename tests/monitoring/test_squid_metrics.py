@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import inspect
 import os
 import signal
 import time
@@ -68,8 +69,13 @@ def origin() -> Iterator[Origin]:
 
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[GatewayProcess]:
-    extra = 'access_log_users = true\nurl_redaction = "no-query"\n'
-    with gateway_process(auth_required=True, extra=extra, before_start=add_tenant) as gw:
+    monitoring = {"access_log_users": True, "url_redaction": "no-query"}
+    # tests/peers.py takes ``settings`` (a dict per section); older copies took ``extra`` text.
+    if "settings" in inspect.signature(gateway_process).parameters:
+        options: dict[str, Any] = {"settings": {"monitoring": monitoring}}
+    else:
+        options = {"extra": 'access_log_users = true\nurl_redaction = "no-query"\n'}
+    with gateway_process(auth_required=True, before_start=add_tenant, **options) as gw:
         wait_until(lambda: http_get(gw, "/healthz")[0] == 200, what="metrics listener")
         yield gw
 
