@@ -109,10 +109,6 @@ def file_body(path: str | Path) -> Body:
     return Body(f"file:{Path(path).name}", None, data, len(data))
 
 
-def streamed_blocks(total: int, block: int = MiB, seed: int = 4) -> tuple[bytes, int]:
-    """One random block to repeat for a huge body of ``total`` bytes (never held whole)."""
-    return random.Random(seed).randbytes(block), total
-
 
 def decode(body: Body, wire: bytes) -> bytes:
     """What a scanner sees: the wire bytes with Content-Encoding undone."""
@@ -145,3 +141,14 @@ def make_body(scenario: str, body_file: str | None = None) -> Body:
         return file_body(body_file)
     kind, size = SCENARIOS[scenario]
     return gzip_body(size) if kind == "gzip" else random_body(size)
+
+
+def parse_size(text: str) -> int:
+    """``2GiB``, ``64 MiB``, ``1048576``: a byte count for command-line options."""
+    units = {"": 1, "b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB}
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if not num or unit not in units:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(num) * units[unit])

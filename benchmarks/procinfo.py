@@ -69,6 +69,22 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent not idle since boot (user, system, irq, softirq, steal).
+
+    On loopback much of a request's cost is kernel network processing that no
+    process is charged for; this shows it, and shows other work on the machine.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    v = [int(x) for x in fields]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    busy = sum(v[:8]) - idle  # guest time is already counted in user
+    return busy / CLK_TCK
+
+
 @dataclass
 class TreeUsage:
     rss_start_kib: int = 0  # before the load started
@@ -76,6 +92,7 @@ class TreeUsage:
     hwm_kib: int = 0  # sum of VmHWM after the scenario (reset before it)
     rss_end_kib: int = 0
     cpu: float = 0.0  # CPU seconds of the tree inside the measurement window
+    machine_cpu: float = 0.0  # CPU seconds the whole machine was busy inside the window
 
     @property
     def peak_mib(self) -> float:
@@ -106,15 +123,18 @@ class Sampler:
         if self.pid is None:
             return
         cpu0: float | None = None
+        busy0 = 0.0
         while True:
             now = time.monotonic()
             if cpu0 is None and now >= lo:
                 cpu0 = cpu_seconds(self.pid)
+                busy0 = machine_busy_seconds()
             if now >= hi:
                 break
             self.usage.rss_peak_kib = max(self.usage.rss_peak_kib, rss_kib(self.pid))
             time.sleep(min(self.interval, max(0.0, hi - now)))
         self.usage.cpu = cpu_seconds(self.pid) - (cpu0 or 0.0)
+        self.usage.machine_cpu = machine_busy_seconds() - busy0
 
     def end(self) -> TreeUsage:
         if self.pid is not None:

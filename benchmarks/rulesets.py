@@ -4,7 +4,8 @@
   from ``<repo>/../shared/rulesets/signature-base/yara`` or from
   ``$ICAP_GATEWAY_RULESETS/signature-base/yara``; never copied into the repo.
 - ``bundled``: the project's own ``rules/`` directory.
-- ``empty``: an empty directory: measures everything but YARA's matching.
+- ``empty``: one rule file without rules (the gateway refuses a directory
+  with no rule files): measures everything but YARA's matching.
 
 The baselines compile the way the gateway is specified to: every
 ``*.yar``/``*.yara`` file its own namespace, signature-base's external
@@ -60,6 +61,7 @@ def empty_dir() -> Path:
     global _EMPTY_DIR
     if _EMPTY_DIR is None or not _EMPTY_DIR.is_dir():
         _EMPTY_DIR = Path(tempfile.mkdtemp(prefix="bench-empty-rules-"))
+        (_EMPTY_DIR / "empty.yar").write_text("// no rules: the empty ruleset of the benchmarks\n")
     return _EMPTY_DIR
 
 
@@ -67,7 +69,7 @@ def resolve(name: str) -> Ruleset | None:
     """A named ruleset, or a directory path; None when it is not available here."""
     if name == "empty":
         d = empty_dir()
-        return Ruleset("empty", d, 0)
+        return Ruleset("empty", d, 1)
     if name == "bundled":
         d = REPO / "rules"
         return Ruleset("bundled", d, len(rule_files(d))) if d.is_dir() else None

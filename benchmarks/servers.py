@@ -212,9 +212,13 @@ def gateway_command() -> list[str] | None:
 
 def gateway_config(workdir: Path, extra: dict[str, dict[str, object]] | None = None) -> Path:
     """A config for benchmarking: no tenant key, state in a temp dir."""
+    # a free metrics port so runs never collide; the access log goes to a
+    # file as in a deployment (its cost is part of the gateway's)
     sections: dict[str, dict[str, object]] = {
         "server": {"state_dir": str(workdir / "state"), "max_connections": 20000},
         "auth": {"required": False},
+        "monitoring": {"metrics_listen": f"tcp:{free_port()}:interface={HOST}",
+                       "access_log": str(workdir / "access.log")},
     }
     for section, values in (extra or {}).items():
         sections.setdefault(section, {}).update(values)
@@ -261,7 +265,7 @@ def parse_option(text: str) -> tuple[str, str, object]:
 
 
 def start_gateway(rules: Path, extra: dict[str, dict[str, object]] | None = None,
-                  service: str = "yara", timeout: float = 120) -> Server:
+                  service: str = "respmod", timeout: float = 120) -> Server:
     cmd = gateway_command()
     if cmd is None:
         raise ServerUnavailable("icap-gateway is not installed in this environment")

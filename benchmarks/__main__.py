@@ -1,0 +1,115 @@
+"""``python -m benchmarks`` (``make bench ARGS=...``): see benchmarks/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from benchmarks.bodies import SCENARIOS, parse_size
+from benchmarks.runner import (
+    ALL_RULESETS,
+    ALL_SCENARIOS,
+    ALL_TARGETS,
+    Options,
+    Suite,
+    table,
+    write_json,
+)
+from benchmarks.servers import parse_option
+
+
+def _list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="ICAP gateway benchmarks against raw YARA, pyicap and c-icap baselines.")
+    p.add_argument("--quick", action="store_true",
+                   help="1 KiB and 1 MiB bodies, signature-base and empty rules, 2 s each, "
+                        "2,000 idle connections (about a minute)")
+    p.add_argument("--scenarios", type=_list,
+                   help=f"body scenarios, from {','.join([*SCENARIOS, 'file'])} "
+                        f"(default {','.join(ALL_SCENARIOS)})")
+    p.add_argument("--rulesets", type=_list,
+                   help=f"rulesets: names ({','.join(ALL_RULESETS)},reversinglabs) or directories "
+                        f"(default {','.join(ALL_RULESETS)})")
+    p.add_argument("--targets", type=_list,
+                   help=f"what to measure (default {','.join(ALL_TARGETS)})")
+    p.add_argument("--concurrency", "-c", type=int, default=8, help="persistent connections (8)")
+    p.add_argument("--clients", type=int, default=2, help="generator processes (2)")
+    p.add_argument("--preview", choices=["off", "on", "both"], default="off",
+                   help="send a Preview (size from the server's OPTIONS, or --preview-size)")
+    p.add_argument("--preview-size", type=int)
+    p.add_argument("--duration", type=float, help="measured seconds per row (4; --quick 2)")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds before each row (1; --quick 0.5)")
+    p.add_argument("--body-file", help="send this file's bytes (scenario 'file'), made unique per request")
+    p.add_argument("--huge", action="store_true",
+                   help="also stream one huge body through the gateway and pyicap, watching RSS")
+    p.add_argument("--huge-size", type=parse_size, default=None, help="size of --huge (2 GiB)")
+    p.add_argument("--idle", type=int, help="idle connections to open (10000; --quick 2000; 0 skips)")
+    p.add_argument("--idle-targets", type=_list, default=None,
+                   help="servers for the idle scenario (gateway,pyicap)")
+    p.add_argument("--gateway-option", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra gateway config, e.g. server.workers=2 (repeatable)")
+    p.add_argument("--gateway-service", default="respmod", help="ICAP service path of the gateway")
+    p.add_argument("--pause", type=float, default=0.0,
+                   help="seconds of rest between servers (let other work on the machine run)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return p
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    o = Options()
+    if args.quick:
+        o.scenarios = ["1k", "1m"]
+        o.rulesets = ["signature-base", "empty"]
+        o.warmup, o.duration, o.idle = 0.5, 2.0, 2000
+    if args.body_file and not args.scenarios:
+        o.scenarios = ["file"]
+    o.scenarios = args.scenarios or o.scenarios
+    o.rulesets = args.rulesets or o.rulesets
+    o.targets = args.targets or o.targets
+    o.concurrency = args.concurrency
+    o.clients = args.clients
+    o.preview = args.preview
+    o.preview_size = args.preview_size
+    o.duration = args.duration if args.duration is not None else o.duration
+    o.warmup = args.warmup if args.warmup is not None else o.warmup
+    o.body_file = args.body_file
+    o.huge = args.huge
+    if args.huge_size:
+        o.huge_size = args.huge_size
+    o.idle = args.idle if args.idle is not None else o.idle
+    if args.idle_targets is not None:
+        o.idle_targets = args.idle_targets
+    else:
+        o.idle_targets = [t for t in o.idle_targets if t in o.targets]
+    for text in args.gateway_option:
+        section, key, value = parse_option(text)
+        o.gateway_options.setdefault(section, {})[key] = value
+    o.gateway_service = args.gateway_service
+    o.pause = args.pause
+    unknown = [s for s in o.scenarios if s not in SCENARIOS and s != "file"]
+    if unknown:
+        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}")
+    bad = [t for t in o.targets if t not in ALL_TARGETS]
+    if bad:
+        raise SystemExit(f"unknown target(s): {', '.join(bad)}")
+    return o
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = Suite(options_from(args)).run()
+    print()
+    print(table(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"\nJSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Run the suite: every target x ruleset x body scenario, then ratios and targets.
+
+Targets (what is measured):
+- ``raw``: yara-python in this process, one thread per core (the limit);
+- ``cicap``: c-icap's echo service (C, no scanning; the ICAP ceiling);
+- ``pyicap``: the pyicap + yara-python thread-per-connection baseline;
+- ``gateway``: ``icap-gateway serve``.
+
+Targets run one after the other, never together, so none steals the other's
+cores; the generator's own CPU is measured and reported with every row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bodies import GiB
+from benchmarks.loadgen import LoadSpec, run_load
+from benchmarks.procinfo import Sampler
+from benchmarks.raw_yara import run_raw
+from benchmarks.rulesets import REPO, Ruleset, compile_yara, resolve
+from benchmarks.servers import (
+    Server,
+    ServerUnavailable,
+    cicap_version,
+    start_cicap,
+    start_gateway,
+    start_pyicap,
+)
+from benchmarks.special import raise_nofile, run_huge, run_idle
+
+ALL_SCENARIOS = ["1k", "64k", "1m", "20m", "gzip"]
+ALL_RULESETS = ["signature-base", "bundled", "empty"]
+ALL_TARGETS = ["raw", "cicap", "pyicap", "gateway"]
+
+
+@dataclass
+class Options:
+    scenarios: list[str] = field(default_factory=lambda: list(ALL_SCENARIOS))
+    rulesets: list[str] = field(default_factory=lambda: list(ALL_RULESETS))
+    targets: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
+    concurrency: int = 8
+    clients: int = 2
+    preview: str = "off"  # off | on | both
+    preview_size: int | None = None  # None: what the server's OPTIONS advertises
+    warmup: float = 1.0
+    duration: float = 4.0
+    body_file: str | None = None
+    huge: bool = False
+    huge_size: int = 2 * GiB
+    idle: int = 10000  # 0: skip
+    idle_targets: list[str] = field(default_factory=lambda: ["gateway", "pyicap"])
+    gateway_options: dict[str, dict[str, object]] = field(default_factory=dict)
+    gateway_service: str = "respmod"
+    pause: float = 0.0  # seconds of rest between servers, to let others' tests run
+
+
+Row = dict[str, Any]
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Suite:
+    def __init__(self, opts: Options, log: Log = _stderr) -> None:
+        self.opts = opts
+        self.log = log
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+        self.special: list[Row] = []
+        self.started = time.monotonic()
+
+    # --- running --------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        raise_nofile()
+        rulesets: list[Ruleset] = []
+        for name in self.opts.rulesets:
+            rs = resolve(name)
+            if rs is None:
+                self.note(f"ruleset {name!r} not found here: skipped")
+            else:
+                rulesets.append(rs)
+        if "raw" in self.opts.targets:
+            for rs in rulesets:
+                self.run_raw(rs)
+        if "cicap" in self.opts.targets:
+            self.run_server("cicap", None, start_cicap)
+        for target, start in (("pyicap", self._start_pyicap), ("gateway", self._start_gateway)):
+            if target not in self.opts.targets:
+                continue
+            for rs in rulesets:
+                self.run_server(target, rs, lambda rs=rs, start=start: start(rs))
+        if self.opts.idle:
+            for target in self.opts.idle_targets:
+                self.run_idle(target)
+        if self.opts.huge:
+            for target in ("gateway", "pyicap"):
+                if target in self.opts.targets:
+                    self.run_huge(target)
+        return self.report()
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        self.log(f"NOTE: {msg}")
+
+    def _start_pyicap(self, rs: Ruleset | None) -> Server:
+        return start_pyicap(rs.path if rs else None)
+
+    def _start_gateway(self, rs: Ruleset | None) -> Server:
+        rules = rs.path if rs else resolve("empty").path  # type: ignore[union-attr]
+        return start_gateway(rules, self.opts.gateway_options, self.opts.gateway_service)
+
+    def _previews(self, server: Server) -> list[int | None]:
+        size = self.opts.preview_size or server.preview_size or 4096
+        return {"off": [None], "on": [size], "both": [None, size]}[self.opts.preview]
+
+    def run_raw(self, rs: Ruleset) -> None:
+        t = time.monotonic()
+        rules = compile_yara(rs.path)
+        self.log(f"raw yara: {rs.describe()} compiled in {time.monotonic() - t:.1f} s")
+        for sc in self.opts.scenarios:
+            r = run_raw(rs.path, sc, warmup=min(self.opts.warmup, 0.5), duration=self.opts.duration,
+                        body_file=self.opts.body_file, rules=rules)
+            row = self._row("raw", rs.name, sc, None)
+            row.update(
+                rps=r.rps, mbps=r.mbps, decoded_mbps=r.decoded_mbps, p50_ms=r.p50_ms,
+                p99_ms=r.p99_ms, completed=r.completed, errors=0, threads=r.threads,
+                server_cores=r.cpu / r.duration, matches=r.matches,
+                body_bytes=r.body_length,
+            )
+            self._add(row)
+
+    def run_server(self, target: str, rs: Ruleset | None, start: Callable[[], Server]) -> None:
+        label = f"{target}" + (f" [{rs.name}]" if rs else "")
+        t = time.monotonic()
+        try:
+            server = start()
+        except ServerUnavailable as e:
+            self.note(f"{label}: not run: {e}")
+            return
+        self.log(f"{label}: ready on port {server.port} in {time.monotonic() - t:.1f} s")
+        with server:
+            for preview in self._previews(server):
+                for sc in self.opts.scenarios:
+                    if not server.alive():
+                        self.note(f"{label}: server died before {sc}: {server.log_tail(5)}")
+                        return
+                    self.run_one(target, rs.name if rs else "-", sc, server, preview)
+        if self.opts.pause:
+            time.sleep(self.opts.pause)
+
+    def run_one(self, target: str, ruleset: str, sc: str, server: Server,
+                preview: int | None) -> None:
+        spec = LoadSpec(server.host, server.port, server.service, sc,
+                        concurrency=self.opts.concurrency, clients=self.opts.clients,
+                        preview=preview, warmup=self.opts.warmup, duration=self.opts.duration,
+                        body_file=self.opts.body_file)
+        sampler = Sampler(server.pid)
+        sampler.begin()
+        try:
+            r = run_load(spec, sampler.during)
+        except RuntimeError as e:
+            self.note(f"{target} [{ruleset}] {sc}: load failed: {e}")
+            return
+        u = sampler.end()
+        row = self._row(target, ruleset, sc, preview)
+        row.update(
+            rps=r.rps, mbps=r.mbps, decoded_mbps=r.decoded_mbps, p50_ms=r.p50_ms,
+            p99_ms=r.p99_ms, completed=r.completed, errors=r.errors,
+            statuses={str(k): v for k, v in sorted(r.statuses.items())},
+            error_samples=r.error_samples, reconnects=r.reconnects,
+            server_cores=u.cpu / r.duration, generator_cores=r.generator_cores,
+            machine_cores=u.machine_cpu / r.duration,
+            generator_us_per_request=r.generator_us_per_request,
+            rss_start_mib=u.rss_start_kib / 1024, rss_peak_mib=u.peak_mib,
+            rss_growth_mib=u.growth_mib, body_bytes=r.body_length,
+        )
+        self._add(row)
+
+    def run_idle(self, target: str) -> None:
+        rs = resolve("empty")
+        assert rs is not None
+        starts = {"gateway": self._start_gateway, "pyicap": self._start_pyicap,
+                  "cicap": lambda _rs: start_cicap()}
+        try:
+            server = starts[target](rs)
+        except ServerUnavailable as e:
+            self.note(f"idle [{target}]: not run: {e}")
+            return
+        with server:
+            r = run_idle(server.host, server.port, server.service, server.pid, self.opts.idle)
+        row: Row = {"scenario": "idle", "target": target, **asdict(r),
+                    "growth_mib": r.growth_mib, "kib_per_connection": r.kib_per_connection}
+        self.special.append(row)
+        self.log(f"idle [{target}]: {r.opened}/{r.requested} open, {r.answered} answered, "
+                 f"{r.still_alive}/{r.checked} alive at the end; RSS {r.rss_before_mib:.1f} -> "
+                 f"{r.rss_after_mib:.1f} MiB ({r.kib_per_connection:.1f} KiB/conn)"
+                 + (f"; error: {r.error}" if r.error else ""))
+
+    def run_huge(self, target: str) -> None:
+        rs = resolve("signature-base") or resolve("empty")
+        assert rs is not None
+        start = self._start_gateway if target == "gateway" else self._start_pyicap
+        try:
+            server = start(rs)
+        except ServerUnavailable as e:
+            self.note(f"huge [{target}]: not run: {e}")
+            return
+        with server:
+            r = run_huge(server.host, server.port, server.service, server.pid, self.opts.huge_size)
+        row: Row = {"scenario": "huge", "target": target, "ruleset": rs.name, **asdict(r),
+                    "growth_mib": r.growth_mib, "mbps": r.mbps}
+        self.special.append(row)
+        self.log(f"huge [{target}]: {r.size / GiB:.2f} GiB in {r.seconds:.1f} s, status "
+                 f"{r.status}, RSS {r.rss_start_mib:.1f} -> peak {r.rss_peak_mib:.1f} MiB"
+                 + (f"; error: {r.error}" if r.error else ""))
+
+    def _row(self, target: str, ruleset: str, scenario: str, preview: int | None) -> Row:
+        return {"target": target, "ruleset": ruleset, "scenario": scenario,
+                "preview": preview, "concurrency": self.opts.concurrency}
+
+    def _add(self, row: Row) -> None:
+        self.rows.append(row)
+        self.log(format_row(row))
+
+    # --- results --------------------------------------------------------
+
+    def ratios(self) -> list[Row]:
+        """gateway and pyicap against raw YARA (same rules and body) and c-icap (same body)."""
+        out: list[Row] = []
+        index = {(r["target"], r["ruleset"], r["scenario"], r["preview"]): r for r in self.rows}
+        for r in self.rows:
+            if r["target"] not in ("gateway", "pyicap"):
+                continue
+            raw = index.get(("raw", r["ruleset"], r["scenario"], None))
+            cicap = index.get(("cicap", "-", r["scenario"], r["preview"]))
+            out.append({
+                "target": r["target"], "ruleset": r["ruleset"], "scenario": r["scenario"],
+                "preview": r["preview"],
+                "vs_raw": r["rps"] / raw["rps"] if raw and raw["rps"] else None,
+                "vs_cicap": r["rps"] / cicap["rps"] if cicap and cicap["rps"] else None,
+            })
+        return out
+
+    def targets(self, ratios: list[Row]) -> list[Row]:
+        out: list[Row] = []
+        for x in ratios:
+            if x["target"] == "gateway" and x["ruleset"] == "signature-base" and x["vs_raw"] is not None:
+                out.append({"target": f"gateway >= 0.9 x raw YARA, {x['scenario']}"
+                            + (f" (preview {x['preview']})" if x["preview"] else ""),
+                            "value": x["vs_raw"], "goal": 0.9, "met": x["vs_raw"] >= 0.9})
+            if (x["target"] == "gateway" and x["ruleset"] == "empty" and x["scenario"] == "1k"
+                    and x["vs_cicap"] is not None):
+                out.append({"target": "gateway empty ruleset 1 KiB >= 0.5 x c-icap echo",
+                            "value": x["vs_cicap"], "goal": 0.5, "met": x["vs_cicap"] >= 0.5})
+        for s in self.special:
+            if s["target"] != "gateway":
+                continue
+            if s["scenario"] == "huge":
+                ok = s["status"] in (200, 204) and s["growth_mib"] < 64
+                out.append({"target": f"RSS growth < 64 MiB streaming {s['size'] / GiB:.0f} GiB",
+                            "value": s["growth_mib"], "goal": 64, "met": ok})
+            if s["scenario"] == "idle":
+                ok = s["opened"] == s["requested"] and s["still_alive"] == s["checked"] \
+                    and s["rss_after_mib"] < 300
+                out.append({"target": f"{s['requested']} idle connections in < 300 MiB RSS",
+                            "value": s["rss_after_mib"], "goal": 300, "met": ok})
+        return out
+
+    def report(self) -> dict[str, Any]:
+        ratios = self.ratios()
+        return {
+            "machine": machine_info(),
+            "options": {k: v for k, v in asdict(self.opts).items()},
+            "results": self.rows,
+            "special": self.special,
+            "ratios": ratios,
+            "targets": self.targets(ratios),
+            "notes": self.notes,
+            "wall_seconds": time.monotonic() - self.started,
+        }
+
+
+def _fmt(v: Any, spec: str = ".1f") -> str:
+    if v is None:
+        return "-"
+    return format(v, spec)
+
+
+def format_row(r: Row) -> str:
+    pv = f" pv{r['preview']}" if r.get("preview") else ""
+    extra = ""
+    if r["target"] != "raw":
+        extra = (f" err={r.get('errors', 0)} srv={_fmt(r.get('server_cores'), '.2f')}c"
+                 f" gen={_fmt(r.get('generator_cores'), '.2f')}c"
+                 f" machine={_fmt(r.get('machine_cores'), '.2f')}c"
+                 f" rss={_fmt(r.get('rss_peak_mib'))}MiB")
+    return (f"{r['target']:8} {r['ruleset']:15} {r['scenario']:5}{pv} "
+            f"{_fmt(r['rps'], '9.1f')} req/s {_fmt(r['mbps'], '8.1f')} MB/s "
+            f"p50={_fmt(r['p50_ms'], '.2f')}ms p99={_fmt(r['p99_ms'], '.2f')}ms{extra}")
+
+
+def table(report: dict[str, Any]) -> str:
+    ratio = {(x["target"], x["ruleset"], x["scenario"], x["preview"]): x for x in report["ratios"]}
+    head = ["target", "rules", "body", "preview", "req/s", "MB/s", "p50 ms", "p99 ms", "errors",
+            "srv cores", "gen cores", "busy cores", "peak RSS MiB", "x raw", "x c-icap"]
+    lines = [head]
+    for r in report["results"]:
+        x = ratio.get((r["target"], r["ruleset"], r["scenario"], r["preview"]), {})
+        lines.append([
+            r["target"], r["ruleset"], r["scenario"], str(r["preview"] or "off"),
+            _fmt(r["rps"]), _fmt(r["mbps"]), _fmt(r["p50_ms"], ".2f"), _fmt(r["p99_ms"], ".2f"),
+            str(r.get("errors", 0)), _fmt(r.get("server_cores"), ".2f"),
+            _fmt(r.get("generator_cores"), ".2f"), _fmt(r.get("machine_cores"), ".2f"),
+            _fmt(r.get("rss_peak_mib")),
+            _fmt(x.get("vs_raw"), ".2f"), _fmt(x.get("vs_cicap"), ".2f"),
+        ])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(
+        zip(row, widths, strict=True))) for row in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    for s in report["special"]:
+        if s["scenario"] == "idle":
+            out.append(f"idle [{s['target']}]: {s['opened']}/{s['requested']} connections, "
+                       f"{s['still_alive']}/{s['checked']} alive at the end, server RSS "
+                       f"{s['rss_before_mib']:.1f} -> {s['rss_after_mib']:.1f} MiB "
+                       f"({s['kib_per_connection']:.1f} KiB per connection)")
+        else:
+            out.append(f"huge [{s['target']}]: {s['size'] / GiB:.2f} GiB, status {s['status']}, "
+                       f"{s['seconds']:.1f} s ({s['mbps']:.0f} MB/s), server RSS "
+                       f"{s['rss_start_mib']:.1f} -> peak {s['rss_peak_mib']:.1f} MiB "
+                       f"(+{s['growth_mib']:.1f})" + (f", error: {s['error']}" if s["error"] else ""))
+    if report["targets"]:
+        out.append("")
+        out.append("targets:")
+        for t in report["targets"]:
+            out.append(f"  [{'MET' if t['met'] else 'MISSED'}] {t['target']}: "
+                       f"{t['value']:.2f} (goal {t['goal']})")
+    for n in report["notes"]:
+        out.append(f"note: {n}")
+    return "\n".join(out)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kib / 1024 / 1024:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+
+    def version(mod: str) -> str:
+        try:
+            from importlib.metadata import version as v
+
+            return v(mod)
+        except Exception:
+            return "-"
+
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        commit = "?"
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "yara-python": version("yara-python"),
+        "yara-x": version("yara-x"),
+        "pyicap": version("pyicap"),
+        "twisted": version("twisted"),
+        "c-icap": cicap_version(),
+        "commit": commit,
+    }
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
