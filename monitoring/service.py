@@ -70,11 +70,13 @@ class MonitoringService(Service):
         self.access_file = access_file
         self.metrics = metrics
         self.port: IListeningPort | None = None
-        self._listening: defer.Deferred[IListeningPort] | None = None
+        self._failure: Failure | None = None
         self._waiters: list[defer.Deferred[IListeningPort]] = []
         self._refresh: task.LoopingCall | None = None
 
     def startService(self) -> None:
+        if self.endpoint is not None and self.site is not None:
+            self._listen()  # first: a port in use raises before anything else started
         super().startService()
         if self.access_file is not None and not self.access_file.is_open:
             self.access_file.open()
@@ -82,36 +84,38 @@ class MonitoringService(Service):
             self._refresh = task.LoopingCall(self.metrics.refresh_register)
             self._refresh.clock = self._reactor
             self._refresh.start(REGISTER_REFRESH_SECONDS, now=True)
-        if self.endpoint is None or self.site is None:
-            return
-        ep = endpoints.serverFromString(self._reactor, self.endpoint)
-        d = ep.listen(self.site)
-        failed: list[Failure] = []
 
-        def listening(port: IListeningPort) -> IListeningPort:
+    def _listen(self) -> None:
+        assert self.endpoint is not None and self.site is not None
+        self._failure = None
+        started = [True]  # False once listen() returned: later failures are logged, not raised
+
+        def listening(port: IListeningPort) -> None:
             self.port = port
-            for w in self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
                 w.callback(port)
-            self._waiters.clear()
-            return port
 
-        def failure(f: Failure) -> None:
-            failed.append(f)
-            log.failure("monitoring listener {endpoint} failed", f, endpoint=self.endpoint)
-            for w in self._waiters:
+        def failed(f: Failure) -> None:
+            self._failure = f
+            if not started[0]:
+                log.failure("monitoring listener {endpoint} failed", f, endpoint=self.endpoint)
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
                 w.errback(f)
-            self._waiters.clear()
 
-        d.addCallbacks(listening, failure)
-        self._listening = d
-        if failed:  # synchronous failure, e.g. the port is in use
-            self.running = False
-            failed[0].raiseException()
+        ep = endpoints.serverFromString(self._reactor, self.endpoint)
+        ep.listen(self.site).addCallbacks(listening, failed)
+        started[0] = False
+        if self._failure is not None:  # synchronous, e.g. the port is in use
+            self._failure.raiseException()
 
     def whenListening(self) -> defer.Deferred[IListeningPort]:
         """Fires with the listening port (tests use it to learn port 0's number)."""
         if self.port is not None:
             return defer.succeed(self.port)
+        if self._failure is not None:
+            return defer.fail(self._failure)
         d: defer.Deferred[IListeningPort] = defer.Deferred()
         self._waiters.append(d)
         return d

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -35,12 +36,15 @@ def val(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
     return registry.get_sample_value(name, labels)
 
 
-def test_observer_satisfies_the_protocol(registry: CollectorRegistry) -> None:
+def test_observer_implements_every_method_of_the_protocol(registry: CollectorRegistry) -> None:
     observer, _ = make(registry)
-    typed: Observer = observer  # checked by type checkers; the loop checks at runtime
-    for name in ("connection_opened", "connection_closed", "transaction_finished",
-                 "scan_finished", "auth_failed", "rules_loaded"):
-        assert callable(getattr(typed, name))
+    _typed: Observer = observer  # for type checkers
+    wanted = {name: inspect.signature(f) for name, f in vars(Observer).items()
+              if callable(f) and not name.startswith("_")}
+    assert len(wanted) >= 6
+    for name, signature in wanted.items():
+        mine = inspect.signature(getattr(MonitoringObserver, name))
+        assert list(mine.parameters) == list(signature.parameters), name
 
 
 def test_transactions_counted_by_method_service_tenant_outcome(registry: CollectorRegistry) -> None:
