@@ -277,3 +277,17 @@ def test_sigusr1_reopens_the_file(tmp_path: Path) -> Any:
     assert json.loads((tmp_path / "access.log.1").read_text())["tenant"] == "before"
     assert json.loads(path.read_text())["tenant"] == "after"
     assert signal.getsignal(signal.SIGUSR1) is not None
+
+
+def test_stdout_destination_through_build_monitoring(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    c = build_monitoring(GatewayConfig(), task.Clock(), ready=lambda: (True, ""))  # defaults: stdout
+    c.observer.transaction_finished(record())
+    c.service.stopService()  # must not close the process's stdout
+    out = capsys.readouterr().out
+    fields = json.loads(out)
+    assert fields["tenant"] == "acme" and fields["url"] == "http://example.com/dl/file.exe"
+    assert "user" not in fields  # access_log_users defaults to false
+    print("still open")
+    assert capsys.readouterr().out == "still open\n"
