@@ -17,7 +17,6 @@ from typing import Protocol
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 IEOF_CHUNK = b"0; ieof\r\n\r\n"
-TOKEN_LEN = 32
 
 
 class ProtocolError(ValueError):
@@ -26,7 +25,10 @@ class ProtocolError(ValueError):
 
 def token(client: int, seq: int) -> bytes:
     """A fixed-width suffix that makes every body unique (no cache can answer)."""
-    return b"\n#bench c%03d r%020d\n" % (client, seq)
+    return b"\n#bench c%03d r%017d\n" % (client % 1000, seq % 10**17)
+
+
+TOKEN_LEN = len(token(0, 0))  # fixed width: Content-Length is the same for every request
 
 
 def chunk(data: bytes | memoryview) -> list[bytes | memoryview]:
