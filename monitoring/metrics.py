@@ -14,6 +14,7 @@ cached; a transaction costs a few dict lookups and two locked increments.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -64,9 +65,10 @@ def metrics_registry(multiprocess_dir: str | None) -> CollectorRegistry:
     there (prometheus_client's mmap files) and the returned registry reads and
     sums all of them, so any process may answer a scrape.  The metric objects
     are then *not* registered in it (they would count this process twice).
-    The directory must be emptied before the first worker starts
-    (:func:`prepare_multiprocess_dir`), and a dead worker's live gauges
-    dropped (:func:`worker_exited`).  The process collector is left out: it
+    The directory should be emptied before the first worker starts
+    (:func:`prepare_multiprocess_dir`) and a dead worker's live gauges
+    dropped (:func:`worker_exited`); as a safety net each process drops the
+    gauge files of dead processes when it starts (:func:`drop_stale_gauges`).  The process collector is left out: it
     would describe only the process that happens to answer.
     """
     if multiprocess_dir is None:
@@ -74,6 +76,7 @@ def metrics_registry(multiprocess_dir: str | None) -> CollectorRegistry:
         ProcessCollector(registry=registry)
         return registry
     os.makedirs(multiprocess_dir, exist_ok=True)
+    drop_stale_gauges(multiprocess_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
     # prometheus_client picks its value class from the environment when it is
     # first imported; a worker that set the variable later (the usual case
@@ -93,6 +96,37 @@ def prepare_multiprocess_dir(path: str) -> None:
                 os.unlink(os.path.join(path, name))
     else:
         os.makedirs(path, exist_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def drop_stale_gauges(path: str) -> None:
+    """Remove gauge files no live worker owns: live gauges of dead processes
+    (a worker that died without :func:`worker_exited`, or a previous run's
+    when nobody emptied the directory), and any gauge file carrying this
+    process's pid (a previous process with the same pid: prometheus_client
+    would carry its values on, so active connections would start above 0).
+    Counter and histogram files stay: summing them keeps counters monotonic.
+    Called before this process creates any metric."""
+    me = os.getpid()
+    for name in os.listdir(path):
+        if not (name.startswith("gauge_") and name.endswith(".db")):
+            continue
+        mode, _, pid_text = name[len("gauge_"):-len(".db")].rpartition("_")
+        if not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid == me or (mode.startswith("live") and not _alive(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, name))
 
 
 def worker_exited(pid: int, path: str) -> None:
@@ -386,6 +420,7 @@ __all__ = [
     "GatewayMetrics",
     "LabelCap",
     "MultiProcessRegistry",
+    "drop_stale_gauges",
     "metrics_registry",
     "prepare_multiprocess_dir",
     "remove_multiprocess_dir",

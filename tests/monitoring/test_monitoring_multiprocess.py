@@ -21,7 +21,12 @@ from twisted.internet import defer
 from twisted.web.client import Agent, readBody
 
 from gateway.config import GatewayConfig
-from monitoring.metrics import MultiProcessRegistry, prepare_multiprocess_dir, worker_exited
+from monitoring.metrics import (
+    MultiProcessRegistry,
+    drop_stale_gauges,
+    prepare_multiprocess_dir,
+    worker_exited,
+)
 from monitoring.service import build_metrics_service
 from monitoring.settings import MonitoringSettings
 
@@ -53,17 +58,35 @@ WORKER = textwrap.dedent("""
     c.observer.rules_loaded(True, int(rules), "v")
     clock.advance(1.0)
     print(json.dumps({"pid": os.getpid(), "env": os.environ["PROMETHEUS_MULTIPROC_DIR"],
-                      "own": c.registry.get_sample_value("icap_gateway_connections_total")}))
+                      "own": c.registry.get_sample_value("icap_gateway_connections_total")}), flush=True)
+    sys.stdin.read()  # stay alive (a running worker) until the test closes stdin
 """)
 
 
+class Worker:
+    """A worker process that stays alive until :meth:`exit`."""
+
+    def __init__(self, state_dir: Path, tenant: str, rules: int, depth: int, errors: int) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(state_dir), tenant, str(rules), str(depth), str(errors)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(self.proc.communicate(timeout=30)[1])
+        self.info = json.loads(line)
+        self.pid = int(self.info["pid"])
+
+    def exit(self) -> None:
+        self.proc.communicate(timeout=30)
+
+
 def run_worker(state_dir: Path, tenant: str, rules: int, depth: int, errors: int) -> dict[str, object]:
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    out = subprocess.run(
-        [sys.executable, "-c", WORKER, str(state_dir), tenant, str(rules), str(depth), str(errors)],
-        check=True, capture_output=True, text=True, env=env, timeout=60,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    w = Worker(state_dir, tenant, rules, depth, errors)
+    w.exit()
+    return w.info
 
 
 def test_workers_are_summed(tmp_path: Path) -> None:
@@ -73,36 +96,63 @@ def test_workers_are_summed(tmp_path: Path) -> None:
     prepare_multiprocess_dir(str(mp_dir))
     assert list(mp_dir.iterdir()) == []
 
-    a = run_worker(tmp_path, "acme", rules=100, depth=4, errors=1)
-    run_worker(tmp_path, "beta", rules=90, depth=6, errors=2)
-    # workers=2 and no explicit directory: <state_dir>/prometheus
-    assert a["env"] == str(mp_dir)
-    # a worker's registry reads the shared files (only its own exist yet)
-    assert a["own"] == 2
+    a = Worker(tmp_path, "acme", rules=100, depth=4, errors=1)
+    b = Worker(tmp_path, "beta", rules=90, depth=6, errors=2)
+    try:
+        # workers=2 and no explicit directory: <state_dir>/prometheus
+        assert a.info["env"] == str(mp_dir)
+        registry = MultiProcessRegistry(str(mp_dir))
 
-    registry = MultiProcessRegistry(str(mp_dir))
+        def v(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, labels)
 
-    def v(name: str, **labels: str) -> float | None:
-        return registry.get_sample_value(name, labels)
+        assert v("icap_gateway_requests_total", method="RESPMOD", service="yara", tenant="acme",
+                 outcome="clean") == 1
+        assert v("icap_gateway_requests_total", method="RESPMOD", service="yara", tenant="beta",
+                 outcome="clean") == 1
+        assert v("icap_gateway_connections_total") == 4
+        assert v("icap_gateway_request_duration_seconds_count", method="RESPMOD") == 2
+        assert v("icap_gateway_scanned_bytes_total", direction="response") == 2000
+        assert v("icap_gateway_active_connections") == 2  # livesum: 1 + 1
+        assert v("icap_gateway_rules_loaded") == 90  # livemin: the worker with fewer rules shows
+        assert v("icap_gateway_register_queue_depth") == 10  # livesum
+        assert v("icap_gateway_register_write_errors_total") == 3
 
-    assert v("icap_gateway_requests_total", method="RESPMOD", service="yara", tenant="acme",
-             outcome="clean") == 1
-    assert v("icap_gateway_requests_total", method="RESPMOD", service="yara", tenant="beta",
-             outcome="clean") == 1
-    assert v("icap_gateway_connections_total") == 4
-    assert v("icap_gateway_request_duration_seconds_count", method="RESPMOD") == 2
-    assert v("icap_gateway_scanned_bytes_total", direction="response") == 2000
-    assert v("icap_gateway_active_connections") == 2  # livesum: 1 + 1
-    assert v("icap_gateway_rules_loaded") == 90  # livemin: the worker with fewer rules shows
-    assert v("icap_gateway_register_queue_depth") == 10  # livesum
-    assert v("icap_gateway_register_write_errors_total") == 3
+        # a worker that died takes its live gauges with it; its counters stay
+        a.exit()
+        worker_exited(a.pid, str(mp_dir))
+        assert v("icap_gateway_active_connections") == 1
+        assert v("icap_gateway_register_queue_depth") == 6
+        assert v("icap_gateway_rules_loaded") == 90
+        assert v("icap_gateway_connections_total") == 4
+    finally:
+        if a.proc.returncode is None:
+            a.exit()
+        b.exit()
 
-    # a worker that died takes its live gauges with it; its counters stay
-    worker_exited(int(a["pid"]), str(mp_dir))  # type: ignore[call-overload]
-    assert v("icap_gateway_active_connections") == 1
-    assert v("icap_gateway_register_queue_depth") == 6
-    assert v("icap_gateway_rules_loaded") == 90
-    assert v("icap_gateway_connections_total") == 4
+    # b died unannounced (no worker_exited): the next worker to start drops
+    # its live gauges, so they do not haunt the sums; counters stay monotonic.
+    c = Worker(tmp_path, "acme", rules=120, depth=5, errors=0)
+    try:
+        assert v("icap_gateway_active_connections") == 1
+        assert v("icap_gateway_register_queue_depth") == 5
+        assert v("icap_gateway_rules_loaded") == 120
+        assert v("icap_gateway_connections_total") == 6
+    finally:
+        c.exit()
+
+
+def test_same_pid_does_not_inherit_gauges(tmp_path: Path) -> None:
+    # A gauge file under this very pid can only be a previous process's.
+    mp_dir = tmp_path / "prometheus"
+    prepare_multiprocess_dir(str(mp_dir))
+    run_worker(tmp_path, "acme", rules=1, depth=0, errors=0)
+    [old] = [p for p in mp_dir.iterdir() if p.name.startswith("gauge_livesum_")]
+    mine = mp_dir / f"gauge_livesum_{os.getpid()}.db"
+    old.rename(mine)
+    drop_stale_gauges(str(mp_dir))
+    assert not mine.exists()
+    assert any(p.name.startswith("counter_") for p in mp_dir.iterdir())
 
 
 @pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
@@ -112,8 +162,8 @@ def test_parent_serves_the_sum_of_its_workers(tmp_path: Path) -> Any:
 
     mp_dir = tmp_path / "prometheus"
     prepare_multiprocess_dir(str(mp_dir))
-    run_worker(tmp_path, "acme", rules=100, depth=1, errors=0)
-    run_worker(tmp_path, "acme", rules=100, depth=2, errors=0)
+    workers = [Worker(tmp_path, "acme", rules=100, depth=1, errors=0),
+               Worker(tmp_path, "acme", rules=100, depth=2, errors=0)]
     config = GatewayConfig(monitoring=MonitoringSettings(metrics_listen="tcp:0:interface=127.0.0.1"))
     service = build_metrics_service(config, reactor, ready=lambda: (True, "workers up"),
                                     multiprocess_dir=str(mp_dir))
@@ -127,6 +177,8 @@ def test_parent_serves_the_sum_of_its_workers(tmp_path: Path) -> Any:
         ready_body = (yield readBody(ready)).decode()
     finally:
         yield defer.maybeDeferred(service.stopService)
+        for w in workers:
+            w.exit()
     assert response.code == 200
     assert ('icap_gateway_requests_total{method="RESPMOD",outcome="clean",service="yara",tenant="acme"} 2.0'
             in body)
