@@ -183,7 +183,10 @@ class BatchRecorder:
         return self._depth
 
     def healthy(self) -> bool:
-        """The database takes writes, or the queue still holds everything."""
+        """The database takes writes, or the queue still holds everything
+        (and the writer thread, once started, is alive to write it)."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return False
         return self.db_ok or self._depth < self.max_queue
 
     # --- taking and returning batches --------------------------------------
@@ -259,7 +262,8 @@ class BatchRecorder:
                 self._write(single)
                 self.written += single.size()
             except (IntegrityError, DataError) as e:
-                self.dropped += single.size()
+                with self._lock:  # record() counts drops on the reactor thread
+                    self.dropped += single.size()
                 self.write_errors += 1
                 log.error("register: record refused by the database, dropped: {err}",
                           err=str(getattr(e, "orig", None) or e).strip().splitlines()[0])
