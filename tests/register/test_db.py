@@ -82,3 +82,11 @@ def test_default_url_is_sqlite_under_state_dir(tmp_path) -> None:  # type: ignor
     engine.dispose()
     assert (tmp_path / "state" / "register.sqlite3").exists()
     assert database_url(with_overrides(config, register__database="sqlite:///x.db")) == "sqlite:///x.db"
+
+
+def test_sqlite_file_is_private(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "new" / "register.sqlite3"
+    engine = open_register(f"sqlite:///{path}", upgrade=True)
+    engine.dispose()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
