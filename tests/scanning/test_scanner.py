@@ -236,3 +236,17 @@ def test_no_rules_loaded_is_an_error(reactor: SyncReactor, pool: SyncPool, tmp_p
     assert scanner.version == ""
     verdict = result_of(scanner.scan(b"x", ScanContext(direction="request")))
     assert (verdict.outcome, verdict.detail) == ("error", "no rules loaded")
+
+
+def test_bytes_like_bodies(make_scanner: Make) -> None:
+    scanner = make_scanner()
+    assert scan(scanner, bytearray(INFECTED)).outcome == "blocked"  # type: ignore[arg-type]
+    verdict = scanner.scan_blocking(memoryview(INFECTED), ScanContext(direction="request"))
+    assert verdict.rules == (EICAR_RULE,)
+
+
+def test_empty_bodies(make_scanner: Make) -> None:
+    scanner = make_scanner()
+    assert scan(scanner, b"").outcome == "clean"
+    verdict = scan(scanner, b"", content_encoding="gzip")
+    assert (verdict.outcome, verdict.detail, verdict.scanned_bytes) == ("clean", "", 0)
