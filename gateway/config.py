@@ -52,6 +52,12 @@ class ServerSettings:
         300.0, "Seconds an idle persistent connection is kept open", kind="duration", validate=positive
     )
     service_id: str = setting("yara", "Service-ID advertised in OPTIONS and ISTag prefix")
+    early_response_after: int = setting(
+        60 * 1024,
+        "RESPMOD bodies past this size get our 200 head before the verdict, so Squid < 6.10 "
+        "does not stall (Squid bug 5352); a block after that aborts the response (0: never)",
+        kind="size", validate=non_negative,
+    )
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,10 @@ SERVICES: dict[str, str] = {"reqmod": "REQMOD", "respmod": "RESPMOD"}
 # enough to keep syscalls few, small enough that memory stays flat.
 ECHO_BLOCK_SIZE = 64 * 1024
 
+# At most this many body bytes trickle out before the verdict (see
+# _maybe_commit): a few bytes of a blocked file, never a usable part of it.
+TRICKLE_PREFIX = 4096
+
 
 class Spool(TypingProtocol):
     """Where a body waits while it is scanned (gateway.scanner.BodySpool)."""
@@ -80,7 +84,7 @@ class Spool(TypingProtocol):
 
     def scan_target(self) -> bytes | str: ...
 
-    def iter_chunks(self, block: int = ...) -> Iterator[bytes]: ...
+    def iter_chunks(self, block: int = ..., start: int = ...) -> Iterator[bytes]: ...
 
     def close(self) -> None: ...
 
@@ -110,6 +114,7 @@ class GatewayContext:
     error_policy: str = "fail-closed"  # or "fail-open"
     oversize_policy: str = "pass"  # or "block"
     max_scan_size: int = 256 * 1024**2
+    early_response_after: int = 60 * 1024
     wall_time: Callable[[], float] = time.time
     connections: int = field(default=0)
 
@@ -139,6 +144,9 @@ class _Transaction:
     spool: Spool | None = None
     body_bytes: int = 0
     answered: bool = False
+    committed: bool = False  # our 200 head went out before the verdict (see _maybe_commit)
+    prefix: bytearray = field(default_factory=bytearray)  # the body's first bytes, for trickling
+    released: int = 0  # body bytes sent before the verdict
     finished: bool = False  # its TransactionRecord went out
 
 
@@ -321,8 +329,32 @@ class ICAPServerProtocol(Protocol):
         tx = self.tx
         if tx is None or tx.answered or tx.spool is None:
             return
+        if len(tx.prefix) < TRICKLE_PREFIX:
+            tx.prefix += data[: TRICKLE_PREFIX - len(tx.prefix)]
         tx.body_bytes += len(data)
         tx.spool.write(data)
+        if not tx.committed and tx.body_bytes >= self.ctx.early_response_after > 0:
+            self._maybe_commit(tx)
+        if tx.committed and tx.released < len(tx.prefix):
+            # One byte per batch received keeps Squid's store moving, which is
+            # what wakes its stalled origin read (bug 5352); see _maybe_commit.
+            self.transport.write(self.conn.send_data(bytes(tx.prefix[tx.released : tx.released + 1])))
+            tx.released += 1
+
+    def _maybe_commit(self, tx: _Transaction) -> None:
+        """Send our 200 head (the original HTTP response head, no body yet)
+        before the verdict.  Squid before 6.10 (bug 5352) stops reading the
+        origin once its 64 KiB virgin buffer fills and waits for the adapted
+        response to start: without this, any response larger than that buffer
+        would hang until our read timeout.  No body byte is sent before the
+        verdict; a block after this point can only abort the response."""
+        req = tx.request
+        if req.method != "RESPMOD" or req.res_hdr is None or req.allow_204:
+            return  # Squid buffers Allow: 204 bodies whole; REQMOD bodies flow
+        if self.conn.their_state == "PREVIEW_WAIT":
+            return
+        tx.committed = True
+        self.transport.write(self.conn.send_response(200, self._common_headers(), res_hdr=req.res_hdr, body=True))
 
     def _on_preview_end(self) -> None:
         tx = self.tx
@@ -438,6 +470,10 @@ class ICAPServerProtocol(Protocol):
         if outcome == "unscanned":
             headers.append(("X-Scan-Status", f"unscanned; reason={detail or 'unknown'}"))
         req = tx.request
+        if tx.committed:
+            self._finish_tx(icap_status=200, outcome=outcome, detail=detail, verdict=verdict)
+            self._start_echo(tx)
+            return
         if self.conn.can_send_204:
             self.transport.write(self.conn.send_response(204, headers))
             self._finish_tx(icap_status=204, outcome=outcome, detail=detail, verdict=verdict)
@@ -454,14 +490,30 @@ class ICAPServerProtocol(Protocol):
             self.transport.write(self.conn.send_response(200, headers, **head_kw))
             return
         self.transport.write(self.conn.send_response(200, headers, body=True, **head_kw))
+        self._start_echo(tx)
+
+    def _start_echo(self, tx: _Transaction) -> None:
+        assert tx.spool is not None
         self._busy = True
-        self.transport.registerProducer(_EchoProducer(self, spool.iter_chunks(ECHO_BLOCK_SIZE)), False)
+        chunks = tx.spool.iter_chunks(ECHO_BLOCK_SIZE, start=tx.released)
+        self.transport.registerProducer(_EchoProducer(self, chunks), False)
 
     def _answer_block(self, rules: Any, verdict: Verdict, *, explanation: str, outcome: str = "blocked") -> None:
         tx = self.tx
         assert tx is not None
         tx.answered = True
         reference = new_reference()
+        if tx.committed:
+            # The original head is out: no block page can replace it now.
+            # Closing mid-body makes the proxy abort the response, so not one
+            # byte of the matched content reaches the client.
+            log.warn("blocked after the response head was sent: aborting (ref {ref})", ref=reference)
+            self._finish_tx(icap_status=200, outcome=outcome, detail=f"aborted {verdict.detail}".strip(),
+                            verdict=verdict, reference=reference)
+            self._close_spool()
+            self._busy = True
+            self.transport.abortConnection()
+            return
         facts_url = tx.http_request.url if tx.http_request else ""
         head, body = self.ctx.block_page.render(
             url=facts_url, rules=list(rules), reference=reference, explanation=explanation)

@@ -133,6 +133,7 @@ def build_gateway(config: GatewayConfig, reactor: Any) -> Gateway:
         error_policy=config.scan.error_policy,
         oversize_policy=config.scan.oversize_policy,
         max_scan_size=config.scan.max_scan_size,
+        early_response_after=server.early_response_after,
     )
     factory = ICAPFactory(context)
     # The register first: it stops last, after the listeners, so its writer

@@ -98,16 +98,18 @@ class BodySpool:
             self._buf = bytearray()
         return self._frozen
 
-    def iter_chunks(self, block: int = 65536) -> Iterator[bytes]:
-        """The raw body again, ``block`` bytes at a time (for the 200 echo)."""
+    def iter_chunks(self, block: int = 65536, start: int = 0) -> Iterator[bytes]:
+        """The raw body again from offset ``start``, ``block`` bytes at a time
+        (for the 200 echo)."""
         self.finish()
         if self._path is None:
             data = self._frozen if self._frozen is not None else self._buf
             view = memoryview(data)
-            for start in range(0, len(view), block):
-                yield bytes(view[start : start + block])
+            for offset in range(start, len(view), block):
+                yield bytes(view[offset : offset + block])
             return
         with open(self._path, "rb") as f:
+            f.seek(start)
             while chunk := f.read(block):
                 yield chunk
 

@@ -110,43 +110,48 @@ class GatewayProcess:
         stop_process(self.proc)
 
 
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
 def write_gateway_config(workdir: Path, port: int, metrics_port: int, *, rules: Path | str,
-                         auth_required: bool, database: str | None = None, extra: str = "") -> Path:
-    config = workdir / "gateway.toml"
-    db = database or f"sqlite:///{workdir / 'register.sqlite3'}"
-    config.write_text(
-        f"""
-[server]
-listen = ["tcp:{port}:interface=127.0.0.1"]
-state_dir = "{workdir / 'var'}"
-
-[scan]
-rules = "{rules}"
-
-[register]
-database = "{db}"
-flush_interval = "200ms"
-
-[auth]
-required = {"true" if auth_required else "false"}
-
-[monitoring]
-metrics_listen = "tcp:{metrics_port}:interface=127.0.0.1"
-access_log = "{workdir / 'access.log'}"
-{extra}
-"""
+                         auth_required: bool, database: str | None = None,
+                         settings: dict[str, dict[str, object]] | None = None) -> Path:
+    """A config file for a test gateway; ``settings`` adds or replaces keys by section."""
+    sections: dict[str, dict[str, object]] = {
+        "server": {"listen": [f"tcp:{port}:interface=127.0.0.1"], "state_dir": str(workdir / "var")},
+        "scan": {"rules": str(rules)},
+        "register": {"database": database or f"sqlite:///{workdir / 'register.sqlite3'}",
+                     "flush_interval": "200ms"},
+        "auth": {"required": auth_required},
+        "monitoring": {"metrics_listen": f"tcp:{metrics_port}:interface=127.0.0.1",
+                       "access_log": str(workdir / "access.log")},
+    }
+    for name, values in (settings or {}).items():
+        sections.setdefault(name, {}).update(values)
+    text = "".join(
+        f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()) + "\n"
+        for name, values in sections.items()
     )
+    config = workdir / "gateway.toml"
+    config.write_text(text)
     return config
 
 
 @contextlib.contextmanager
 def gateway_process(*, rules: Path | str = REPO / "rules", auth_required: bool = False,
-                    database: str | None = None, extra: str = "",
+                    database: str | None = None, settings: dict[str, dict[str, object]] | None = None,
                     before_start: Callable[[GatewayProcess], None] | None = None) -> Iterator[GatewayProcess]:
     workdir = Path(tempfile.mkdtemp(prefix="icapgw-"))
     port, metrics_port = free_port(), free_port()
     config = write_gateway_config(workdir, port, metrics_port, rules=rules, auth_required=auth_required,
-                                  database=database, extra=extra)
+                                  database=database, settings=settings)
     log_path = workdir / "gateway.log"
     gw = GatewayProcess(None, port, metrics_port, workdir, config, log_path,  # type: ignore[arg-type]
                         workdir / "access.log")
@@ -308,10 +313,12 @@ class Fetched:
     status: int
     body: bytes
     headers: str
+    exit_code: int = 0
 
 
 def curl(proxy_port: int, url: str, *, data: bytes | None = None, user: str | None = None,
-         timeout: float = 120, output: Path | None = None, compressed: bool = False) -> Fetched:
+         timeout: float = 120, output: Path | None = None, compressed: bool = False,
+         check: bool = True) -> Fetched:
     """Fetch ``url`` through the proxy with real curl."""
     require_binary("curl")
     with tempfile.TemporaryDirectory() as tmp:
@@ -329,10 +336,11 @@ def curl(proxy_port: int, url: str, *, data: bytes | None = None, user: str | No
             cmd += ["--data-binary", f"@{body_file}", "-H", "Content-Type: application/octet-stream"]
         cmd.append(url)
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10)
-        if result.returncode != 0:
+        if check and result.returncode != 0:
             raise AssertionError(f"curl failed ({result.returncode}): {result.stderr}")
-        body = out.read_bytes() if output is None else b""
-        return Fetched(int(result.stdout.strip() or 0), body, headers.read_text(errors="replace"))
+        body = out.read_bytes() if output is None and out.exists() else b""
+        head_text = headers.read_text(errors="replace") if headers.exists() else ""
+        return Fetched(int(result.stdout.strip() or 0), body, head_text, result.returncode)
 
 
 def basic_user(name: str) -> str:

@@ -46,8 +46,8 @@ class MemorySpool:
     def scan_target(self) -> bytes:
         return bytes(self.data)
 
-    def iter_chunks(self, block: int = 65536) -> Iterator[bytes]:
-        for i in range(0, len(self.data), block):
+    def iter_chunks(self, block: int = 65536, start: int = 0) -> Iterator[bytes]:
+        for i in range(start, len(self.data), block):
             yield bytes(self.data[i : i + block])
 
     def close(self) -> None:

@@ -269,3 +269,51 @@ def test_connection_counts_reach_observer() -> None:
     h.proto.connectionLost(None)
     assert h.observer.closed == 1
     assert h.proto.ctx.connections == 0
+
+
+def _big_respmod(body: bytes) -> bytes:
+    return respmod(chunked(body, 16 * 1024), AUTH)
+
+
+def test_large_response_commits_head_early_and_trickles_a_little() -> None:
+    h = make_harness(early_response_after=60 * 1024)
+    body = bytes(range(256)) * 800  # 200 KiB, no Allow: 204
+    data = _big_respmod(body)
+    h.scanner.hold = True
+    h.send(data[: len(data) - 5])  # all but the last chunk: the verdict is not in
+    early = h.output()
+    assert early.startswith(b"ICAP/1.0 200 OK\r\n")  # the head went out before the verdict
+    released = early.split(b"\r\n\r\n", 1)[1][len(RES_HDR):]
+    # only single-byte chunks of the body's start, never a usable part
+    pieces = released.split(b"\r\n")
+    trickled = b"".join(pieces[i + 1] for i in range(0, len(pieces) - 1, 2) if pieces[i] == b"1")
+    assert 0 < len(trickled) < 64
+    assert body.startswith(trickled)
+    h.send(data[len(data) - 5 :])
+    h.scanner.release()
+    h.pump_producer()
+    [r] = parse_responses(early + h.output())
+    assert r.status == 200 and r.body == body  # byte-identical in the end
+    assert not h.transport.disconnecting
+
+
+def test_block_after_early_head_aborts_the_response() -> None:
+    h = make_harness(early_response_after=60 * 1024)
+    body = b"x" * (100 * 1024) + b"EVIL"
+    h.send(_big_respmod(body))
+    out = h.output()
+    assert out.startswith(b"ICAP/1.0 200 OK\r\n")
+    assert b"EVIL" not in out
+    assert not out.endswith(b"0\r\n\r\n")  # never a complete message
+    assert h.transport.disconnecting
+    assert h.observer.records[-1].outcome == "blocked"
+    assert h.observer.records[-1].detail.startswith("ref=")
+
+
+def test_no_early_head_with_allow_204_or_below_threshold() -> None:
+    h = make_harness(early_response_after=60 * 1024)
+    h.send(respmod(chunked(b"y" * (100 * 1024), 16 * 1024), AUTH, "Allow: 204"))
+    assert [r.status for r in parse_responses(h.output())] == [204]
+    h.send(respmod(chunked(b"EVIL" + b"y" * 50_000, 16 * 1024), AUTH))
+    [r] = parse_responses(h.output())
+    assert r.sections["res-hdr"].startswith(b"HTTP/1.1 403")  # small enough for a block page
