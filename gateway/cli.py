@@ -39,6 +39,13 @@ def _config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config_example(args: argparse.Namespace) -> int:
+    from gateway.config import render_example
+
+    sys.stdout.write(render_example())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icap-gateway", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -53,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.add_argument("--json", action="store_true", help="print the result as JSON")
     check.set_defaults(func=_config_check)
+    example = config.add_parser("example", help="print a commented config file with every key and its default")
+    example.set_defaults(func=_config_example)
 
     try:
         from gateway.scanner import add_commands as add_rules_commands

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,3 +159,37 @@ def with_overrides(config: GatewayConfig, **overrides: Any) -> GatewayConfig:
         for section, values in by_section.items()
     }
     return dataclasses.replace(config, **changes)
+
+
+def _toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_example() -> str:
+    """``config/gateway.toml``: every key, commented out at its embedded
+    default, with its documentation.  Generated so it cannot drift."""
+    from gateway.settings import describe
+
+    lines = [
+        "# icap-gateway configuration: every key, at its embedded default.",
+        "# Copy this file, uncomment what you change, and check it with:",
+        "#   icap-gateway config check gateway.toml",
+        "# Sizes take bytes or units (\"64 KiB\", \"1 MiB\"); durations take seconds or",
+        "# units (\"500ms\", \"30s\", \"5m\", \"90d\").  Relative paths are relative to the",
+        "# working directory.",
+        "# Regenerate after adding a key: icap-gateway config example > config/gateway.toml",
+    ]
+    for section, factory in _section_types().items():
+        lines += ["", f"[{section}]"]
+        for key, default, doc in describe(factory):
+            lines += [f"# {line}" for line in textwrap.wrap(doc, 76)]
+            lines.append(f"# {key} = {_toml_literal(default)}")
+            lines.append("")
+        lines.pop()
+    return "\n".join(lines) + "\n"
