@@ -1,4 +1,4 @@
-"""``icap-gateway``: serve, check config and rules, manage tenants and the register.
+"""icap-gateway: serve, check config and rules, manage tenants and the register.
 
 Each package adds its own subcommands through an ``add_commands(subparsers)``
 function; a command's handler is stored as ``func`` and returns the exit code.
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_commands(sub)
 
-    config = sub.add_parser("config", help="check a config file").add_subparsers(
+    config = sub.add_parser("config", help="check a config file or print an example").add_subparsers(
         dest="config_command", required=True, metavar="SUBCOMMAND")
     check = config.add_parser("check", help="report unknown keys and bad values (file, key, reason)")
     check.add_argument("file", metavar="FILE")

@@ -175,3 +175,14 @@ def test_squid_reported_no_icap_errors(squid: SquidProcess) -> None:
     log = squid.cache_log()
     assert "essential ICAP service is down" not in log
     assert "suspended" not in log, log[-3000:]
+
+
+def test_readme_shows_the_tested_squid_snippet() -> None:
+    """The squid.conf lines the README tells admins to paste are the lines
+    these tests run Squid with."""
+    from tests.peers import REPO, SQUID_SNIPPET
+
+    readme = (REPO / "README.md").read_text()
+    snippet = SQUID_SNIPPET.read_text().strip().splitlines()
+    indented = "\n".join(f"   {line}" for line in snippet)
+    assert indented in readme
