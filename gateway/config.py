@@ -38,7 +38,9 @@ class ServerSettings:
         validate=lambda v: next(filter(None, map(endpoint, v)), None) or (None if v else "needs at least one listener"),
     )
     state_dir: str = setting("var", "Where the embedded SQLite register and spool files live")
-    workers: int = setting(1, "Worker processes sharing the listener; 0 means one per core", validate=non_negative)
+    workers: int = setting(
+        0, "Worker processes sharing the listeners; 0 means one per core", validate=non_negative
+    )
     max_connections: int = setting(
         1000, "Advertised in OPTIONS as Max-Connections; more are refused with 503", validate=positive
     )

@@ -31,6 +31,8 @@ def add_commands(subparsers: Any) -> None:
                        help="metrics listener endpoint (replaces [monitoring] metrics_listen)")
     serve.add_argument("--workers", metavar="N", type=int,
                        help="worker processes sharing the listener, 0: one per core (replaces [server] workers)")
+    # Set by a supervising parent for its workers: inherited listening sockets.
+    serve.add_argument("--worker-fds", metavar="FD:FAMILY,...", help=argparse.SUPPRESS)
     serve.set_defaults(func=run_serve)
 
 
@@ -79,10 +81,16 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
 
-    from gateway.service import build_gateway
+    from gateway.service import build_gateway, worker_count
 
+    count = worker_count(config)
+    if args.worker_fds is None and count > 1:
+        return run_supervisor(args, config, count)
+    from gateway.workers import parse_worker_fds
+
+    adopted = parse_worker_fds(args.worker_fds) if args.worker_fds else None
     try:
-        gateway = build_gateway(config, reactor)
+        gateway = build_gateway(config, reactor, adopted=adopted)
     except RulesError as e:
         print(f"cannot load rules: {e}", file=sys.stderr)
         return 1
@@ -112,7 +120,57 @@ def run_serve(args: argparse.Namespace) -> int:
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", gateway.service.stopService)  # type: ignore[attr-defined]
+    if adopted is not None:
+        # A worker: the parent owns the terminal; SIGINT goes to the whole
+        # process group on Ctrl-C, and the parent stops us with SIGTERM.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     gateway.rules.install_sighup()
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(gateway.reopen_logs))  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    return exit_code[0]
+
+
+def run_supervisor(args: argparse.Namespace, config: Any, count: int) -> int:
+    """The parent of ``count`` workers (see gateway.workers)."""
+    from twisted.internet import reactor
+
+    from gateway.scanner import RulesError, check_rules
+    from gateway.service import resolve_path
+    from gateway.workers import build_supervisor
+
+    try:  # fail here, once, rather than in every worker
+        check_rules(resolve_path(config.scan.rules, config))
+    except RulesError as e:
+        print(f"cannot load rules: {e}", file=sys.stderr)
+        return 1
+    worker_argv = ["serve"]
+    if args.config:
+        worker_argv += ["--config", args.config]
+    if args.rules:
+        worker_argv += ["--rules", args.rules]
+    if args.database:
+        worker_argv += ["--database", args.database]
+    try:
+        service, supervisor = build_supervisor(config, reactor, worker_argv, count)
+    except (OSError, ValueError) as e:
+        print(f"cannot start: {e}", file=sys.stderr)
+        return 1
+    exit_code = [0]
+
+    def start() -> None:
+        try:
+            service.startService()
+        except Exception as e:
+            print(f"cannot start: {e}", file=sys.stderr)
+            exit_code[0] = 1
+            reactor.stop()  # type: ignore[attr-defined]
+            return
+        log.info("icap-gateway supervising {count} workers on {listen}", count=count,
+                 listen=", ".join(config.server.listen))
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, lambda s, _f: reactor.callFromThread(supervisor.signal_workers, s))  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return exit_code[0]

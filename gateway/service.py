@@ -24,6 +24,7 @@ from gateway.config import PROJECT_ROOT, GatewayConfig
 from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
 from gateway.spool import BodySpool, purge_stale
+from gateway.workers import AdoptedListenerService
 from monitoring.service import build_monitoring
 from register.auth import credentials_from_headers
 from register.service import build_register
@@ -81,9 +82,16 @@ def resolve_path(value: str, config: GatewayConfig) -> Path:
     return path
 
 
-def build_gateway(config: GatewayConfig, reactor: Any) -> Gateway:
+def build_gateway(
+    config: GatewayConfig, reactor: Any, *, adopted: list[tuple[int, int]] | None = None
+) -> Gateway:
     """Build every part; raises RulesError, ConfigErrors or the register's
-    SchemaError with a message fit for an admin."""
+    SchemaError with a message fit for an admin.
+
+    ``adopted``: (fd, address family) of listening sockets inherited from a
+    supervising parent (``gateway.workers``); the worker then accepts on
+    those instead of binding ``[server] listen``, and leaves /metrics to the
+    parent."""
     state_dir = Path(config.server.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     spool_dir = state_dir / "spool"
@@ -105,7 +113,8 @@ def build_gateway(config: GatewayConfig, reactor: Any) -> Gateway:
         return True, "ok"
 
     monitoring = build_monitoring(
-        config, reactor, ready=ready, queue_depth=register.queue_depth, write_errors=register.write_errors
+        config, reactor, ready=ready, queue_depth=register.queue_depth, write_errors=register.write_errors,
+        serve_http=adopted is None,
     )
     rules.add_observer(monitoring.observer.rules_loaded)
     rules.load_now()
@@ -140,11 +149,15 @@ def build_gateway(config: GatewayConfig, reactor: Any) -> Gateway:
     # flushes what the final transactions recorded.
     register.service.setServiceParent(top)
     monitoring.service.setServiceParent(top)
-    for description in server.listen:
-        endpoint = endpoints.serverFromString(reactor, description)
-        listener = StreamServerEndpointService(endpoint, factory)
-        listener._raiseSynchronously = True  # a port in use fails the start, loudly
-        listener.setServiceParent(top)
+    if adopted is not None:
+        for fd, family in adopted:
+            AdoptedListenerService(reactor, fd, family, factory).setServiceParent(top)
+    else:
+        for description in server.listen:
+            endpoint = endpoints.serverFromString(reactor, description)
+            listener = StreamServerEndpointService(endpoint, factory)
+            listener._raiseSynchronously = True  # a port in use fails the start, loudly
+            listener.setServiceParent(top)
     return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring)
 
 
@@ -159,5 +172,6 @@ def makeService(config: GatewayConfig, reactor: Any) -> MultiService:
 __all__ = ["Gateway", "build_gateway", "makeService"]
 
 
-def default_workers() -> int:
-    return os.cpu_count() or 1
+def worker_count(config: GatewayConfig) -> int:
+    """``[server] workers``, 0 meaning one per core."""
+    return config.server.workers or os.cpu_count() or 1

@@ -125,7 +125,8 @@ def write_gateway_config(workdir: Path, port: int, metrics_port: int, *, rules: 
                          settings: dict[str, dict[str, object]] | None = None) -> Path:
     """A config file for a test gateway; ``settings`` adds or replaces keys by section."""
     sections: dict[str, dict[str, object]] = {
-        "server": {"listen": [f"tcp:{port}:interface=127.0.0.1"], "state_dir": str(workdir / "var")},
+        "server": {"listen": [f"tcp:{port}:interface=127.0.0.1"], "state_dir": str(workdir / "var"),
+                   "workers": 1},
         "scan": {"rules": str(rules)},
         "register": {"database": database or f"sqlite:///{workdir / 'register.sqlite3'}",
                      "flush_interval": "200ms"},
