@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.peers import GatewayProcess, Origin, curl, gateway_process, require_binary, squid_process
+from tests.register.conftest import BACKENDS, drop_pg_schema, new_pg_schema, pg_url
 
 pytestmark = pytest.mark.squid
 NCSA = "/usr/lib/squid/basic_ncsa_auth"
@@ -32,11 +33,18 @@ def _bootstrap(gw: GatewayProcess) -> None:
     gw.key = json.loads(out.stdout)["key"]  # type: ignore[attr-defined]
 
 
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[GatewayProcess]:
-    with gateway_process(auth_required=True, before_start=_bootstrap,
-                         settings={"auth": {"refresh_interval": "500ms"}}) as gw:
-        yield gw
+@pytest.fixture(scope="module", params=BACKENDS)
+def gateway(request: pytest.FixtureRequest) -> Iterator[GatewayProcess]:
+    """The gateway as a process, its register on SQLite, then on PostgreSQL."""
+    schema = new_pg_schema() if request.param == "postgresql" else None
+    try:
+        with gateway_process(auth_required=True, before_start=_bootstrap,
+                             database=pg_url(schema) if schema else None,
+                             settings={"auth": {"refresh_interval": "500ms"}}) as gw:
+            yield gw
+    finally:
+        if schema:
+            drop_pg_schema(schema)
 
 
 @pytest.fixture(scope="module")
