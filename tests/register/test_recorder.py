@@ -184,3 +184,25 @@ def test_writer_thread_wakes_when_a_batch_is_full(engine: Engine) -> None:
     finally:
         rec.stop()
         rec.join(5)
+
+
+def test_spans_merge_in_any_order() -> None:
+    from register.recorder import _add_span
+
+    spans: list[list[float]] = []
+    assert _add_span(spans, 100, 100, 10) == 1
+    assert _add_span(spans, 130, 135, 10) == 1  # 30 s later: its own span
+    assert _add_span(spans, 50, 60, 10) == 1
+    assert spans == [[50, 60], [100, 100], [130, 135]]
+    assert _add_span(spans, 105, 125, 10) == -1  # bridges two spans into one
+    assert spans == [[50, 60], [100, 135]]
+    assert _add_span(spans, 61, 99, 10) == -1
+    assert spans == [[50, 135]]
+
+
+def test_record_never_raises() -> None:
+    rec = BatchRecorder(None, max_queue=1)  # type: ignore[arg-type]
+    rec.record(None)  # type: ignore[arg-type]
+    rec.record(UserSeen(1, "x" * 10_000, "10.0.0.1", T0))  # truncated, not refused
+    rec.record(UserSeen(1, "y", "10.0.0.1", T0))  # over the bound: dropped, counted
+    assert rec.queue_depth() == 1 and rec.dropped == 1
