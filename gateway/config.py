@@ -91,6 +91,10 @@ class ScanSettings:
         kind="duration", validate=non_negative,
     )
     block_page: str = setting("", "HTML template of the block page (empty: config/blockpage.html)")
+    cache_entries: int = setting(
+        10000, "Verdicts kept for bodies seen again (same bytes, same rules, same externals the "
+        "rules read); 0 disables the cache", validate=non_negative,
+    )
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from twisted.python.threadpool import ThreadPool
 
 from gateway.decoding import DecodeTimeout, decode_into, parse_encodings
 from gateway.interfaces import ScanContext, Verdict
+from gateway.scancache import VerdictCache, body_digest, mentioned_externals
 from gateway.spool import BodySpool, purge_stale
 
 if TYPE_CHECKING:
@@ -177,6 +178,8 @@ class CompiledRules:
     snapshot: tuple[tuple[str, int, int, int], ...]
     warnings: tuple[str, ...] = ()
     compile_seconds: float = 0.0
+    # The externals the rule sources mention: only these enter a cache key.
+    externals_used: frozenset[str] = frozenset(EXTERNALS)
 
 
 def compile_directory(directory: Path) -> CompiledRules:
@@ -202,12 +205,14 @@ def _compile(
     if not files:
         raise RulesError(str(directory), 0, "no *.yar or *.yara rule files")
     digest = hashlib.sha256()
+    sources = []
     for namespace, path in files:
         try:
             content = path.read_bytes()
         except OSError as e:
             raise RulesError(str(path), 0, e.strerror or str(e)) from None
         digest.update(namespace.encode() + b"\0" + len(content).to_bytes(8, "big") + content)
+        sources.append(content.decode("utf-8", "replace"))
     try:
         rules = yara.compile(
             filepaths={namespace: str(path) for namespace, path in files}, externals=EXTERNALS
@@ -222,6 +227,10 @@ def _compile(
         snapshot=snapshot,
         warnings=tuple(str(w) for w in getattr(rules, "warnings", None) or ()),
         compile_seconds=time.perf_counter() - started,
+        # An include'd file is not read here: its externals are then missed,
+        # so a ruleset with includes keeps every external in the key.
+        externals_used=(frozenset(EXTERNALS) if any("include" in src for src in sources)
+                        else mentioned_externals(sources, EXTERNALS)),
     )
 
 
@@ -458,7 +467,9 @@ class YaraScanner:
         spool_dir: Path,
         *,
         clock: Callable[[], float] = time.monotonic,
+        cache: VerdictCache | None = None,
     ) -> None:
+        self.cache = cache
         self._rules = rules
         self._reactor = reactor
         self._pool = pool
@@ -496,6 +507,31 @@ class YaraScanner:
         if compiled is None:
             return Verdict("error", detail="no rules loaded")
         started = time.perf_counter()
+        if isinstance(body, bytearray | memoryview):
+            body = bytes(body)
+        if self.cache is None:
+            return self._scan_uncached(body, context, compiled)
+        try:
+            key = self._cache_key(body, context, compiled)
+        except OSError as e:
+            return Verdict("error", detail=f"{type(e).__name__}: {e.strerror or e}",
+                           ruleset_version=compiled.version)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return Verdict(cached.outcome, rules=cached.rules, detail="cached", scanned_bytes=0,
+                           duration=time.perf_counter() - started, ruleset_version=compiled.version)
+        result = self._scan_uncached(body, context, compiled)
+        self.cache.put(key, result)
+        return result
+
+    @staticmethod
+    def _cache_key(body: bytes | str, context: ScanContext, compiled: CompiledRules) -> tuple[object, ...]:
+        externals = externals_for(context)
+        relevant = tuple(sorted((k, v) for k, v in externals.items() if k in compiled.externals_used))
+        return (compiled.version, context.content_encoding, relevant, body_digest(body))
+
+    def _scan_uncached(self, body: bytes | str, context: ScanContext, compiled: CompiledRules) -> Verdict:
+        started = time.perf_counter()
         deadline = self._clock() + self.settings.timeout
         scanned = 0
 
@@ -505,8 +541,6 @@ class YaraScanner:
                 duration=time.perf_counter() - started, ruleset_version=compiled.version,
             )
 
-        if isinstance(body, bytearray | memoryview):
-            body = bytes(body)
         try:
             raw_size = len(body) if isinstance(body, bytes) else os.path.getsize(body)
             codings = parse_encodings(context.content_encoding)

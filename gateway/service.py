@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from gateway.blockpage import BlockPage
 from gateway.config import PROJECT_ROOT, GatewayConfig
 from gateway.protocol import GatewayContext, ICAPFactory
+from gateway.scancache import VerdictCache
 from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
 from gateway.spool import BodySpool, purge_stale
 from gateway.workers import AdoptedListenerService
@@ -120,7 +121,8 @@ def build_gateway(
     rules.load_now()
     RulesService(rules).setServiceParent(top)
 
-    scanner = YaraScanner(rules, reactor, pool, config.scan, spool_dir)
+    cache = VerdictCache(config.scan.cache_entries) if config.scan.cache_entries else None
+    scanner = YaraScanner(rules, reactor, pool, config.scan, spool_dir, cache=cache)
     block_page = BlockPage(resolve_path(config.scan.block_page, config) if config.scan.block_page else None)
     server = config.server
     context = GatewayContext(

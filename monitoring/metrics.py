@@ -19,6 +19,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -244,6 +245,11 @@ class GatewayMetrics:
         self.rule_matches = Counter(
             f"{PREFIX}_rule_matches", "YARA rule matches, by rule (namespace.rule)", ["rule"], registry=reg,
         )
+        self.scan_cache = Counter(
+            f"{PREFIX}_scan_cache", "Verdicts asked for, by whether the verdict cache answered",
+            ["result"], registry=reg,
+        )
+        self._cache_children = {r: self.scan_cache.labels(r) for r in ("hit", "miss")}
         self.connections = Counter(f"{PREFIX}_connections", "ICAP connections accepted", registry=reg)
         self.active_connections = Gauge(
             f"{PREFIX}_active_connections", "ICAP connections open now",
@@ -355,9 +361,15 @@ class GatewayMetrics:
         return hit
 
     def scan_finished(self, direction: str, outcome: str, scanned_bytes: int, duration: float,
-                      rules: Iterable[str]) -> None:
+                      rules: Iterable[str], cached: bool = False) -> None:
         counter = self._scanned_children.get(direction)
         if counter is None:  # not a Direction: nothing sensible to count it under
+            return
+        if outcome != "unscanned":
+            self._cache_children["hit" if cached else "miss"].inc()
+        if cached:  # YARA did not run: neither bytes nor time belong to a scan
+            for rule in rules:
+                self._rule_child(rule).inc()
             return
         if scanned_bytes:
             counter.inc(scanned_bytes)
@@ -366,11 +378,14 @@ class GatewayMetrics:
         if outcome != "unscanned":
             self._scan_duration_children[direction].observe(duration)
         for rule in rules:
-            label = self.rule_label(rule)
-            child = self._rule_children.get(label)
-            if child is None:
-                child = self._rule_children[label] = self.rule_matches.labels(label)
-            child.inc()
+            self._rule_child(rule).inc()
+
+    def _rule_child(self, rule: str) -> Any:
+        label = self.rule_label(rule)
+        child = self._rule_children.get(label)
+        if child is None:
+            child = self._rule_children[label] = self.rule_matches.labels(label)
+        return child
 
     def connection_opened(self) -> None:
         self.connections.inc()

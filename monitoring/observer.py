@@ -59,7 +59,8 @@ class MonitoringObserver:
     def scan_finished(self, verdict: Verdict, direction: Direction) -> None:
         try:
             self.metrics.scan_finished(
-                direction, verdict.outcome, verdict.scanned_bytes, verdict.duration, verdict.rules
+                direction, verdict.outcome, verdict.scanned_bytes, verdict.duration, verdict.rules,
+                cached=verdict.detail == "cached",
             )
         except Exception:
             self._fault()

@@ -135,12 +135,10 @@ class MonitoringService(Service):
 
 def multiprocess_dir(config: GatewayConfig) -> str | None:
     """Where worker metric files go, or None for single-process metrics."""
+    # Only a supervised worker (the parent sets the variable, see
+    # gateway.workers) or an explicit setting means several processes.
     configured = config.monitoring.multiprocess_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if configured:
-        return configured
-    if config.server.workers != 1:
-        return str(config.state_path("prometheus"))
-    return None
+    return configured or None
 
 
 def build_monitoring(

@@ -50,5 +50,6 @@ class MonitoringSettings:
     multiprocess_dir: str = setting(
         "",
         "Directory for Prometheus multiprocess metric files when several workers run "
-        "(empty: $PROMETHEUS_MULTIPROC_DIR, else <state_dir>/prometheus when workers != 1)",
+        "(empty: $PROMETHEUS_MULTIPROC_DIR, which the supervisor of several workers sets to "
+        "<state_dir>/prometheus)",
     )

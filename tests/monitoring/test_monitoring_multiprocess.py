@@ -41,7 +41,9 @@ WORKER = textwrap.dedent("""
     state_dir, tenant, rules, depth, errors = sys.argv[1:6]
     config = GatewayConfig(
         server=ServerSettings(state_dir=state_dir, workers=2),
-        monitoring=MonitoringSettings(access_log="none"),
+        # as gateway.workers' supervisor hands it to its workers
+        monitoring=MonitoringSettings(access_log="none",
+                                      multiprocess_dir=os.path.join(state_dir, "prometheus")),
     )
     clock = task.Clock()
     c = build_monitoring(config, clock, ready=lambda: (True, ""),
@@ -99,7 +101,6 @@ def test_workers_are_summed(tmp_path: Path) -> None:
     a = Worker(tmp_path, "acme", rules=100, depth=4, errors=1)
     b = Worker(tmp_path, "beta", rules=90, depth=6, errors=2)
     try:
-        # workers=2 and no explicit directory: <state_dir>/prometheus
         assert a.info["env"] == str(mp_dir)
         registry = MultiProcessRegistry(str(mp_dir))
 

@@ -54,10 +54,10 @@ def test_multiprocess_dir_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     one = GatewayConfig(server=ServerSettings(state_dir=str(tmp_path), workers=1))
     assert multiprocess_dir(one) is None
+    # A process is a multiprocess worker only when told so (the supervisor sets
+    # the variable for its children): the workers setting alone does not say it.
     many = GatewayConfig(server=ServerSettings(state_dir=str(tmp_path), workers=4))
-    assert multiprocess_dir(many) == str(tmp_path / "prometheus")
-    per_core = GatewayConfig(server=ServerSettings(state_dir=str(tmp_path), workers=0))
-    assert multiprocess_dir(per_core) == str(tmp_path / "prometheus")
+    assert multiprocess_dir(many) is None
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/run/from-env")
     assert multiprocess_dir(one) == "/run/from-env"
     configured = GatewayConfig(monitoring=MonitoringSettings(multiprocess_dir="/run/configured"))

@@ -1,0 +1,91 @@
+"""The verdict cache: a body seen again skips YARA, never across rulesets or
+across values of externals the rules read."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+
+from gateway.scancache import VerdictCache, mentioned_externals
+from gateway.scanner import YaraScanner
+from tests.scanning.conftest import EICAR, bump, scan, write_rule
+
+
+def cached_scanner(make_scanner: Callable[..., YaraScanner], rules: Path | None = None,
+                   entries: int = 100) -> YaraScanner:
+    scanner = make_scanner(rules) if rules else make_scanner()
+    scanner.cache = VerdictCache(entries)
+    return scanner
+
+
+def test_same_body_is_answered_from_the_cache(make_scanner: Callable[..., YaraScanner]) -> None:
+    scanner = cached_scanner(make_scanner)
+    first = scan(scanner, b"hello " * 1000, url="http://a/1")
+    again = scan(scanner, b"hello " * 1000, url="http://b/2")  # bundled rules read no url
+    assert first.outcome == again.outcome == "clean"
+    assert first.detail != "cached" and again.detail == "cached"
+    blocked = scan(scanner, EICAR)
+    blocked_again = scan(scanner, EICAR)
+    assert blocked_again.outcome == "blocked" and blocked_again.rules == blocked.rules
+    assert blocked_again.detail == "cached"
+    assert scanner.cache is not None and scanner.cache.stats.hits == 2 and scanner.cache.stats.misses == 2
+
+
+def test_encoding_is_part_of_the_key(make_scanner: Callable[..., YaraScanner]) -> None:
+    scanner = cached_scanner(make_scanner)
+    body = gzip.compress(EICAR)
+    assert scan(scanner, body).outcome == "clean"  # as identity: compressed bytes, no match
+    assert scan(scanner, body, content_encoding="gzip").outcome == "blocked"
+
+
+def test_externals_the_rules_read_split_the_key(tmp_path: Path, make_scanner: Callable[..., YaraScanner]) -> None:
+    rules = tmp_path / "rules"
+    write_rule(rules, "ext.yar", 'rule exe_name { condition: filename matches /\\.exe$/ }')
+    scanner = cached_scanner(make_scanner, rules)
+    assert scan(scanner, b"same bytes", filename="a.exe").outcome == "blocked"
+    assert scan(scanner, b"same bytes", filename="a.txt").outcome == "clean"  # not served from a.exe's entry
+    assert scan(scanner, b"same bytes", filename="a.txt").detail == "cached"
+
+
+def test_a_new_ruleset_never_gets_an_old_verdict(tmp_path: Path, make_scanner: Callable[..., YaraScanner]) -> None:
+    rules = tmp_path / "rules"
+    path = write_rule(rules, "r.yar", 'rule never { strings: $a = "zzzzzz" condition: $a }')
+    scanner = cached_scanner(make_scanner, rules)
+    assert scan(scanner, b"payload-42").outcome == "clean"
+    write_rule(rules, "r.yar", 'rule now { strings: $a = "payload-42" condition: $a }')
+    bump(path)
+    manager = scanner._rules
+    manager.load_now()
+    verdict = scan(scanner, b"payload-42")
+    assert verdict.outcome == "blocked" and verdict.detail != "cached"
+
+
+def test_errors_are_not_cached() -> None:
+    from gateway.interfaces import Verdict
+
+    cache = VerdictCache(10)
+    cache.put(("k",), Verdict("error", detail="timeout"))
+    assert cache.get(("k",)) is None
+    cache.put(("k",), Verdict("clean"))
+    assert cache.get(("k",)) == Verdict("clean")
+
+
+def test_lru_bound() -> None:
+    from gateway.interfaces import Verdict
+
+    cache = VerdictCache(2)
+    for k in "abc":
+        cache.put((k,), Verdict("clean"))
+    assert cache.get(("a",)) is None and cache.get(("c",)) is not None
+    assert cache.stats.entries == 2
+
+
+def test_mentioned_externals() -> None:
+    text = 'rule r { condition: filename == "x" and not (tenant == "t") }'
+    assert mentioned_externals([text], ["filename", "tenant", "url", "host"]) == {"filename", "tenant"}
+
+
+def test_string_variables_are_not_externals() -> None:
+    text = 'rule r { strings: $url = "x" condition: #url > 1 and @url[1] < 5 and !url[1] > 0 }'
+    assert mentioned_externals([text], ["url"]) == frozenset()
