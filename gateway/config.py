@@ -91,6 +91,10 @@ class ScanSettings:
         kind="duration", validate=non_negative,
     )
     block_page: str = setting("", "HTML template of the block page (empty: config/blockpage.html)")
+    skip_types: list[str] = setting(
+        [], "File types not scanned, by magic bytes (not the claimed Content-Type), e.g. "
+        "[\"video/*\", \"image/jpeg\"]; empty scans everything. See README, \"Scanning less\"",
+    )
     cache_entries: int = setting(
         10000, "Verdicts kept for bodies seen again (same bytes, same rules, same externals the "
         "rules read); 0 disables the cache", validate=non_negative,

@@ -25,6 +25,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.blockpage import BlockPage, new_reference
+from gateway.filetypes import SNIFF_BYTES, sniff
+from gateway.filetypes import matches as type_matches
 from gateway.icap.connection import ServerConnection
 from gateway.icap.errors import ProtocolError
 from gateway.icap.events import (
@@ -115,6 +117,7 @@ class GatewayContext:
     oversize_policy: str = "pass"  # or "block"
     max_scan_size: int = 256 * 1024**2
     early_response_after: int = 60 * 1024
+    skip_types: list[str] = field(default_factory=list)  # see gateway.filetypes
     wall_time: Callable[[], float] = time.time
     connections: int = field(default=0)
 
@@ -360,8 +363,22 @@ class ICAPServerProtocol(Protocol):
         tx = self.tx
         if tx is None or tx.answered:
             return
+        kind = self._skipped_type(tx)
+        if kind:  # decided on the preview alone: the rest never crosses the wire
+            self._answer_clean(None, outcome="unscanned", detail=f"type:{kind}")
+            return
         # The whole body is needed for a verdict: ask for the rest.
         self.transport.write(self.conn.send_continue())
+
+    def _skipped_type(self, tx: _Transaction) -> str | None:
+        """The body's type by magic bytes, when ``skip_types`` exempts it."""
+        if not self.ctx.skip_types or not tx.prefix:
+            return None
+        facts = message_facts(tx.http_request, tx.http_response)
+        if facts.content_encoding not in ("", "identity"):
+            return None  # the first bytes are compressed: their type says nothing
+        kind = sniff(bytes(tx.prefix[:SNIFF_BYTES]))
+        return kind if type_matches(kind, self.ctx.skip_types) else None
 
     def _on_end(self) -> None:
         tx = self.tx
@@ -376,6 +393,10 @@ class ICAPServerProtocol(Protocol):
             self._answer_clean(None, outcome="clean", detail="no-body")
             return
         tx.spool.finish()
+        kind = None if tx.committed else self._skipped_type(tx)
+        if kind:
+            self._answer_clean(None, outcome="unscanned", detail=f"type:{kind}")
+            return
         facts = message_facts(tx.http_request, tx.http_response)
         context = ScanContext(
             direction=tx.direction,

@@ -145,6 +145,7 @@ def build_gateway(
         oversize_policy=config.scan.oversize_policy,
         max_scan_size=config.scan.max_scan_size,
         early_response_after=server.early_response_after,
+        skip_types=list(config.scan.skip_types),
     )
     factory = ICAPFactory(context)
     # The register first: it stops last, after the listeners, so its writer

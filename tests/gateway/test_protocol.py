@@ -317,3 +317,34 @@ def test_no_early_head_with_allow_204_or_below_threshold() -> None:
     h.send(respmod(chunked(b"EVIL" + b"y" * 50_000, 16 * 1024), AUTH))
     [r] = parse_responses(h.output())
     assert r.sections["res-hdr"].startswith(b"HTTP/1.1 403")  # small enough for a block page
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 100
+
+
+def test_skipped_type_is_decided_on_the_preview() -> None:
+    h = make_harness(skip_types=["image/*"])
+    h.send(respmod(chunked(PNG), AUTH, "Preview: 108"))  # exactly the preview, no ieof
+    [r] = parse_responses(h.output())
+    assert r.status == 204  # no 100 Continue: the rest never crosses the wire
+    assert r.headers["x-scan-status"] == "unscanned; reason=type:image/png"
+    assert h.scanner.contexts == []
+    assert h.observer.records[-1].outcome == "unscanned"
+
+
+def test_skip_types_go_by_magic_bytes_not_content_type() -> None:
+    h = make_harness(skip_types=["image/*"])
+    # RES_HDR claims text/plain, the bytes are a PNG: skipped
+    h.send(respmod(chunked(PNG), AUTH, "Allow: 204"))
+    assert parse_responses(h.output())[0].status == 204 and h.scanner.contexts == []
+    # bytes that are no image are scanned, whatever the headers say
+    h.send(respmod(chunked(b"MZ EVIL"), AUTH, "Allow: 204"))
+    [r] = parse_responses(h.output())
+    assert r.sections["res-hdr"].startswith(b"HTTP/1.1 403")
+
+
+def test_no_skip_list_scans_everything() -> None:
+    h = make_harness()
+    h.send(respmod(chunked(PNG + b"EVIL"), AUTH, "Allow: 204"))
+    [r] = parse_responses(h.output())
+    assert r.sections["res-hdr"].startswith(b"HTTP/1.1 403")
