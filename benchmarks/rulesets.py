@@ -21,8 +21,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RULE_SUFFIXES = (".yar", ".yara")
-# signature-base's rules refer to these; declaring them lets all of it compile
-EXTERNALS = {"filename": "", "filepath": "", "extension": "", "filetype": "", "owner": ""}
+# signature-base's rules refer to the file ones, the bundled rules to the
+# transaction ones; the gateway declares the same set (gateway.scanner.EXTERNALS)
+EXTERNALS = {
+    "filename": "", "filepath": "", "extension": "", "filetype": "", "owner": "",
+    "url": "", "host": "", "direction": "", "tenant": "",
+}
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,11 @@ class Suite:
 
     def run_raw(self, rs: Ruleset) -> None:
         t = time.monotonic()
-        rules = compile_yara(rs.path)
+        try:
+            rules = compile_yara(rs.path)
+        except Exception as e:  # yara.Error: a ruleset that does not compile here
+            self.note(f"raw yara [{rs.name}]: rules do not compile: {e}")
+            return
         self.log(f"raw yara: {rs.describe()} compiled in {time.monotonic() - t:.1f} s")
         for sc in self.opts.scenarios:
             r = run_raw(rs.path, sc, warmup=min(self.opts.warmup, 0.5), duration=self.opts.duration,
@@ -140,6 +144,7 @@ class Suite:
                 p99_ms=r.p99_ms, completed=r.completed, errors=0, threads=r.threads,
                 server_cores=r.cpu / r.duration, matches=r.matches,
                 body_bytes=r.body_length,
+                cpu_ms_per_req=r.cpu / r.completed * 1e3 if r.completed else None,
             )
             self._add(row)
 
@@ -156,9 +161,11 @@ class Suite:
             for preview in self._previews(server):
                 for sc in self.opts.scenarios:
                     if not server.alive():
-                        self.note(f"{label}: server died before {sc}: {server.log_tail(5)}")
-                        return
+                        break
                     self.run_one(target, rs.name if rs else "-", sc, server, preview)
+        if server.proc.returncode is not None and server.info.get("kept_log"):
+            self.note(f"{label}: the server exited by itself (status {server.proc.returncode}); "
+                      f"its log: {server.info['kept_log']}")
         if self.opts.pause:
             time.sleep(self.opts.pause)
 
@@ -187,6 +194,7 @@ class Suite:
             generator_us_per_request=r.generator_us_per_request,
             rss_start_mib=u.rss_start_kib / 1024, rss_peak_mib=u.peak_mib,
             rss_growth_mib=u.growth_mib, body_bytes=r.body_length,
+            cpu_ms_per_req=u.cpu / r.completed * 1e3 if r.completed else None,
         )
         self._add(row)
 
@@ -252,6 +260,11 @@ class Suite:
                 "preview": r["preview"],
                 "vs_raw": r["rps"] / raw["rps"] if raw and raw["rps"] else None,
                 "vs_cicap": r["rps"] / cicap["rps"] if cicap and cicap["rps"] else None,
+                # CPU efficiency: raw YARA's CPU per scan over the server's CPU per
+                # request; unlike req/s it barely moves when other work shares the cores
+                "cpu_vs_raw": _div(raw and raw.get("cpu_ms_per_req"), r.get("cpu_ms_per_req")),
+                "cpu_vs_cicap": _div(r.get("cpu_ms_per_req"), cicap and cicap.get("cpu_ms_per_req"),
+                                     invert=True),
             })
         return out
 
@@ -294,6 +307,13 @@ class Suite:
         }
 
 
+def _div(a: Any, b: Any, invert: bool = False) -> float | None:
+    """a / b (or b / a with ``invert``), None when either is missing or zero."""
+    if not a or not b:
+        return None
+    return b / a if invert else a / b
+
+
 def _fmt(v: Any, spec: str = ".1f") -> str:
     if v is None:
         return "-"
@@ -316,7 +336,8 @@ def format_row(r: Row) -> str:
 def table(report: dict[str, Any]) -> str:
     ratio = {(x["target"], x["ruleset"], x["scenario"], x["preview"]): x for x in report["ratios"]}
     head = ["target", "rules", "body", "preview", "req/s", "MB/s", "p50 ms", "p99 ms", "errors",
-            "srv cores", "gen cores", "busy cores", "peak RSS MiB", "x raw", "x c-icap"]
+            "srv cores", "gen cores", "busy cores", "srv CPU ms/req", "peak RSS MiB",
+            "x raw", "x c-icap", "CPU x raw", "CPU x c-icap"]
     lines = [head]
     for r in report["results"]:
         x = ratio.get((r["target"], r["ruleset"], r["scenario"], r["preview"]), {})
@@ -325,8 +346,9 @@ def table(report: dict[str, Any]) -> str:
             _fmt(r["rps"]), _fmt(r["mbps"]), _fmt(r["p50_ms"], ".2f"), _fmt(r["p99_ms"], ".2f"),
             str(r.get("errors", 0)), _fmt(r.get("server_cores"), ".2f"),
             _fmt(r.get("generator_cores"), ".2f"), _fmt(r.get("machine_cores"), ".2f"),
-            _fmt(r.get("rss_peak_mib")),
+            _fmt(r.get("cpu_ms_per_req"), ".3f"), _fmt(r.get("rss_peak_mib")),
             _fmt(x.get("vs_raw"), ".2f"), _fmt(x.get("vs_cicap"), ".2f"),
+            _fmt(x.get("cpu_vs_raw"), ".2f"), _fmt(x.get("cpu_vs_cicap"), ".2f"),
         ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(

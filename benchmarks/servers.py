@@ -75,6 +75,7 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
+        died = self.proc.poll() is not None
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -85,6 +86,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        if died and self.log is not None and self.log.exists():
+            # it stopped by itself: keep its log for the post-mortem
+            kept = Path(tempfile.gettempdir()) / f"bench-{self.name}-{self.proc.pid}.log"
+            shutil.copyfile(self.log, kept)
+            self.info["kept_log"] = str(kept)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Server:
