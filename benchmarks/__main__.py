@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from benchmarks.bodies import SCENARIOS, parse_size
 from benchmarks.runner import (
@@ -12,6 +14,7 @@ from benchmarks.runner import (
     ALL_TARGETS,
     Options,
     Suite,
+    markdown,
     table,
     write_json,
 )
@@ -30,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1 KiB and 1 MiB bodies, signature-base and empty rules, 2 s each, "
                         "2,000 idle connections (about a minute)")
     p.add_argument("--scenarios", type=_list,
-                   help=f"body scenarios, from {','.join([*SCENARIOS, 'file'])} "
+                   help=f"body scenarios, from {','.join([*SCENARIOS, 'file'])}, or none "
                         f"(default {','.join(ALL_SCENARIOS)})")
     p.add_argument("--rulesets", type=_list,
                    help=f"rulesets: names ({','.join(ALL_RULESETS)},reversinglabs) or directories "
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pause", type=float, default=0.0,
                    help="seconds of rest between servers (let other work on the machine run)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="also write the results as Markdown tables")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="run nothing: print the tables of an earlier --json file")
     return p
 
 
@@ -69,6 +75,8 @@ def options_from(args: argparse.Namespace) -> Options:
     if args.body_file and not args.scenarios:
         o.scenarios = ["file"]
     o.scenarios = args.scenarios or o.scenarios
+    if o.scenarios == ["none"]:  # only the memory scenarios (--huge, --idle)
+        o.scenarios = []
     o.rulesets = args.rulesets or o.rulesets
     o.targets = args.targets or o.targets
     o.concurrency = args.concurrency
@@ -102,12 +110,18 @@ def options_from(args: argparse.Namespace) -> Options:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    report = Suite(options_from(args)).run()
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+    else:
+        report = Suite(options_from(args)).run()
     print()
     print(table(report))
-    if args.json:
+    if args.json and not args.from_json:
         write_json(report, args.json)
         print(f"\nJSON written to {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report) + "\n")
+        print(f"Markdown written to {args.markdown}")
     return 0
 
 

@@ -93,10 +93,12 @@ class Suite:
                 self.note(f"ruleset {name!r} not found here: skipped")
             else:
                 rulesets.append(rs)
+        if not self.opts.scenarios:
+            rulesets = []  # only the memory scenarios
         if "raw" in self.opts.targets:
             for rs in rulesets:
                 self.run_raw(rs)
-        if "cicap" in self.opts.targets:
+        if "cicap" in self.opts.targets and self.opts.scenarios:
             self.run_server("cicap", None, start_cicap)
         for target, start in (("pyicap", self._start_pyicap), ("gateway", self._start_gateway)):
             if target not in self.opts.targets:
@@ -333,6 +335,37 @@ def format_row(r: Row) -> str:
             f"p50={_fmt(r['p50_ms'], '.2f')}ms p99={_fmt(r['p99_ms'], '.2f')}ms{extra}")
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The results as Markdown tables (for benchmarks/README.md)."""
+    m = report["machine"]
+    out = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, Linux {m['kernel']}; "
+           f"Python {m['python']}, yara-python {m['yara-python']}, yara-x {m['yara-x']}, "
+           f"pyicap {m['pyicap']}, Twisted {m['twisted']}, c-icap {m['c-icap']}; "
+           f"commit {m['commit']}; {m['date']}.", ""]
+    ratio = {(x["target"], x["ruleset"], x["scenario"], x["preview"]): x for x in report["ratios"]}
+    out.append("| target | rules | body | req/s | MB/s | p50 ms | p99 ms | err | srv cores | "
+               "gen cores | busy cores | srv CPU ms/req | peak RSS MiB | x raw | x c-icap | "
+               "CPU x raw |")
+    out.append("|" + "---|" * 16)
+    for r in report["results"]:
+        x = ratio.get((r["target"], r["ruleset"], r["scenario"], r["preview"]), {})
+        body = r["scenario"] + (f" (preview {r['preview']})" if r["preview"] else "")
+        out.append("| " + " | ".join([
+            r["target"], r["ruleset"], body, _fmt(r["rps"]), _fmt(r["mbps"]),
+            _fmt(r["p50_ms"], ".2f"), _fmt(r["p99_ms"], ".2f"), str(r.get("errors", 0)),
+            _fmt(r.get("server_cores"), ".2f"), _fmt(r.get("generator_cores"), ".2f"),
+            _fmt(r.get("machine_cores"), ".2f"), _fmt(r.get("cpu_ms_per_req"), ".3f"),
+            _fmt(r.get("rss_peak_mib")), _fmt(x.get("vs_raw"), ".2f"),
+            _fmt(x.get("vs_cicap"), ".2f"), _fmt(x.get("cpu_vs_raw"), ".2f"),
+        ]) + " |")
+    if report["targets"]:
+        out += ["", "| target | measured | goal | |", "|---|---|---|---|"]
+        for t in report["targets"]:
+            out.append(f"| {t['target']} | {t['value']:.2f} | {t['goal']} | "
+                       f"{'met' if t['met'] else 'MISSED'} |")
+    return "\n".join(out)
+
+
 def table(report: dict[str, Any]) -> str:
     ratio = {(x["target"], x["ruleset"], x["scenario"], x["preview"]): x for x in report["ratios"]}
     head = ["target", "rules", "body", "preview", "req/s", "MB/s", "p50 ms", "p99 ms", "errors",
@@ -354,6 +387,8 @@ def table(report: dict[str, Any]) -> str:
     out = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(
         zip(row, widths, strict=True))) for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
+    if not report["results"]:
+        out = []
     for s in report["special"]:
         if s["scenario"] == "idle":
             out.append(f"idle [{s['target']}]: {s['opened']}/{s['requested']} connections, "
