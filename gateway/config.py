@@ -171,13 +171,13 @@ def with_overrides(config: GatewayConfig, **overrides: Any) -> GatewayConfig:
     return dataclasses.replace(config, **changes)
 
 
-def _toml_literal(value: Any) -> str:
+def toml_literal(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -199,7 +199,7 @@ def render_example() -> str:
         lines += ["", f"[{section}]"]
         for key, default, doc in describe(factory):
             lines += [f"# {line}" for line in textwrap.wrap(doc, 76)]
-            lines.append(f"# {key} = {_toml_literal(default)}")
+            lines.append(f"# {key} = {toml_literal(default)}")
             lines.append("")
         lines.pop()
     return "\n".join(lines) + "\n"

@@ -23,8 +23,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from gateway.config import toml_literal
 
 REPO = Path(__file__).resolve().parent.parent
 SQUID_SNIPPET = REPO / "config" / "squid.conf.example"
@@ -110,16 +113,6 @@ class GatewayProcess:
         stop_process(self.proc)
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 def write_gateway_config(workdir: Path, port: int, metrics_port: int, *, rules: Path | str,
                          auth_required: bool, database: str | None = None,
                          settings: dict[str, dict[str, object]] | None = None) -> Path:
@@ -137,7 +130,7 @@ def write_gateway_config(workdir: Path, port: int, metrics_port: int, *, rules: 
     for name, values in (settings or {}).items():
         sections.setdefault(name, {}).update(values)
     text = "".join(
-        f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()) + "\n"
+        f"[{name}]\n" + "".join(f"{k} = {toml_literal(v)}\n" for k, v in values.items()) + "\n"
         for name, values in sections.items()
     )
     config = workdir / "gateway.toml"
@@ -342,6 +335,17 @@ def curl(proxy_port: int, url: str, *, data: bytes | None = None, user: str | No
         body = out.read_bytes() if output is None and out.exists() else b""
         head_text = headers.read_text(errors="replace") if headers.exists() else ""
         return Fetched(int(result.stdout.strip() or 0), body, head_text, result.returncode)
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``check`` until it returns something true or ``timeout`` passes;
+    returns its last value (asserting it is the caller's job)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
 
 
 def basic_user(name: str) -> str:

@@ -26,12 +26,6 @@ from tests.peers import (
 pytestmark = pytest.mark.squid
 
 
-@pytest.fixture(scope="module")
-def origin() -> Iterator[Origin]:
-    o = Origin()
-    yield o
-    o.close()
-
 
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[GatewayProcess]:

@@ -60,12 +60,6 @@ def add_tenant(gw: GatewayProcess) -> None:
         engine.dispose()
 
 
-@pytest.fixture(scope="module")
-def origin() -> Iterator[Origin]:
-    o = Origin()
-    yield o
-    o.close()
-
 
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[GatewayProcess]:

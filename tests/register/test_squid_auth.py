@@ -13,18 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import GatewayProcess, Origin, curl, gateway_process, require_binary, squid_process
+from tests.peers import GatewayProcess, Origin, curl, gateway_process, require_binary, squid_process, wait_for
 from tests.register.conftest import BACKENDS, drop_pg_schema, new_pg_schema, pg_url
 
 pytestmark = pytest.mark.squid
 NCSA = "/usr/lib/squid/basic_ncsa_auth"
 
-
-@pytest.fixture(scope="module")
-def origin() -> Iterator[Origin]:
-    o = Origin()
-    yield o
-    o.close()
 
 
 def _bootstrap(gw: GatewayProcess) -> None:
@@ -72,14 +66,6 @@ def export(gw: GatewayProcess, *extra: str) -> dict:  # type: ignore[type-arg]
     out = gw.cli("register", "export", "--tenant", "acme", *extra, "--json", "--operator", "e2e")
     return json.loads(out.stdout)
 
-
-def wait_for(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
 
 
 def test_squid_user_with_tenant_key_is_recorded(gateway: GatewayProcess, origin: Origin,

@@ -16,7 +16,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.peers import GatewayProcess, Origin, TCPForwarder, curl, gateway_process, require_binary, squid_process
+from tests.peers import (
+    GatewayProcess,
+    Origin,
+    TCPForwarder,
+    curl,
+    gateway_process,
+    require_binary,
+    squid_process,
+    wait_for,
+)
 from tests.register.conftest import drop_pg_schema, new_pg_schema, pg_url
 
 pytestmark = [pytest.mark.squid, pytest.mark.postgres]
@@ -62,14 +71,6 @@ def queue_depth(gw: GatewayProcess) -> float:
             return float(line.split()[1])
     raise AssertionError("no queue depth metric")
 
-
-def wait_for(check, timeout: float = 20.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
 
 
 def test_outage_mid_traffic_loses_no_login_record(auth_lines: str) -> None:
