@@ -67,6 +67,10 @@ class ServerSettings:
 class ScanSettings:
     rules: str = setting("rules", "Directory of *.yar/*.yara files, each file its own namespace")
     threads: int = setting(0, "Scanning threads; 0 means one per core", validate=non_negative)
+    engine: Literal["yara", "yara-x"] = setting(
+        "yara", "Matching engine: yara (yara-python in the scanning threads) or yara-x "
+        "(YARA-X in as many worker processes as threads); same rules, namespaces and verdicts"
+    )
     timeout: float = setting(30.0, "Seconds one scan may take", kind="duration", validate=positive)
     error_policy: Literal["fail-open", "fail-closed"] = setting(
         "fail-closed", "On a scan error or timeout: pass the content (fail-open) or block it"

@@ -187,6 +187,7 @@ class ICAPServerProtocol(Protocol):
         self.tx: _Transaction | None = None
         self._busy = False  # a scan or an echo is under way: events wait
         self._timer: DelayedCall | None = None
+        self._timer_mid = False  # what the running timer guards: a request or idleness
         self._peer = ""
         self._over_limit = False
 
@@ -224,14 +225,20 @@ class ICAPServerProtocol(Protocol):
 
     def _arm_timer(self) -> None:
         """While we read, a stall is the peer's: 408 mid-request, a quiet
-        close when idle.  While we scan or write, no read timer runs."""
-        self._cancel_timer()
+        close when idle.  While we scan or write, no read timer runs.  One
+        DelayedCall is reset rather than replaced: this runs for every read."""
         if self._busy or self.transport is None:
+            self._cancel_timer()
             return
-        if self.conn.mid_request:
-            self._timer = self.ctx.clock.callLater(self.ctx.read_timeout, self._read_timed_out)
-        else:
-            self._timer = self.ctx.clock.callLater(self.ctx.idle_timeout, self._idle_timed_out)
+        mid = self.conn.mid_request
+        delay = self.ctx.read_timeout if mid else self.ctx.idle_timeout
+        timer = self._timer
+        if timer is not None and timer.active() and self._timer_mid == mid:
+            timer.reset(delay)
+            return
+        self._cancel_timer()
+        self._timer_mid = mid
+        self._timer = self.ctx.clock.callLater(delay, self._read_timed_out if mid else self._idle_timed_out)
 
     def _read_timed_out(self) -> None:
         self._timer = None

@@ -275,8 +275,13 @@ class RulesManager:
         pool: ThreadPool,
         interval: float,
         on_loaded: Callable[[bool, int, str], None] | None = None,
+        compiler: Callable[[Path], CompiledRules] | None = None,
     ) -> None:
         self.directory = Path(directory)
+        # The engine switch: ``compile_directory`` (yara-python) unless an engine
+        # gives its own, e.g. ``YaraXEngine.compile_directory`` (gateway.engine_yarax),
+        # whose CompiledRules.rules then matches with the same match() call.
+        self._compiler = compiler or compile_directory
         self._reactor = reactor
         self._pool = pool
         self.interval = interval
@@ -303,7 +308,7 @@ class RulesManager:
     def load_now(self) -> None:
         """The first load, synchronously (startup).  Raises RulesError."""
         try:
-            compiled = compile_directory(self.directory)
+            compiled = self._compiler(self.directory)
         except RulesError as e:
             self._attempted = e.snapshot
             self._failed(e)
@@ -323,7 +328,7 @@ class RulesManager:
     def _compile(self) -> None:
         self._running = True
         waiters, self._waiters = self._waiters, []
-        d = deferToThreadPool(self._reactor, self._pool, compile_directory, self.directory)
+        d = deferToThreadPool(self._reactor, self._pool, self._compiler, self.directory)
 
         def done(result: CompiledRules | Failure) -> None:
             if isinstance(result, CompiledRules):

@@ -214,6 +214,8 @@ class ServerConnection:
 
     def _read_head(self) -> bool:
         buf = self._buf
+        if not buf:
+            return False
         # RFC 9112 section 2.2: ignore empty lines before a request line.
         while buf[:2] == b"\r\n":
             del buf[:2]
