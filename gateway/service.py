@@ -62,6 +62,19 @@ class RulesService(Service):
         self.rules.stop()
 
 
+class EngineService(Service):
+    """Stops a scanning engine's worker processes (``[scan] engine = "yara-x"``).
+    Parented before the thread pool, so it stops after it: no scanning thread
+    is still waiting on a worker then."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.engine.close()
+
+
 @dataclass
 class Gateway:
     """What ``makeService`` built, for ``serve`` (signals) and tests."""
@@ -100,10 +113,18 @@ def build_gateway(
     purge_stale(spool_dir)  # temp files a crashed run left behind
 
     top = MultiService()
+    compiler = None
+    if config.scan.engine == "yara-x":
+        from gateway.engine_yarax import YaraXEngine
+
+        engine = YaraXEngine(config.scan.threads)
+        EngineService(engine).setServiceParent(top)
+        compiler = engine.compile_directory
     pool = make_scan_pool(config.scan)
     ThreadPoolService(pool).setServiceParent(top)
 
-    rules = RulesManager(resolve_path(config.scan.rules, config), reactor, pool, config.scan.reload_interval)
+    rules = RulesManager(resolve_path(config.scan.rules, config), reactor, pool, config.scan.reload_interval,
+                         compiler=compiler)
     register = build_register(config, reactor)
 
     def ready() -> tuple[bool, str]:
