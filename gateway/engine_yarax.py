@@ -74,8 +74,9 @@ class YaraXMatch(NamedTuple):
 # --- worker process side ----------------------------------------------------
 # Nothing here imports Twisted or yara-python: the workers stay small.
 
-# version -> yara_x.Scanner, newest last; at most _KEEP versions.
-_scanners: dict[str, Any] = {}
+# version -> (yara_x.Scanner, each rule's position in the set), newest last;
+# at most _KEEP versions.
+_scanners: dict[str, tuple[Any, dict[tuple[str, str], int]]] = {}
 _KEEP = 2
 
 
@@ -87,15 +88,19 @@ def _worker_init() -> None:
     import yara_x  # noqa: F401  (loaded once, before the first job)
 
 
-def _install(version: str, rules: Any) -> Any:
+def _install(version: str, rules: Any) -> tuple[Any, dict[tuple[str, str], int]]:
     import yara_x
 
-    scanner = yara_x.Scanner(rules)
+    # yara-python reports matches in declaration order (files sorted by
+    # namespace, then rules as written); yara-x in its own.  The position
+    # lets a verdict list the rules in yara's order: the first one is what a
+    # block page and the access log show first.
+    entry = (yara_x.Scanner(rules), {(r.namespace, r.identifier): i for i, r in enumerate(rules)})
     _scanners.pop(version, None)
-    _scanners[version] = scanner
+    _scanners[version] = entry
     while len(_scanners) > _KEEP:
         del _scanners[next(iter(_scanners))]
-    return scanner
+    return entry
 
 
 def _compile_job(
@@ -150,11 +155,12 @@ def _scan_job(
     ("timeout"|"error", why)."""
     import yara_x
 
-    scanner = _scanners.get(version)
-    if scanner is None:
+    entry = _scanners.get(version)
+    if entry is None:
         if blob is None:
             return _NEED_RULES
-        scanner = _install(version, yara_x.Rules.deserialize_from(io.BytesIO(blob)))
+        entry = _install(version, yara_x.Rules.deserialize_from(io.BytesIO(blob)))
+    scanner, position = entry
     # Every external each time: a yara-x scanner keeps the last value set,
     # yara-python falls back to the compile-time default; this matches the latter.
     for name, value in externals.items():
@@ -169,7 +175,8 @@ def _scan_job(
         return ("timeout", "")
     except yara_x.ScanError as e:
         return ("error", str(e))
-    return [(r.namespace, r.identifier) for r in results.matching_rules]
+    found = [(r.namespace, r.identifier) for r in results.matching_rules]
+    return sorted(found, key=lambda m: position.get(m, len(position)))
 
 
 # --- gateway process side ---------------------------------------------------
@@ -237,9 +244,15 @@ class YaraXEngine:
     def _run(self, timeout: float | None, fn: Any, *args: Any) -> Any:
         import yara
 
-        pool = self._pool()
         try:
+            pool = self._pool()
             future: Future[Any] = pool.submit(fn, *args)
+        except RuntimeError as e:  # closed (shutting down): an error verdict, not a crash
+            raise yara.Error(f"yara-x engine: {e}") from None
+        except BrokenProcessPool:
+            self._discard(pool)
+            raise yara.Error("yara-x worker process died") from None
+        try:
             return future.result(timeout=timeout)
         except BrokenProcessPool:
             self._discard(pool)

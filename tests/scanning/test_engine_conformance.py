@@ -1,0 +1,329 @@
+"""Both engines, same rules, same bodies: the same verdicts and the same rule names.
+
+``[scan] engine = "yara"`` (yara-python in threads) and ``"yara-x"`` (YARA-X
+in worker processes, ``gateway.engine_yarax``) must be interchangeable: a
+verdict, its ``namespace.rule`` names and the externals' effect may not
+depend on the engine.  Every body goes through ``YaraScanner.scan_blocking``
+of each engine, as the gateway runs it (in memory, spooled to a file,
+Content-Encoded).
+
+signature-base (outside the repository, see ``test_rulesets.py``) is
+compiled once per engine for the module.  Its bodies are generated: literal
+strings taken from its own rule files, sampled with a fixed seed, behind
+headers that rules test (MZ/PE, PHP, ASP, shell, ZIP), so hundreds of its
+rules fire, plus random bytes and ordinary text that must stay clean.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import gzip
+import os
+import random
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import ScanSettings, parse_config
+from gateway.engine_yarax import YaraXEngine
+from gateway.interfaces import ScanContext, Verdict
+from gateway.scanner import RulesError, RulesManager, YaraScanner, rule_files
+from gateway.settings import ConfigErrors
+
+from .conftest import BUNDLED_RULES, EICAR, SyncPool, SyncReactor, bump, result_of, write_rule
+from .test_bundled_rules import BATCH, CLICKFIX, CSV_EXPORT, SMUGGLER, tiny_pe, zip_bytes
+from .test_rulesets import ruleset
+
+ENGINES = ("yara", "yara-x")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[YaraXEngine]:
+    e = YaraXEngine(2)
+    yield e
+    e.close()
+
+
+def make_pair(
+    directory: Path, engine: YaraXEngine, spool: Path, **settings: Any
+) -> dict[str, YaraScanner]:
+    """One scanner per engine over ``directory``, synchronous pool and reactor."""
+    config = dataclasses.replace(ScanSettings(), **settings)
+    scanners = {}
+    for name in ENGINES:
+        reactor, pool = SyncReactor(), SyncPool()
+        compiler = engine.compile_directory if name == "yara-x" else None
+        manager = RulesManager(directory, reactor, pool, 0, compiler=compiler)  # type: ignore[arg-type]
+        manager.load_now()
+        scanners[name] = YaraScanner(manager, reactor, pool, config, spool)  # type: ignore[arg-type]
+    return scanners
+
+
+def both(scanners: dict[str, YaraScanner], body: bytes | str, **context: Any) -> Verdict:
+    """Scan with both engines; assert they agree (rule names in the same order:
+    the first is what the block page shows); return the yara-python verdict."""
+    context.setdefault("direction", "response")
+    ctx = ScanContext(**context)
+    verdicts = {name: s.scan_blocking(body, ctx) for name, s in scanners.items()}
+    yara_v, yarax_v = verdicts["yara"], verdicts["yara-x"]
+    assert (yarax_v.outcome, list(yarax_v.rules), yarax_v.detail) == (
+        yara_v.outcome, list(yara_v.rules), yara_v.detail), context
+    assert yarax_v.scanned_bytes == yara_v.scanned_bytes
+    return yara_v
+
+
+# --- the bundled rules ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundled(engine: YaraXEngine, tmp_path_factory: pytest.TempPathFactory) -> dict[str, YaraScanner]:
+    return make_pair(BUNDLED_RULES, engine, tmp_path_factory.mktemp("spool"))
+
+
+def smuggler(payload: bytes, name: str) -> bytes:
+    return SMUGGLER.format(payload=base64.b64encode(payload).decode(), name=name).encode()
+
+
+# (body, context, the rule it must hit or None): the positives and negatives of
+# test_bundled_rules, with the externals that decide them.
+BUNDLED_CASES: list[tuple[bytes, dict[str, str], str | None]] = [
+    (EICAR, {}, "EICAR_Test_File"),
+    (b"preamble\n" + EICAR + b"\n", {"direction": "request"}, "EICAR_Test_File"),
+    (EICAR[:-1], {}, None),
+    (tiny_pe(), {"filetype": "image/png"}, "PE_Disguised_As_Content"),
+    (tiny_pe(), {"filetype": "text/plain", "extension": "txt"}, "PE_Disguised_As_Content"),
+    (tiny_pe(), {"filetype": "application/octet-stream", "extension": "exe"}, None),
+    (tiny_pe(), {"filetype": "image/png", "direction": "request"}, None),
+    (b"MZ" + bytes(300), {"filetype": "image/png"}, None),
+    (smuggler(tiny_pe(), "update.exe"), {"filetype": "text/html"}, "HTML_Smuggling_Embedded_Payload"),
+    (smuggler(zip_bytes(), "invoice.zip"), {"filetype": "text/html"}, "HTML_Smuggling_Embedded_Payload"),
+    (CSV_EXPORT.encode(), {"filetype": "text/html"}, None),
+    (BATCH, {"filetype": "application/octet-stream", "extension": "bat"}, "PowerShell_Hidden_Download_Cradle"),
+    (BATCH, {"filetype": "text/plain", "direction": "request"}, None),
+    (b"<html><pre>" + BATCH + b"</pre></html>", {"filetype": "text/html"}, None),
+    (CLICKFIX, {"filetype": "text/html"}, "ClickFix_Clipboard_PowerShell"),
+    (b"<!doctype html><html><body>" + b"<p>text</p>" * 500, {"filetype": "text/html"}, None),
+]
+
+
+# Explicit ids: a test id must not carry the EICAR string into CI logs.
+@pytest.mark.parametrize(("body", "context", "expected"), BUNDLED_CASES,
+                         ids=[f"{i}-{case[2] or 'clean'}" for i, case in enumerate(BUNDLED_CASES)])
+def test_bundled_rules_same_verdicts(
+    bundled: dict[str, YaraScanner], body: bytes, context: dict[str, str], expected: str | None
+) -> None:
+    verdict = both(bundled, body, **context)
+    assert [r.split(".yar.", 1)[1] for r in verdict.rules] == ([expected] if expected else [])
+
+
+def test_bundled_same_rules_spooled_and_encoded(
+    bundled: dict[str, YaraScanner], engine: YaraXEngine, tmp_path: Path
+) -> None:
+    # A spooled body is scanned by path (scan_file in the worker).
+    spooled = tmp_path / "body"
+    spooled.write_bytes(b"x" * 5000 + EICAR + b"y" * 5000)
+    assert both(bundled, str(spooled)).rules == ("eicar.yar.EICAR_Test_File",)
+    # gzip: decoded first, then matched; a corrupt stream scans prefix and raw bytes.
+    assert both(bundled, gzip.compress(EICAR), content_encoding="gzip").outcome == "blocked"
+    broken = both(bundled, gzip.compress(b"<p>ok</p>" * 100)[:-30], content_encoding="gzip")
+    assert broken.outcome == "clean" and broken.detail.startswith("decode-error")
+    # Over max_scan_size: neither engine scans.
+    small = make_pair(BUNDLED_RULES, engine, tmp_path, max_scan_size=100)
+    assert both(small, EICAR * 2).detail == "too-large"
+
+
+def test_bundled_versions_differ_by_engine(bundled: dict[str, YaraScanner]) -> None:
+    # The ISTag changes with the engine; both are 16 hex digits.
+    versions = {name: s.version for name, s in bundled.items()}
+    assert versions["yara"] != versions["yara-x"]
+    assert all(re.fullmatch(r"[0-9a-f]{16}", v) for v in versions.values())
+
+
+# --- signature-base --------------------------------------------------------------
+
+_LITERAL = re.compile(r'^\s*\$\w*\s*=\s*"((?:[^"\\]|\\.)*)"(.*)$', re.M)
+_ESCAPES = {"n": b"\n", "t": b"\t", "r": b"\r", "\\": b"\\", '"': b'"'}
+
+
+def _unescape(text: str) -> bytes:
+    out, i = bytearray(), 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            if text[i + 1] == "x":
+                out.append(int(text[i + 2:i + 4], 16))
+                i += 4
+            else:
+                out += _ESCAPES.get(text[i + 1], text[i + 1].encode())
+                i += 2
+        else:
+            out += text[i].encode()
+            i += 1
+    return bytes(out)
+
+
+def rule_literals(directory: Path) -> list[tuple[bytes, bool]]:
+    """(bytes, wide only) of the text strings (6 bytes and more) in the rule files."""
+    found = []
+    for _, path in rule_files(directory):
+        for m in _LITERAL.finditer(path.read_text(errors="replace")):
+            try:
+                literal = _unescape(m.group(1))
+            except ValueError:
+                continue
+            if len(literal) >= 6:
+                found.append((literal, "wide" in m.group(2) and "ascii" not in m.group(2)))
+    return found
+
+
+SIG_PREFIXES = (b"", tiny_pe(), b"<?php ", b'<%@ Page Language="C#" %>', b"#!/bin/sh\n", b"PK\x03\x04")
+
+
+@pytest.fixture(scope="module")
+def sigbase_dir() -> Path:
+    return ruleset("signature-base")
+
+
+@pytest.fixture(scope="module")
+def sigbase(
+    sigbase_dir: Path, engine: YaraXEngine, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, YaraScanner]:
+    return make_pair(sigbase_dir, engine, tmp_path_factory.mktemp("spool"))
+
+
+def test_signature_base_loads_completely_under_yarax(sigbase: dict[str, YaraScanner]) -> None:
+    # Every file and every rule: YARA-X (relaxed regular expressions) refuses nothing.
+    yara_set, yarax_set = (sigbase[n]._rules.current for n in ENGINES)
+    assert yara_set is not None and yarax_set is not None
+    assert yarax_set.file_count == yara_set.file_count > 700
+    assert yarax_set.rule_count == yara_set.rule_count > 5000
+    assert yarax_set.externals_used == yara_set.externals_used
+
+
+def test_signature_base_generated_bodies(sigbase: dict[str, YaraScanner], sigbase_dir: Path) -> None:
+    rng = random.Random(20261126)
+    literals = rule_literals(sigbase_dir)
+    assert len(literals) > 10_000
+    hit: set[str] = set()
+    blocked = 0
+    for prefix in SIG_PREFIXES:
+        for count in (40, 400):
+            parts = rng.sample(literals, count)
+            body = prefix + b" ".join(
+                p.decode("latin-1").encode("utf-16le") if wide else p for p, wide in parts)
+            verdict = both(sigbase, body, filetype="application/octet-stream", filename="a.bin")
+            hit.update(verdict.rules)
+            blocked += verdict.outcome == "blocked"
+    # Not a vacuous comparison: hundreds of distinct rules fired, in both engines.
+    assert blocked >= 10
+    assert len(hit) > 200
+
+
+def test_signature_base_clean_bodies(sigbase: dict[str, YaraScanner]) -> None:
+    rng = random.Random(7)
+    for size in (0, 1, 1024, 64 * 1024):
+        assert both(sigbase, rng.randbytes(size)).outcome == "clean"
+    words = [b"the", b"gateway", b"scans", b"bodies", b"with", b"rules", b"and", b"text"]
+    page = b"<html><body><p>" + b" ".join(rng.choice(words) for _ in range(5000)) + b"</p></body></html>"
+    assert both(sigbase, page, filetype="text/html").outcome == "clean"
+
+
+def test_signature_base_known_strings_and_externals(sigbase: dict[str, YaraScanner], tmp_path: Path) -> None:
+    # Its EICAR rule (uint16(0) and filesize conditions) next to the bundled one.
+    assert "gen_suspicious_strings.yar.SUSP_Just_EICAR" in both(sigbase, EICAR).rules
+    # Rules that read the externals: they fire only with the right filename/filepath,
+    # which proves the values reach the YARA-X workers (and are reset between scans).
+    sudoers = b"deploy ALL=(ALL) NOPASSWD: /usr/bin/vim /etc/hosts\n"
+    name = "configured_vulns_ext_vars.yar.VULN_Linux_Sudoers_Commands"
+    assert name in both(sigbase, sudoers, filename="sudoers", direction="request").rules
+    assert name not in both(sigbase, sudoers, filename="notes.txt", direction="request").rules
+    exports = b"# shares\n/srv/data *(rw,insecure,no_root_squash)\n"
+    nfs = "configured_vulns_ext_vars.yar.VULN_Linux_NFS_Exports"
+    assert nfs in both(sigbase, exports, filename="exports", filepath="/etc/exports").rules
+    assert nfs not in both(sigbase, exports, filename="exports", filepath="/srv/exports").rules
+    # The same by path, from a spooled file.
+    spooled = tmp_path / "sudoers"
+    spooled.write_bytes(sudoers)
+    assert name in both(sigbase, str(spooled), filename="sudoers", tenant="acme").rules
+
+
+# --- the engine itself -------------------------------------------------------------
+
+
+def test_yarax_compile_error_names_file_and_line(engine: YaraXEngine, tmp_path: Path) -> None:
+    write_rule(tmp_path, "good.yar", 'rule ok { strings: $a = "fine" condition: $a }')
+    bad = write_rule(tmp_path, "sub/bad.yar", "rule broken {\n condition:\n  undefined_thing\n}\n")
+    with pytest.raises(RulesError) as caught:
+        engine.compile_directory(tmp_path)
+    assert caught.value.file == str(bad) and caught.value.line == 3
+    assert "unknown identifier" in caught.value.message
+
+
+def test_yarax_reload_swaps_and_refuses_broken(engine: YaraXEngine, tmp_path: Path) -> None:
+    rules_dir = tmp_path / "rules"
+    path = write_rule(rules_dir, "a.yar", 'rule first { strings: $a = "alpha" condition: $a }')
+    reactor, pool = SyncReactor(), SyncPool()
+    manager = RulesManager(rules_dir, reactor, pool, 0, compiler=engine.compile_directory)  # type: ignore[arg-type]
+    manager.load_now()
+    scanner = YaraScanner(manager, reactor, pool, ScanSettings(), tmp_path)  # type: ignore[arg-type]
+    ctx = ScanContext(direction="response")
+    old = scanner.version
+    assert scanner.scan_blocking(b"alpha", ctx).rules == ("a.yar.first",)
+    path.write_text('rule second { strings: $a = "beta" condition: $a }')
+    bump(path)
+    assert result_of(manager.reload()) is True
+    assert scanner.version != old
+    assert scanner.scan_blocking(b"alpha beta", ctx).rules == ("a.yar.second",)
+    path.write_text("rule broken { condition: nope }")
+    bump(path)
+    assert result_of(manager.reload()) is False  # refused: the working set stays
+    assert scanner.scan_blocking(b"beta", ctx).rules == ("a.yar.second",)
+
+
+def test_yarax_worker_death_is_an_error_then_recovers(tmp_path: Path) -> None:
+    engine = YaraXEngine(1)
+    try:
+        write_rule(tmp_path / "r", "e.yar", 'rule e { strings: $a = "needle" condition: $a }')
+        compiled = engine.compile_directory(tmp_path / "r")
+        assert [m.rule for m in compiled.rules.match(data=b"a needle", externals={}, timeout=5)] == ["e"]
+        executor = engine._executor
+        assert executor is not None
+        for pid in list(executor._processes):  # type: ignore[attr-defined]
+            os.kill(pid, signal.SIGKILL)
+        import yara
+
+        # The broken pool gives one error verdict's worth, then a fresh pool loads the rules again.
+        outcomes = []
+        for _ in range(3):
+            try:
+                outcomes.append([m.rule for m in compiled.rules.match(data=b"needle", externals={}, timeout=5)])
+            except yara.Error as e:
+                outcomes.append(str(e))
+        assert outcomes[-1] == ["e"]
+        assert engine.restarts == 1
+    finally:
+        engine.close()
+
+
+def test_yarax_closed_engine_gives_error_verdict(tmp_path: Path) -> None:
+    engine = YaraXEngine(1)
+    write_rule(tmp_path / "r", "e.yar", 'rule e { strings: $a = "needle" condition: $a }')
+    reactor, pool = SyncReactor(), SyncPool()
+    manager = RulesManager(tmp_path / "r", reactor, pool, 0, compiler=engine.compile_directory)  # type: ignore[arg-type]
+    manager.load_now()
+    scanner = YaraScanner(manager, reactor, pool, ScanSettings(), tmp_path)  # type: ignore[arg-type]
+    engine.close()
+    verdict = result_of(scanner.scan(b"needle", ScanContext(direction="response")))
+    assert verdict.outcome == "error"  # fail-closed applies, never a crash
+
+
+def test_engine_setting() -> None:
+    assert ScanSettings().engine == "yara"
+    assert parse_config({"scan": {"engine": "yara-x"}}, "gw.toml").scan.engine == "yara-x"
+    with pytest.raises(ConfigErrors) as caught:
+        parse_config({"scan": {"engine": "yarax"}}, "gw.toml")
+    assert "gw.toml" in str(caught.value) and "engine" in str(caught.value)
