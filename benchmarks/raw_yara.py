@@ -19,6 +19,7 @@ from pathlib import Path
 from benchmarks.bodies import Body, decode, make_body
 from benchmarks.icapwire import token
 from benchmarks.loadgen import percentile
+from benchmarks.procinfo import machine_busy_seconds
 from benchmarks.rulesets import compile_yara
 
 
@@ -33,6 +34,7 @@ class RawResult:
     p99_ms: float | None
     cpu: float
     matches: int
+    machine_cpu: float = 0.0  # the whole machine's busy CPU seconds in the window
 
     @property
     def rps(self) -> float:
@@ -81,9 +83,11 @@ def run_raw(rules_path: Path, scenario: str, *, threads: int | None = None,
     while time.monotonic() < lo:
         time.sleep(0.005)
     cpu0 = sum(os.times()[:2])
+    busy0 = machine_busy_seconds()
     for w in workers:
         w.join()
     cpu1 = sum(os.times()[:2])
+    busy1 = machine_busy_seconds()
     all_lat = sorted(x for a in lats for x in a)
     p50, p99 = percentile(all_lat, 0.5), percentile(all_lat, 0.99)
     return RawResult(
@@ -96,4 +100,5 @@ def run_raw(rules_path: Path, scenario: str, *, threads: int | None = None,
         p99_ms=p99 * 1e3 if p99 is not None else None,
         cpu=cpu1 - cpu0,
         matches=sum(matched),
+        machine_cpu=busy1 - busy0,
     )

@@ -81,6 +81,7 @@ class Suite:
         self.notes: list[str] = []
         self.special: list[Row] = []
         self.started = time.monotonic()
+        self._rules: dict[str, Any] = {}
 
     # --- running --------------------------------------------------------
 
@@ -95,14 +96,18 @@ class Suite:
                 rulesets.append(rs)
         if not self.opts.scenarios:
             rulesets = []  # only the memory scenarios
-        if "raw" in self.opts.targets:
-            for rs in rulesets:
-                self.run_raw(rs)
         if "cicap" in self.opts.targets and self.opts.scenarios:
             self.run_server("cicap", None, start_cicap)
-        for target, start in (("pyicap", self._start_pyicap), ("gateway", self._start_gateway)):
-            if target not in self.opts.targets:
-                continue
+        # raw YARA runs right before each server row it is compared with (the
+        # server idle meanwhile), so both see the same load from anything else
+        # on the machine; alone when no scanning server is measured
+        scanning = [t for t in ("pyicap", "gateway") if t in self.opts.targets]
+        if "raw" in self.opts.targets and not scanning:
+            for rs in rulesets:
+                for sc in self.opts.scenarios:
+                    self.run_raw(rs, sc, None)
+        for target in scanning:
+            start = self._start_pyicap if target == "pyicap" else self._start_gateway
             for rs in rulesets:
                 self.run_server(target, rs, lambda rs=rs, start=start: start(rs))
         if self.opts.idle:
@@ -129,26 +134,36 @@ class Suite:
         size = self.opts.preview_size or server.preview_size or 4096
         return {"off": [None], "on": [size], "both": [None, size]}[self.opts.preview]
 
-    def run_raw(self, rs: Ruleset) -> None:
-        t = time.monotonic()
-        try:
-            rules = compile_yara(rs.path)
-        except Exception as e:  # yara.Error: a ruleset that does not compile here
-            self.note(f"raw yara [{rs.name}]: rules do not compile: {e}")
+    def _compiled(self, rs: Ruleset) -> Any:
+        if rs.name not in self._rules:
+            t = time.monotonic()
+            try:
+                self._rules[rs.name] = compile_yara(rs.path)
+            except Exception as e:  # yara.Error: a ruleset that does not compile here
+                self.note(f"raw yara [{rs.name}]: rules do not compile: {e}")
+                self._rules[rs.name] = None
+            else:
+                self.log(f"raw yara: {rs.describe()} compiled in {time.monotonic() - t:.1f} s")
+        return self._rules[rs.name]
+
+    def run_raw(self, rs: Ruleset, sc: str, pair: str | None) -> None:
+        """One raw YARA row; ``pair`` names the server row it is measured for."""
+        rules = self._compiled(rs)
+        if rules is None:
             return
-        self.log(f"raw yara: {rs.describe()} compiled in {time.monotonic() - t:.1f} s")
-        for sc in self.opts.scenarios:
-            r = run_raw(rs.path, sc, warmup=min(self.opts.warmup, 0.5), duration=self.opts.duration,
-                        body_file=self.opts.body_file, rules=rules)
-            row = self._row("raw", rs.name, sc, None)
-            row.update(
-                rps=r.rps, mbps=r.mbps, decoded_mbps=r.decoded_mbps, p50_ms=r.p50_ms,
-                p99_ms=r.p99_ms, completed=r.completed, errors=0, threads=r.threads,
-                server_cores=r.cpu / r.duration, matches=r.matches,
-                body_bytes=r.body_length,
-                cpu_ms_per_req=r.cpu / r.completed * 1e3 if r.completed else None,
-            )
-            self._add(row)
+        r = run_raw(rs.path, sc, warmup=min(self.opts.warmup, 0.5), duration=self.opts.duration,
+                    body_file=self.opts.body_file, rules=rules)
+        row = self._row("raw", rs.name, sc, None)
+        row["pair"] = pair
+        row.update(
+            rps=r.rps, mbps=r.mbps, decoded_mbps=r.decoded_mbps, p50_ms=r.p50_ms,
+            p99_ms=r.p99_ms, completed=r.completed, errors=0, threads=r.threads,
+            server_cores=r.cpu / r.duration, matches=r.matches,
+            machine_cores=r.machine_cpu / r.duration,
+            body_bytes=r.body_length,
+            cpu_ms_per_req=r.cpu / r.completed * 1e3 if r.completed else None,
+        )
+        self._add(row)
 
     def run_server(self, target: str, rs: Ruleset | None, start: Callable[[], Server]) -> None:
         label = f"{target}" + (f" [{rs.name}]" if rs else "")
@@ -164,6 +179,8 @@ class Suite:
                 for sc in self.opts.scenarios:
                     if not server.alive():
                         break
+                    if rs is not None and "raw" in self.opts.targets:
+                        self.run_raw(rs, sc, target)
                     self.run_one(target, rs.name if rs else "-", sc, server, preview)
         if server.proc.returncode is not None and server.info.get("kept_log"):
             self.note(f"{label}: the server exited by itself (status {server.proc.returncode}); "
@@ -252,10 +269,16 @@ class Suite:
         """gateway and pyicap against raw YARA (same rules and body) and c-icap (same body)."""
         out: list[Row] = []
         index = {(r["target"], r["ruleset"], r["scenario"], r["preview"]): r for r in self.rows}
+        # the raw row measured for this server (the last one before it)
+        paired: dict[tuple[str, str, str], Row] = {}
+        for r in self.rows:
+            if r["target"] == "raw":
+                paired[(r.get("pair") or "", r["ruleset"], r["scenario"])] = r
         for r in self.rows:
             if r["target"] not in ("gateway", "pyicap"):
                 continue
-            raw = index.get(("raw", r["ruleset"], r["scenario"], None))
+            raw = paired.get((r["target"], r["ruleset"], r["scenario"])) \
+                or paired.get(("", r["ruleset"], r["scenario"]))
             cicap = index.get(("cicap", "-", r["scenario"], r["preview"]))
             out.append({
                 "target": r["target"], "ruleset": r["ruleset"], "scenario": r["scenario"],
@@ -316,6 +339,10 @@ def _div(a: Any, b: Any, invert: bool = False) -> float | None:
     return b / a if invert else a / b
 
 
+def _label(r: Row) -> str:
+    return f"raw>{r['pair']}" if r.get("pair") else r["target"]
+
+
 def _fmt(v: Any, spec: str = ".1f") -> str:
     if v is None:
         return "-"
@@ -330,7 +357,7 @@ def format_row(r: Row) -> str:
                  f" gen={_fmt(r.get('generator_cores'), '.2f')}c"
                  f" machine={_fmt(r.get('machine_cores'), '.2f')}c"
                  f" rss={_fmt(r.get('rss_peak_mib'))}MiB")
-    return (f"{r['target']:8} {r['ruleset']:15} {r['scenario']:5}{pv} "
+    return (f"{_label(r):10} {r['ruleset']:15} {r['scenario']:5}{pv} "
             f"{_fmt(r['rps'], '9.1f')} req/s {_fmt(r['mbps'], '8.1f')} MB/s "
             f"p50={_fmt(r['p50_ms'], '.2f')}ms p99={_fmt(r['p99_ms'], '.2f')}ms{extra}")
 
@@ -351,7 +378,7 @@ def markdown(report: dict[str, Any]) -> str:
         x = ratio.get((r["target"], r["ruleset"], r["scenario"], r["preview"]), {})
         body = r["scenario"] + (f" (preview {r['preview']})" if r["preview"] else "")
         out.append("| " + " | ".join([
-            r["target"], r["ruleset"], body, _fmt(r["rps"]), _fmt(r["mbps"]),
+            _label(r), r["ruleset"], body, _fmt(r["rps"]), _fmt(r["mbps"]),
             _fmt(r["p50_ms"], ".2f"), _fmt(r["p99_ms"], ".2f"), str(r.get("errors", 0)),
             _fmt(r.get("server_cores"), ".2f"), _fmt(r.get("generator_cores"), ".2f"),
             _fmt(r.get("machine_cores"), ".2f"), _fmt(r.get("cpu_ms_per_req"), ".3f"),
@@ -375,7 +402,7 @@ def table(report: dict[str, Any]) -> str:
     for r in report["results"]:
         x = ratio.get((r["target"], r["ruleset"], r["scenario"], r["preview"]), {})
         lines.append([
-            r["target"], r["ruleset"], r["scenario"], str(r["preview"] or "off"),
+            _label(r), r["ruleset"], r["scenario"], str(r["preview"] or "off"),
             _fmt(r["rps"]), _fmt(r["mbps"]), _fmt(r["p50_ms"], ".2f"), _fmt(r["p99_ms"], ".2f"),
             str(r.get("errors", 0)), _fmt(r.get("server_cores"), ".2f"),
             _fmt(r.get("generator_cores"), ".2f"), _fmt(r.get("machine_cores"), ".2f"),
