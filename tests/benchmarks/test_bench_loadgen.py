@@ -246,3 +246,60 @@ def test_make_body_names() -> None:
     assert make_body("1k").length == 1024
     assert make_body("20m").length == 20 * 1024 * 1024
     assert make_body("gzip").decoded_length == 1024 * 1024
+
+
+# --- the report ----------------------------------------------------------------
+
+
+def _r(target: str, ruleset: str, scenario: str, rps: float, cpu_ms: float,
+       pair: str | None = None) -> dict[str, object]:
+    return {"target": target, "ruleset": ruleset, "scenario": scenario, "preview": None,
+            "rps": rps, "cpu_ms_per_req": cpu_ms, "pair": pair, "mbps": 0.0, "p50_ms": 1.0,
+            "p99_ms": 2.0}
+
+
+def test_ratios_pair_each_server_with_its_own_raw_row() -> None:
+    from benchmarks.runner import Options, Suite, markdown, table
+
+    suite = Suite(Options(), log=lambda _msg: None)
+    suite.rows = [
+        _r("cicap", "-", "1k", 10000, 0.05),
+        _r("raw", "signature-base", "1k", 4000, 0.5, pair="pyicap"),
+        _r("pyicap", "signature-base", "1k", 1000, 1.0),
+        _r("raw", "signature-base", "1k", 2000, 0.5, pair="gateway"),
+        _r("gateway", "signature-base", "1k", 1900, 0.55),
+        _r("raw", "empty", "1k", 100000, 0.01, pair="gateway"),
+        _r("gateway", "empty", "1k", 6000, 0.3),
+    ]
+    suite.special = [{"scenario": "idle", "target": "gateway", "requested": 10000, "opened": 10000,
+                      "still_alive": 100, "checked": 100, "rss_before_mib": 50.0,
+                      "rss_after_mib": 290.0, "kib_per_connection": 24.6},
+                     {"scenario": "huge", "target": "gateway", "size": 2 * 1024**3, "status": 204,
+                      "seconds": 10.0, "mbps": 214.7, "rss_start_mib": 50.0, "rss_peak_mib": 130.0,
+                      "growth_mib": 80.0, "error": None}]
+    report = suite.report()
+    by = {(x["target"], x["ruleset"]): x for x in report["ratios"]}
+    assert by[("pyicap", "signature-base")]["vs_raw"] == pytest.approx(0.25)
+    assert by[("gateway", "signature-base")]["vs_raw"] == pytest.approx(0.95)  # its own raw row
+    assert by[("gateway", "signature-base")]["cpu_vs_raw"] == pytest.approx(0.5 / 0.55)
+    assert by[("gateway", "empty")]["vs_cicap"] == pytest.approx(0.6)
+    met = {t["target"]: t["met"] for t in report["targets"]}
+    assert met["gateway >= 0.9 x raw YARA, 1k"] is True
+    assert met["gateway empty ruleset 1 KiB >= 0.5 x c-icap echo"] is True
+    assert met["10000 idle connections in < 300 MiB RSS"] is True
+    assert met["RSS growth < 64 MiB streaming 2 GiB"] is False
+    assert "raw>gateway" in table(report) and "| gateway | empty | 1k |" in markdown(report)
+
+
+def test_cli_options() -> None:
+    from benchmarks.__main__ import build_parser, options_from
+
+    o = options_from(build_parser().parse_args(["--quick"]))
+    assert o.scenarios == ["1k", "1m"] and o.idle == 2000 and o.duration == 2.0
+    o = options_from(build_parser().parse_args(
+        ["--scenarios", "none", "--huge", "--huge-size", "1GiB", "--gateway-option",
+         "server.workers=2", "--targets", "gateway"]))
+    assert o.scenarios == [] and o.huge and o.huge_size == 1024**3
+    assert o.gateway_options == {"server": {"workers": 2}} and o.idle_targets == ["gateway"]
+    with pytest.raises(SystemExit):
+        options_from(build_parser().parse_args(["--scenarios", "2k"]))
