@@ -290,21 +290,16 @@ def test_yarax_worker_death_is_an_error_then_recovers(tmp_path: Path) -> None:
         write_rule(tmp_path / "r", "e.yar", 'rule e { strings: $a = "needle" condition: $a }')
         compiled = engine.compile_directory(tmp_path / "r")
         assert [m.rule for m in compiled.rules.match(data=b"a needle", externals={}, timeout=5)] == ["e"]
-        executor = engine._executor
-        assert executor is not None
-        for pid in list(executor._processes):  # type: ignore[attr-defined]
-            os.kill(pid, signal.SIGKILL)
+        [pid] = engine.pids()
+        os.kill(pid, signal.SIGKILL)
         import yara
 
-        # The broken pool gives one error verdict's worth, then a fresh pool loads the rules again.
-        outcomes = []
-        for _ in range(3):
-            try:
-                outcomes.append([m.rule for m in compiled.rules.match(data=b"needle", externals={}, timeout=5)])
-            except yara.Error as e:
-                outcomes.append(str(e))
-        assert outcomes[-1] == ["e"]
-        assert engine.restarts == 1
+        # The scan that finds it dead is an error; the next starts a new worker,
+        # which gets the rules with its first job.
+        with pytest.raises(yara.Error, match="died"):
+            compiled.rules.match(data=b"needle", externals={}, timeout=5)
+        assert [m.rule for m in compiled.rules.match(data=b"a needle", externals={}, timeout=5)] == ["e"]
+        assert engine.restarts == 1 and engine.pids() != [pid]
     finally:
         engine.close()
 
@@ -327,3 +322,56 @@ def test_engine_setting() -> None:
     with pytest.raises(ConfigErrors) as caught:
         parse_config({"scan": {"engine": "yarax"}}, "gw.toml")
     assert "gw.toml" in str(caught.value) and "engine" in str(caught.value)
+
+
+# --- the real gateway with engine = "yara-x" ---------------------------------------
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process under ``pid`` (its forkserver and scanning workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.cicap
+def test_gateway_serves_with_yarax_and_stops_its_workers(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    from tests.peers import gateway_process, require_binary
+
+    binary = require_binary("c-icap-client")
+    with gateway_process(settings={"scan": {"engine": "yara-x", "threads": 2}}) as gw:
+
+        def respmod(body: bytes, name: str) -> str:
+            src = tmp_path / name
+            src.write_bytes(body)
+            return subprocess.run(
+                [binary, "-i", "127.0.0.1", "-p", str(gw.port), "-s", "respmod",
+                 "-resp", f"http://example.com/{name}", "-f", str(src), "-o", str(tmp_path / f"{name}.out"), "-v"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60).stdout
+
+        assert "X-Infection-Found" in respmod(EICAR, "eicar.com")
+        # Past memory_threshold (1 MiB): spooled, scanned by path in a worker.
+        big = os.urandom(2 * 1024**2)
+        assert "X-Infection-Found" in respmod(big + EICAR, "big.bin")
+        assert "ICAP/1.0 204" in respmod(big, "clean.bin")
+        workers = descendants(gw.proc.pid)
+        assert len(workers) >= 3  # the forkserver and 2 scanning processes
+        gw.stop()
+        deadline = time.monotonic() + 10
+        while (left := {p for p in workers if Path(f"/proc/{p}").exists()}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, f"scanning processes left running: {left}"
