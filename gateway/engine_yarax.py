@@ -309,6 +309,10 @@ class YaraXEngine:
     def __init__(self, workers: int = 0, *, start_method: str = "forkserver") -> None:
         self.size = workers or os.cpu_count() or 1
         self._context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            # The fork server imports yara_x once and every worker is forked from
+            # it, rather than each importing the gateway's __main__ (the default).
+            self._context.set_forkserver_preload(["gateway.engine_yarax", "yara_x"])
         self._cond = threading.Condition()
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
