@@ -311,8 +311,8 @@ class YaraXEngine:
         self._context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             # The fork server imports yara_x once and every worker is forked from
-            # it, rather than each importing the gateway's __main__ (the default).
-            self._context.set_forkserver_preload(["gateway.engine_yarax", "yara_x"])
+            # it, rather than importing the gateway's __main__ there (the default).
+            self._context.set_forkserver_preload(["yara_x"])
         self._cond = threading.Condition()
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
@@ -554,7 +554,7 @@ def _cpu_seconds(pids: list[int]) -> float:
 def compare_engines(directory: Path, seconds: float = 3.0, threads: int = 2) -> list[dict[str, Any]]:
     """Both engines through ``YaraScanner.scan_blocking`` from ``threads``
     threads (yara-x: as many worker processes), no verdict cache: scans per
-    second, latency and CPU per scan, MB/s.  Bodies: 1 KiB and 1 MiB of random
+    second, latency and CPU per scan, MB/s.  Bodies: 1 KiB, 64 KiB and 1 MiB of random
     bytes in memory, and 1 MiB spooled to a file (scanned by path)."""
     import random
     import tempfile
@@ -569,7 +569,8 @@ def compare_engines(directory: Path, seconds: float = 3.0, threads: int = 2) -> 
     mib = rng.randbytes(1024**2)
     spooled.write_bytes(mib)
     bodies: list[tuple[str, bytes | str, int]] = [
-        ("1 KiB", mib[:1024], 1024), ("1 MiB", mib, len(mib)), ("1 MiB file", str(spooled), len(mib))]
+        ("1 KiB", mib[:1024], 1024), ("64 KiB", mib[:65536], 65536), ("1 MiB", mib, len(mib)),
+        ("1 MiB file", str(spooled), len(mib))]
     context = ScanContext(direction="response", filetype="application/octet-stream", filename="a.bin")
     rows: list[dict[str, Any]] = []
     for name in ("yara", "yara-x"):

@@ -375,3 +375,42 @@ def test_gateway_serves_with_yarax_and_stops_its_workers(tmp_path: Path) -> None
         while (left := {p for p in workers if Path(f"/proc/{p}").exists()}) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not left, f"scanning processes left running: {left}"
+
+
+SLOW_RULE = """rule slow {
+  condition:
+    for all i in (0..filesize - 1) : ( for all j in (0..filesize - 1) : ( uint8(i) != uint8(j) + 1000 ) )
+}
+"""
+
+
+def test_timeout_is_the_same_verdict(engine: YaraXEngine, tmp_path: Path) -> None:
+    write_rule(tmp_path / "r", "slow.yar", SLOW_RULE)
+    scanners = make_pair(tmp_path / "r", engine, tmp_path, timeout=1.0)
+    verdict = both(scanners, bytes(200_000))
+    assert (verdict.outcome, verdict.detail) == ("error", "timeout")
+    # The yara-x worker stopped the scan itself and serves the next one.
+    write_rule(tmp_path / "q", "e.yar", 'rule e { strings: $a = "needle" condition: $a }')
+    quick = make_pair(tmp_path / "q", engine, tmp_path)
+    assert both(quick, b"a needle").outcome == "blocked"
+
+
+def test_stuck_worker_is_killed_and_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yara
+
+    from gateway import engine_yarax
+
+    monkeypatch.setattr(engine_yarax, "SLACK", 0.5)
+    engine = YaraXEngine(1)
+    try:
+        write_rule(tmp_path, "e.yar", 'rule e { strings: $a = "needle" condition: $a }')
+        compiled = engine.compile_directory(tmp_path)
+        [pid] = engine.pids()
+        os.kill(pid, signal.SIGSTOP)  # answers nothing, as if stuck in a scan
+        with pytest.raises(yara.TimeoutError):
+            compiled.rules.match(data=b"needle", externals={}, timeout=1)
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        assert [m.rule for m in compiled.rules.match(data=b"needle", externals={}, timeout=1)] == ["e"]
+        assert engine.restarts == 1
+    finally:
+        engine.close()
