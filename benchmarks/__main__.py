@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", choices=["off", "on", "both"], default="off",
                    help="send a Preview (size from the server's OPTIONS, or --preview-size)")
     p.add_argument("--preview-size", type=int)
-    p.add_argument("--duration", type=float, help="measured seconds per row (4; --quick 2)")
+    p.add_argument("--duration", type=float, help="measured seconds per row (3; --quick 2)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each row (1; --quick 0.5)")
     p.add_argument("--body-file", help="send this file's bytes (scenario 'file'), made unique per request")
     p.add_argument("--huge", action="store_true",

@@ -46,6 +46,21 @@ def rss_kib(pid: int) -> int:
     return sum(_status_kib(p, "VmRSS") for p in tree(pid))
 
 
+def pss_kib(pid: int) -> int:
+    """Proportional set size of the tree: shared pages (libraries, a forked
+    parent's memory) counted once across processes, unlike summed RSS."""
+    total = 0
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            continue
+    return total
+
+
 def hwm_kib(pid: int) -> int:
     return sum(_status_kib(p, "VmHWM") for p in tree(pid))
 

@@ -54,7 +54,7 @@ class Options:
     preview: str = "off"  # off | on | both
     preview_size: int | None = None  # None: what the server's OPTIONS advertises
     warmup: float = 1.0
-    duration: float = 4.0
+    duration: float = 3.0
     body_file: str | None = None
     huge: bool = False
     huge_size: int = 2 * GiB
@@ -234,7 +234,8 @@ class Suite:
         self.special.append(row)
         self.log(f"idle [{target}]: {r.opened}/{r.requested} open, {r.answered} answered, "
                  f"{r.still_alive}/{r.checked} alive at the end; RSS {r.rss_before_mib:.1f} -> "
-                 f"{r.rss_after_mib:.1f} MiB ({r.kib_per_connection:.1f} KiB/conn)"
+                 f"{r.rss_after_mib:.1f} MiB ({r.kib_per_connection:.1f} KiB/conn), PSS "
+                 f"{r.pss_before_mib:.1f} -> {r.pss_after_mib:.1f} MiB, {r.processes} processes"
                  + (f"; error: {r.error}" if r.error else ""))
 
     def run_huge(self, target: str) -> None:
@@ -421,7 +422,9 @@ def table(report: dict[str, Any]) -> str:
             out.append(f"idle [{s['target']}]: {s['opened']}/{s['requested']} connections, "
                        f"{s['still_alive']}/{s['checked']} alive at the end, server RSS "
                        f"{s['rss_before_mib']:.1f} -> {s['rss_after_mib']:.1f} MiB "
-                       f"({s['kib_per_connection']:.1f} KiB per connection)")
+                       f"({s['kib_per_connection']:.1f} KiB per connection; PSS "
+                       f"{s.get('pss_before_mib', 0):.1f} -> {s.get('pss_after_mib', 0):.1f} MiB; "
+                       f"{s.get('processes', 1)} processes)")
         else:
             out.append(f"huge [{s['target']}]: {s['size'] / GiB:.2f} GiB, status {s['status']}, "
                        f"{s['seconds']:.1f} s ({s['mbps']:.0f} MB/s), server RSS "

@@ -29,7 +29,7 @@ from benchmarks.icapwire import (
     options_request,
 )
 from benchmarks.loadgen import stream_request
-from benchmarks.procinfo import BackgroundSampler, rss_kib
+from benchmarks.procinfo import BackgroundSampler, pss_kib, rss_kib, tree
 
 
 def raise_nofile() -> int:
@@ -126,6 +126,9 @@ class IdleResult:
     rss_before_mib: float
     rss_after_mib: float
     error: str | None
+    pss_before_mib: float = 0.0
+    pss_after_mib: float = 0.0
+    processes: int = 1
 
     @property
     def growth_mib(self) -> float:
@@ -140,6 +143,7 @@ def run_idle(host: str, port: int, service: str, server_pid: int, n: int,
              batch: int = 200, settle: float = 2.0) -> IdleResult:
     raise_nofile()
     rss_before = rss_kib(server_pid)
+    pss_before = pss_kib(server_pid)
     req = options_request(host, port, service)
     socks: list[socket.socket] = []
     answered = 0
@@ -158,6 +162,8 @@ def run_idle(host: str, port: int, service: str, server_pid: int, n: int,
         error = f"after {len(socks)} connections: {e}"
     time.sleep(settle)
     rss_after = rss_kib(server_pid)
+    pss_after = pss_kib(server_pid)
+    processes = len(tree(server_pid))
     # are they still open and usable?  check a sample
     sample = random.Random(5).sample(socks, min(100, len(socks)))
     alive = _options_all(sel, sample, req, timeout=30) if sample else 0
@@ -166,7 +172,8 @@ def run_idle(host: str, port: int, service: str, server_pid: int, n: int,
     return IdleResult(
         requested=n, opened=len(socks), answered=answered, still_alive=alive,
         checked=len(sample), rss_before_mib=rss_before / 1024, rss_after_mib=rss_after / 1024,
-        error=error,
+        error=error, pss_before_mib=pss_before / 1024, pss_after_mib=pss_after / 1024,
+        processes=processes,
     )
 
 
