@@ -353,7 +353,11 @@ def test_gateway_serves_with_yarax_and_stops_its_workers(tmp_path: Path) -> None
     from tests.peers import gateway_process, require_binary
 
     binary = require_binary("c-icap-client")
-    with gateway_process(settings={"scan": {"engine": "yara-x", "threads": 2}}) as gw:
+    import shutil
+
+    rules = tmp_path / "rules"
+    shutil.copytree(BUNDLED_RULES, rules)
+    with gateway_process(rules=rules, settings={"scan": {"engine": "yara-x", "threads": 2}}) as gw:
 
         def respmod(body: bytes, name: str) -> str:
             src = tmp_path / name
@@ -368,6 +372,16 @@ def test_gateway_serves_with_yarax_and_stops_its_workers(tmp_path: Path) -> None
         big = os.urandom(2 * 1024**2)
         assert "X-Infection-Found" in respmod(big + EICAR, "big.bin")
         assert "ICAP/1.0 204" in respmod(big, "clean.bin")
+        # SIGHUP: compiled in a worker, loaded by the others, then in service.
+        needle = b"conformance-needle-" + os.urandom(4).hex().encode()
+        assert "ICAP/1.0 204" in respmod(needle, "n1.txt")
+        write_rule(rules, "extra.yar", f'rule Extra {{ strings: $a = "{needle.decode()}" condition: $a }}')
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "X-Infection-Found" not in (out := respmod(needle, f"n{time.monotonic()}.txt")):
+            assert time.monotonic() < deadline, out
+            time.sleep(0.2)
+        assert "extra.yar.Extra" in out
         workers = descendants(gw.proc.pid)
         assert len(workers) >= 3  # the forkserver and 2 scanning processes
         gw.stop()
