@@ -188,6 +188,7 @@ class ICAPServerProtocol(Protocol):
         self._busy = False  # a scan or an echo is under way: events wait
         self._timer: DelayedCall | None = None
         self._timer_mid = False  # what the running timer guards: a request or idleness
+        self._paused = False  # we stopped reading the transport (see dataReceived)
         self._peer = ""
         self._over_limit = False
 
@@ -210,7 +211,21 @@ class ICAPServerProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.conn.receive_data(data)
+        if self._busy:
+            # Bytes while we scan or echo (a pipelining client): keep them,
+            # but read no more until we answered, so they cannot pile up.
+            # Paused lazily, as Squid sends nothing before our answer: no
+            # epoll change per request.
+            if not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+            return
         self._process()
+
+    def _resume_reading(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resumeProducing()
 
     def readConnectionLost(self) -> None:  # half-close: treat as end of input
         self.conn.receive_data(b"")
@@ -418,7 +433,6 @@ class ICAPServerProtocol(Protocol):
         )
         self._busy = True
         self._cancel_timer()
-        self.transport.pauseProducing()  # no more bodies pile up while we scan
         d = self.ctx.scanner.scan(tx.spool.scan_target(), context)
         d.addCallback(self._on_verdict, tx)
         d.addErrback(self._on_scan_failure, tx)
@@ -451,7 +465,7 @@ class ICAPServerProtocol(Protocol):
         else:
             self._answer_clean(verdict, outcome="clean")
         if not self._busy:  # an echo still being written resumes reading when done
-            self.transport.resumeProducing()
+            self._resume_reading()
             self._process()
 
     # --- answers ------------------------------------------------------------
@@ -561,7 +575,7 @@ class ICAPServerProtocol(Protocol):
         """The echo producer wrote the last chunk."""
         self._busy = False
         self._close_spool()
-        self.transport.resumeProducing()
+        self._resume_reading()
         self._process()
 
     def _close_spool(self) -> None:
