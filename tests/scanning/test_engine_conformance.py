@@ -428,3 +428,9 @@ def test_stuck_worker_is_killed_and_replaced(tmp_path: Path, monkeypatch: pytest
         assert engine.restarts == 1
     finally:
         engine.close()
+
+
+def test_yarax_warnings_skip_style_lints(bundled: dict[str, YaraScanner]) -> None:
+    # The bundled EICAR rule is hex on purpose: yara-x's text_as_hex lint is not logged.
+    compiled = bundled["yara-x"]._rules.current
+    assert compiled is not None and compiled.warnings == ()
