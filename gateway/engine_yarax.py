@@ -47,7 +47,6 @@ completely this way.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import multiprocessing
 import os
@@ -472,22 +471,10 @@ class YaraXEngine:
         import yara
 
         from gateway.scancache import mentioned_externals
-        from gateway.scanner import EXTERNALS, VERSION_LENGTH, CompiledRules, RulesError, rule_files
+        from gateway.scanner import EXTERNALS, CompiledRules, RulesError, read_rule_files
 
-        files = rule_files(directory)
-        if not files:
-            raise RulesError(str(directory), 0, "no *.yar or *.yara rule files")
-        digest = hashlib.sha256(ENGINE_TAG)
-        sources = []
-        for namespace, path in files:
-            try:
-                content = path.read_bytes()
-            except OSError as e:
-                raise RulesError(str(path), 0, e.strerror or str(e)) from None
-            # The same framing as the yara engine, after the engine tag.
-            digest.update(namespace.encode() + b"\0" + len(content).to_bytes(8, "big") + content)
-            sources.append((namespace, str(path), content.decode("utf-8", "replace")))
-        version = digest.hexdigest()[:VERSION_LENGTH]
+        files, version = read_rule_files(directory, ENGINE_TAG)
+        sources = [(namespace, str(path), text) for namespace, path, text in files]
         try:
             worker = self._checkout(None)
             blob, count, warnings, errors = self._call(worker, None, "compile", version, sources, EXTERNALS)

@@ -201,27 +201,17 @@ def compile_directory(directory: Path) -> CompiledRules:
 def _compile(
     directory: Path, snapshot: tuple[tuple[str, int, int, int], ...], started: float
 ) -> CompiledRules:
-    files = rule_files(directory)
-    if not files:
-        raise RulesError(str(directory), 0, "no *.yar or *.yara rule files")
-    digest = hashlib.sha256()
-    sources = []
-    for namespace, path in files:
-        try:
-            content = path.read_bytes()
-        except OSError as e:
-            raise RulesError(str(path), 0, e.strerror or str(e)) from None
-        digest.update(namespace.encode() + b"\0" + len(content).to_bytes(8, "big") + content)
-        sources.append(content.decode("utf-8", "replace"))
+    files, version = read_rule_files(directory)
+    sources = [text for _, _, text in files]
     try:
         rules = yara.compile(
-            filepaths={namespace: str(path) for namespace, path in files}, externals=EXTERNALS
+            filepaths={namespace: str(path) for namespace, path, _ in files}, externals=EXTERNALS
         )
     except yara.Error as e:
         raise _rules_error(e, str(directory)) from None
     return CompiledRules(
         rules=rules,
-        version=digest.hexdigest()[:VERSION_LENGTH],
+        version=version,
         rule_count=sum(1 for _ in rules),
         file_count=len(files),
         snapshot=snapshot,
@@ -232,6 +222,25 @@ def _compile(
         externals_used=(frozenset(EXTERNALS) if any("include" in src for src in sources)
                         else mentioned_externals(sources, EXTERNALS)),
     )
+
+
+def read_rule_files(directory: Path, engine_tag: bytes = b"") -> tuple[list[tuple[str, Path, str]], str]:
+    """Every rule file as (namespace, path, text), and the ruleset version:
+    a hash over the engine tag, the namespaces and the exact bytes compiled.
+    Raises RulesError when there is no rule file or one cannot be read."""
+    files = rule_files(directory)
+    if not files:
+        raise RulesError(str(directory), 0, "no *.yar or *.yara rule files")
+    digest = hashlib.sha256(engine_tag)
+    out = []
+    for namespace, path in files:
+        try:
+            content = path.read_bytes()
+        except OSError as e:
+            raise RulesError(str(path), 0, e.strerror or str(e)) from None
+        digest.update(namespace.encode() + b"\0" + len(content).to_bytes(8, "big") + content)
+        out.append((namespace, path, content.decode("utf-8", "replace")))
+    return out, digest.hexdigest()[:VERSION_LENGTH]
 
 
 def check_rules(directory: Path) -> tuple[int, str]:
