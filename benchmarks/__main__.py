@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=int, help="idle connections to open (10000; --quick 2000; 0 skips)")
     p.add_argument("--idle-targets", type=_list, default=None,
                    help="servers for the idle scenario (gateway,pyicap)")
+    p.add_argument("--idle-rules", default="empty",
+                   help="ruleset loaded during the idle scenario (empty)")
     p.add_argument("--gateway-option", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra gateway config, e.g. server.workers=2 (repeatable)")
     p.add_argument("--gateway-service", default="respmod", help="ICAP service path of the gateway")
@@ -90,6 +92,7 @@ def options_from(args: argparse.Namespace) -> Options:
     if args.huge_size:
         o.huge_size = args.huge_size
     o.idle = args.idle if args.idle is not None else o.idle
+    o.idle_rules = args.idle_rules
     if args.idle_targets is not None:
         o.idle_targets = args.idle_targets
     else:

@@ -60,6 +60,7 @@ class Options:
     huge_size: int = 2 * GiB
     idle: int = 10000  # 0: skip
     idle_targets: list[str] = field(default_factory=lambda: ["gateway", "pyicap"])
+    idle_rules: str = "empty"  # ruleset loaded while the idle connections are held
     gateway_options: dict[str, dict[str, object]] = field(default_factory=dict)
     gateway_service: str = "respmod"
     pause: float = 0.0  # seconds of rest between servers, to let others' tests run
@@ -218,8 +219,10 @@ class Suite:
         self._add(row)
 
     def run_idle(self, target: str) -> None:
-        rs = resolve("empty")
-        assert rs is not None
+        rs = resolve(self.opts.idle_rules)
+        if rs is None:
+            self.note(f"idle [{target}]: ruleset {self.opts.idle_rules!r} not found: not run")
+            return
         starts = {"gateway": self._start_gateway, "pyicap": self._start_pyicap,
                   "cicap": lambda _rs: start_cicap()}
         try:
@@ -229,7 +232,7 @@ class Suite:
             return
         with server:
             r = run_idle(server.host, server.port, server.service, server.pid, self.opts.idle)
-        row: Row = {"scenario": "idle", "target": target, **asdict(r),
+        row: Row = {"scenario": "idle", "target": target, "ruleset": rs.name, **asdict(r),
                     "growth_mib": r.growth_mib, "kib_per_connection": r.kib_per_connection}
         self.special.append(row)
         self.log(f"idle [{target}]: {r.opened}/{r.requested} open, {r.answered} answered, "
