@@ -100,6 +100,39 @@ def machine_busy_seconds() -> float:
     return busy / CLK_TCK
 
 
+def connections_per_process(pid: int, port: int) -> dict[int, int]:
+    """Established TCP connections on local ``port`` held by each process of the tree.
+
+    Shows whether a multi-process server spreads its clients over its workers.
+    """
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            # local address "HEX_IP:HEX_PORT", state 01 = ESTABLISHED, inode field 9
+            if len(f) > 9 and f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f[9])
+    out: dict[int, int] = {}
+    for p in tree(pid):
+        n = 0
+        try:
+            for fd in Path(f"/proc/{p}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    n += 1
+        except OSError:
+            continue
+        out[p] = n
+    return out
+
+
 @dataclass
 class TreeUsage:
     rss_start_kib: int = 0  # before the load started
@@ -108,6 +141,7 @@ class TreeUsage:
     rss_end_kib: int = 0
     cpu: float = 0.0  # CPU seconds of the tree inside the measurement window
     machine_cpu: float = 0.0  # CPU seconds the whole machine was busy inside the window
+    connections: dict[int, int] | None = None  # per process, sampled mid-window
 
     @property
     def peak_mib(self) -> float:
@@ -122,9 +156,10 @@ class Sampler:
     """Watch a process tree while a load runs: call ``during(lo, hi)`` from the
     parent; it samples RSS every ``interval`` and takes CPU at lo and hi."""
 
-    def __init__(self, pid: int | None, interval: float = 0.05) -> None:
+    def __init__(self, pid: int | None, interval: float = 0.05, port: int | None = None) -> None:
         self.pid = pid
         self.interval = interval
+        self.port = port
         self.usage = TreeUsage()
 
     def begin(self) -> None:
@@ -146,6 +181,8 @@ class Sampler:
                 busy0 = machine_busy_seconds()
             if now >= hi:
                 break
+            if self.port and self.usage.connections is None and now >= (lo + hi) / 2:
+                self.usage.connections = connections_per_process(self.pid, self.port)
             self.usage.rss_peak_kib = max(self.usage.rss_peak_kib, rss_kib(self.pid))
             time.sleep(min(self.interval, max(0.0, hi - now)))
         self.usage.cpu = cpu_seconds(self.pid) - (cpu0 or 0.0)

@@ -195,7 +195,7 @@ class Suite:
                         concurrency=self.opts.concurrency, clients=self.opts.clients,
                         preview=preview, warmup=self.opts.warmup, duration=self.opts.duration,
                         body_file=self.opts.body_file)
-        sampler = Sampler(server.pid)
+        sampler = Sampler(server.pid, port=server.port)
         sampler.begin()
         try:
             r = run_load(spec, sampler.during)
@@ -215,6 +215,11 @@ class Suite:
             rss_start_mib=u.rss_start_kib / 1024, rss_peak_mib=u.peak_mib,
             rss_growth_mib=u.growth_mib, body_bytes=r.body_length,
             cpu_ms_per_req=u.cpu / r.completed * 1e3 if r.completed else None,
+            # how the server's processes share the connections, e.g. "8/0": a
+            # multi-worker server that does not spread them uses one core
+            connections="/".join(str(n) for n in sorted(
+                (u.connections or {}).values(), reverse=True) if n or len(u.connections or {}) > 1)
+            if u.connections else None,
         )
         self._add(row)
 
@@ -360,7 +365,7 @@ def format_row(r: Row) -> str:
         extra = (f" err={r.get('errors', 0)} srv={_fmt(r.get('server_cores'), '.2f')}c"
                  f" gen={_fmt(r.get('generator_cores'), '.2f')}c"
                  f" machine={_fmt(r.get('machine_cores'), '.2f')}c"
-                 f" rss={_fmt(r.get('rss_peak_mib'))}MiB")
+                 f" rss={_fmt(r.get('rss_peak_mib'))}MiB conns={r.get('connections') or '-'}")
     return (f"{_label(r):10} {r['ruleset']:15} {r['scenario']:5}{pv} "
             f"{_fmt(r['rps'], '9.1f')} req/s {_fmt(r['mbps'], '8.1f')} MB/s "
             f"p50={_fmt(r['p50_ms'], '.2f')}ms p99={_fmt(r['p99_ms'], '.2f')}ms{extra}")
@@ -375,9 +380,9 @@ def markdown(report: dict[str, Any]) -> str:
            f"commit {m['commit']}; {m['date']}.", ""]
     ratio = {(x["target"], x["ruleset"], x["scenario"], x["preview"]): x for x in report["ratios"]}
     out.append("| target | rules | body | req/s | MB/s | p50 ms | p99 ms | err | srv cores | "
-               "gen cores | busy cores | srv CPU ms/req | peak RSS MiB | x raw | x c-icap | "
-               "CPU x raw |")
-    out.append("|" + "---|" * 16)
+               "gen cores | busy cores | srv CPU ms/req | peak RSS MiB | conns/process | x raw | "
+               "x c-icap | CPU x raw |")
+    out.append("|" + "---|" * 17)
     for r in report["results"]:
         x = ratio.get((r["target"], r["ruleset"], r["scenario"], r["preview"]), {})
         body = r["scenario"] + (f" (preview {r['preview']})" if r["preview"] else "")
@@ -386,7 +391,8 @@ def markdown(report: dict[str, Any]) -> str:
             _fmt(r["p50_ms"], ".2f"), _fmt(r["p99_ms"], ".2f"), str(r.get("errors", 0)),
             _fmt(r.get("server_cores"), ".2f"), _fmt(r.get("generator_cores"), ".2f"),
             _fmt(r.get("machine_cores"), ".2f"), _fmt(r.get("cpu_ms_per_req"), ".3f"),
-            _fmt(r.get("rss_peak_mib")), _fmt(x.get("vs_raw"), ".2f"),
+            _fmt(r.get("rss_peak_mib")), r.get("connections") or "-",
+            _fmt(x.get("vs_raw"), ".2f"),
             _fmt(x.get("vs_cicap"), ".2f"), _fmt(x.get("cpu_vs_raw"), ".2f"),
         ]) + " |")
     if report["targets"]:
@@ -401,7 +407,7 @@ def table(report: dict[str, Any]) -> str:
     ratio = {(x["target"], x["ruleset"], x["scenario"], x["preview"]): x for x in report["ratios"]}
     head = ["target", "rules", "body", "preview", "req/s", "MB/s", "p50 ms", "p99 ms", "errors",
             "srv cores", "gen cores", "busy cores", "srv CPU ms/req", "peak RSS MiB",
-            "x raw", "x c-icap", "CPU x raw", "CPU x c-icap"]
+            "conns/process", "x raw", "x c-icap", "CPU x raw", "CPU x c-icap"]
     lines = [head]
     for r in report["results"]:
         x = ratio.get((r["target"], r["ruleset"], r["scenario"], r["preview"]), {})
@@ -411,6 +417,7 @@ def table(report: dict[str, Any]) -> str:
             str(r.get("errors", 0)), _fmt(r.get("server_cores"), ".2f"),
             _fmt(r.get("generator_cores"), ".2f"), _fmt(r.get("machine_cores"), ".2f"),
             _fmt(r.get("cpu_ms_per_req"), ".3f"), _fmt(r.get("rss_peak_mib")),
+            r.get("connections") or "-",
             _fmt(x.get("vs_raw"), ".2f"), _fmt(x.get("vs_cicap"), ".2f"),
             _fmt(x.get("cpu_vs_raw"), ".2f"), _fmt(x.get("cpu_vs_cicap"), ".2f"),
         ])
