@@ -42,6 +42,9 @@ from benchmarks.special import raise_nofile, run_huge, run_idle
 ALL_SCENARIOS = ["1k", "64k", "1m", "20m", "gzip"]
 ALL_RULESETS = ["signature-base", "bundled", "empty"]
 ALL_TARGETS = ["raw", "cicap", "pyicap", "gateway"]
+# optional: the YARA-X limit (worker processes), for a gateway run with
+# --gateway-option scan.engine=yara-x; compiling signature-base takes ~10 s
+KNOWN_TARGETS = [*ALL_TARGETS, "rawx"]
 
 
 @dataclass
@@ -107,6 +110,10 @@ class Suite:
             for rs in rulesets:
                 for sc in self.opts.scenarios:
                     self.run_raw(rs, sc, None)
+        if "rawx" in self.opts.targets and "gateway" not in scanning:
+            for rs in rulesets:
+                for sc in self.opts.scenarios:
+                    self.run_rawx(rs, sc, None)
         for target in scanning:
             start = self._start_pyicap if target == "pyicap" else self._start_gateway
             for rs in rulesets:
@@ -166,6 +173,35 @@ class Suite:
         )
         self._add(row)
 
+    def run_rawx(self, rs: Ruleset, sc: str, pair: str | None) -> None:
+        """One raw YARA-X row (worker processes), like ``run_raw``."""
+        from benchmarks.raw_yarax import compile_yarax, run_rawx
+
+        key = "x:" + rs.name
+        if key not in self._rules:
+            t = time.monotonic()
+            try:
+                self._rules[key] = compile_yarax(rs.path)
+            except Exception as e:  # yara_x.CompileError
+                self.note(f"raw yara-x [{rs.name}]: rules do not compile: {e}")
+                self._rules[key] = None
+            else:
+                self.log(f"raw yara-x: {rs.describe()} compiled in {time.monotonic() - t:.1f} s")
+        blob = self._rules[key]
+        if blob is None:
+            return
+        r = run_rawx(blob, sc, warmup=min(self.opts.warmup, 0.5), duration=self.opts.duration,
+                     body_file=self.opts.body_file)
+        row = self._row("rawx", rs.name, sc, None)
+        row["pair"] = pair
+        row.update(
+            rps=r.rps, mbps=r.mbps, decoded_mbps=r.decoded_mbps, p50_ms=r.p50_ms,
+            p99_ms=r.p99_ms, completed=r.completed, errors=0, threads=r.threads,
+            server_cores=r.cpu / r.duration, matches=r.matches, body_bytes=r.body_length,
+            cpu_ms_per_req=r.cpu / r.completed * 1e3 if r.completed else None,
+        )
+        self._add(row)
+
     def run_server(self, target: str, rs: Ruleset | None, start: Callable[[], Server]) -> None:
         label = f"{target}" + (f" [{rs.name}]" if rs else "")
         t = time.monotonic()
@@ -182,6 +218,8 @@ class Suite:
                         break
                     if rs is not None and "raw" in self.opts.targets:
                         self.run_raw(rs, sc, target)
+                    if rs is not None and "rawx" in self.opts.targets and target == "gateway":
+                        self.run_rawx(rs, sc, target)
                     self.run_one(target, rs.name if rs else "-", sc, server, preview)
         if server.proc.returncode is not None and server.info.get("kept_log"):
             self.note(f"{label}: the server exited by itself (status {server.proc.returncode}); "
@@ -280,14 +318,19 @@ class Suite:
         index = {(r["target"], r["ruleset"], r["scenario"], r["preview"]): r for r in self.rows}
         # the raw row measured for this server (the last one before it)
         paired: dict[tuple[str, str, str], Row] = {}
+        paired_x: dict[tuple[str, str, str], Row] = {}
         for r in self.rows:
             if r["target"] == "raw":
                 paired[(r.get("pair") or "", r["ruleset"], r["scenario"])] = r
+            if r["target"] == "rawx":
+                paired_x[(r.get("pair") or "", r["ruleset"], r["scenario"])] = r
         for r in self.rows:
             if r["target"] not in ("gateway", "pyicap"):
                 continue
             raw = paired.get((r["target"], r["ruleset"], r["scenario"])) \
                 or paired.get(("", r["ruleset"], r["scenario"]))
+            rawx = paired_x.get((r["target"], r["ruleset"], r["scenario"])) \
+                or paired_x.get(("", r["ruleset"], r["scenario"]))
             cicap = index.get(("cicap", "-", r["scenario"], r["preview"]))
             out.append({
                 "target": r["target"], "ruleset": r["ruleset"], "scenario": r["scenario"],
@@ -299,6 +342,8 @@ class Suite:
                 "cpu_vs_raw": _div(raw and raw.get("cpu_ms_per_req"), r.get("cpu_ms_per_req")),
                 "cpu_vs_cicap": _div(r.get("cpu_ms_per_req"), cicap and cicap.get("cpu_ms_per_req"),
                                      invert=True),
+                "vs_rawx": r["rps"] / rawx["rps"] if rawx and rawx["rps"] else None,
+                "cpu_vs_rawx": _div(rawx and rawx.get("cpu_ms_per_req"), r.get("cpu_ms_per_req")),
             })
         return out
 
@@ -349,7 +394,7 @@ def _div(a: Any, b: Any, invert: bool = False) -> float | None:
 
 
 def _label(r: Row) -> str:
-    return f"raw>{r['pair']}" if r.get("pair") else r["target"]
+    return f"{r['target']}>{r['pair']}" if r.get("pair") else r["target"]
 
 
 def _fmt(v: Any, spec: str = ".1f") -> str:
@@ -361,7 +406,7 @@ def _fmt(v: Any, spec: str = ".1f") -> str:
 def format_row(r: Row) -> str:
     pv = f" pv{r['preview']}" if r.get("preview") else ""
     extra = ""
-    if r["target"] != "raw":
+    if r["target"] not in ("raw", "rawx"):
         extra = (f" err={r.get('errors', 0)} srv={_fmt(r.get('server_cores'), '.2f')}c"
                  f" gen={_fmt(r.get('generator_cores'), '.2f')}c"
                  f" machine={_fmt(r.get('machine_cores'), '.2f')}c"
@@ -408,9 +453,13 @@ def table(report: dict[str, Any]) -> str:
     head = ["target", "rules", "body", "preview", "req/s", "MB/s", "p50 ms", "p99 ms", "errors",
             "srv cores", "gen cores", "busy cores", "srv CPU ms/req", "peak RSS MiB",
             "conns/process", "x raw", "x c-icap", "CPU x raw", "CPU x c-icap"]
+    with_x = any(r["target"] == "rawx" for r in report["results"])
+    if with_x:
+        head += ["x rawx", "CPU x rawx"]
     lines = [head]
     for r in report["results"]:
         x = ratio.get((r["target"], r["ruleset"], r["scenario"], r["preview"]), {})
+        extra = [_fmt(x.get("vs_rawx"), ".2f"), _fmt(x.get("cpu_vs_rawx"), ".2f")] if with_x else []
         lines.append([
             _label(r), r["ruleset"], r["scenario"], str(r["preview"] or "off"),
             _fmt(r["rps"]), _fmt(r["mbps"]), _fmt(r["p50_ms"], ".2f"), _fmt(r["p99_ms"], ".2f"),
@@ -420,6 +469,7 @@ def table(report: dict[str, Any]) -> str:
             r.get("connections") or "-",
             _fmt(x.get("vs_raw"), ".2f"), _fmt(x.get("vs_cicap"), ".2f"),
             _fmt(x.get("cpu_vs_raw"), ".2f"), _fmt(x.get("cpu_vs_cicap"), ".2f"),
+            *extra,
         ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(

@@ -303,3 +303,14 @@ def test_cli_options() -> None:
     assert o.gateway_options == {"server": {"workers": 2}} and o.idle_targets == ["gateway"]
     with pytest.raises(SystemExit):
         options_from(build_parser().parse_args(["--scenarios", "2k"]))
+
+
+def test_raw_yarax_scans_in_worker_processes(tmp_path: Path) -> None:
+    from benchmarks.raw_yarax import compile_yarax, run_rawx
+
+    (tmp_path / "bench.yar").write_text(
+        'rule bench_token { strings: $t = "#bench c2" condition: $t and filename == "" }')
+    blob = compile_yarax(tmp_path)  # the externals are declared as globals
+    r = run_rawx(blob, "gzip", processes=2, warmup=0.05, duration=0.3)
+    assert r.threads == 2 and r.completed > 0
+    assert r.matches >= r.completed  # the token (from worker 200+i) is inside the gzip stream
