@@ -61,6 +61,12 @@ def pss_kib(pid: int) -> int:
     return total
 
 
+def anon_kib(pid: int) -> int:
+    """Anonymous RSS of the tree: heap and buffers, without mapped files
+    (YARA maps a spooled body to scan it; those pages are page cache)."""
+    return sum(_status_kib(p, "RssAnon") for p in tree(pid))
+
+
 def hwm_kib(pid: int) -> int:
     return sum(_status_kib(p, "VmHWM") for p in tree(pid))
 
@@ -203,12 +209,14 @@ class BackgroundSampler:
         self.pid = pid
         self.interval = interval
         self.peak_kib = rss_kib(pid)
+        self.anon_peak_kib = anon_kib(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.peak_kib = max(self.peak_kib, rss_kib(self.pid))
+            self.anon_peak_kib = max(self.anon_peak_kib, anon_kib(self.pid))
 
     def __enter__(self) -> BackgroundSampler:
         self._thread.start()

@@ -29,7 +29,7 @@ from benchmarks.icapwire import (
     options_request,
 )
 from benchmarks.loadgen import stream_request
-from benchmarks.procinfo import BackgroundSampler, pss_kib, rss_kib, tree
+from benchmarks.procinfo import BackgroundSampler, anon_kib, pss_kib, rss_kib, tree
 
 
 def raise_nofile() -> int:
@@ -50,10 +50,16 @@ class HugeResult:
     error: str | None
     rss_start_mib: float
     rss_peak_mib: float
+    anon_start_mib: float = 0.0
+    anon_peak_mib: float = 0.0  # RSS without mapped files (a scanned spool file is mapped)
 
     @property
     def growth_mib(self) -> float:
         return self.rss_peak_mib - self.rss_start_mib
+
+    @property
+    def anon_growth_mib(self) -> float:
+        return self.anon_peak_mib - self.anon_start_mib
 
     @property
     def mbps(self) -> float:
@@ -82,6 +88,7 @@ def run_huge(host: str, port: int, service: str, server_pid: int, size: int,
             error.append(str(e))
 
     start_rss = rss_kib(server_pid)
+    start_anon = anon_kib(server_pid)
     reader = threading.Thread(target=read, daemon=True)
     t0 = time.monotonic()
     with BackgroundSampler(server_pid) as sampler:
@@ -101,6 +108,7 @@ def run_huge(host: str, port: int, service: str, server_pid: int, size: int,
         size=size, seconds=seconds, status=got[0].status if got else None,
         error=error[0] if error and not got else None,
         rss_start_mib=start_rss / 1024, rss_peak_mib=sampler.peak_kib / 1024,
+        anon_start_mib=start_anon / 1024, anon_peak_mib=sampler.anon_peak_kib / 1024,
     )
 
 
