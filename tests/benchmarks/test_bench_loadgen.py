@@ -287,7 +287,7 @@ def test_ratios_pair_each_server_with_its_own_raw_row() -> None:
     assert met["gateway >= 0.9 x raw YARA, 1k"] is True
     assert met["gateway empty ruleset 1 KiB >= 0.5 x c-icap echo"] is True
     assert met["10000 idle connections in < 300 MiB RSS"] is True
-    assert met["RSS growth < 64 MiB streaming 2 GiB"] is False
+    assert met["RSS growth < 64 MiB streaming 2.00 GiB"] is False
     assert "raw>gateway" in table(report) and "| gateway | empty | 1k |" in markdown(report)
 
 
