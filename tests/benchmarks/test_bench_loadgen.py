@@ -135,7 +135,6 @@ def test_load_sends_valid_unique_bodies(scenario: str) -> None:
     assert r.completed <= seen.requests
     assert len(set(seen.digests)) == len(seen.digests) == seen.requests
     assert r.p50_ms is not None and r.p99_ms is not None and r.p50_ms <= r.p99_ms
-    assert r.generator_cpu > 0
 
 
 def test_load_with_preview_continue_and_echo() -> None:
