@@ -195,7 +195,16 @@ class ResponseParser:
         self._need = 0
         self._has_body = False
 
-    def feed(self, data: bytes) -> Iterator[Response]:
+    def feed(self, data: bytes) -> Iterator[Response] | list[Response]:
+        """Responses completed by ``data``, in order."""
+        if self._state == self.HEAD and not self._buf:
+            # the usual case: one recv() holds exactly one whole response
+            resp = _whole_response(data)
+            if resp is not None:
+                return [resp]
+        return self._feed(data)
+
+    def _feed(self, data: bytes) -> Iterator[Response]:
         buf = self._buf
         buf += data
         while True:
@@ -269,6 +278,42 @@ class ResponseParser:
     def idle(self) -> bool:
         """True between responses (nothing partial buffered)."""
         return self._state == self.HEAD and not self._buf
+
+
+def _whole_response(data: bytes) -> Response | None:
+    """``data`` parsed as exactly one complete response, else None (then the
+    incremental parser takes over from the start: nothing is consumed here)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    try:
+        resp, skip, has_body = _parse_head(data[:end])
+    except ProtocolError:
+        return None  # let the incremental parser raise it
+    pos = end + 4 + skip
+    if not has_body:
+        return resp if pos == len(data) else None
+    n = len(data)
+    body = 0
+    while True:
+        eol = data.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        try:
+            size = int(data[pos:eol].split(b";", 1)[0], 16)
+        except ValueError:
+            return None
+        pos = eol + 2
+        if size == 0:
+            break
+        pos += size + 2
+        if pos > n or data[pos - 2 : pos] != b"\r\n":
+            return None
+        body += size
+    if data[pos:] != b"\r\n":  # no trailers, nothing after
+        return None
+    resp.body_bytes = body
+    return resp
 
 
 _ENCAPSULATED = re.compile(rb"\r\nencapsulated[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)

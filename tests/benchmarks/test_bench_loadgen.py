@@ -98,6 +98,30 @@ def test_response_parser_byte_by_byte() -> None:
     assert p.idle
 
 
+def test_response_parser_whole_responses_match_the_incremental_path() -> None:
+    responses = [
+        b"ICAP/1.0 100 Continue\r\n\r\n",
+        b"ICAP/1.0 204 No Content\r\nEncapsulated: null-body=0\r\n\r\n",
+        b"ICAP/1.0 200 OK\r\nEncapsulated: res-hdr=0, res-body=19\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\n\r\n5\r\nhello\r\n3;x=y\r\nabc\r\n0; ieof\r\n\r\n",
+        b"ICAP/1.0 200 OK\r\nEncapsulated: res-hdr=0, null-body=19\r\n\r\nHTTP/1.1 403 No\r\n\r\n",
+        # with a trailer: not "whole" for the fast path, still parsed
+        b"ICAP/1.0 200 OK\r\nEncapsulated: res-body=0\r\n\r\n1\r\nx\r\n0\r\nX-T: 1\r\n\r\n",
+    ]
+    for raw in responses:
+        whole = list(ResponseParser().feed(raw))
+        p = ResponseParser()
+        pieces = [r for i in range(len(raw)) for r in p.feed(raw[i : i + 1])]
+        assert [(r.status, r.body_bytes) for r in whole] == [(r.status, r.body_bytes) for r in pieces]
+        assert len(whole) == 1
+    # two responses in one read, and one split over two reads
+    p = ResponseParser()
+    assert [r.status for r in p.feed(responses[1] + responses[2])] == [204, 200]
+    assert list(p.feed(responses[2][:30])) == []
+    assert [r.body_bytes for r in p.feed(responses[2][30:])] == [8]
+    assert p.idle
+
+
 def test_response_parser_refuses_garbage() -> None:
     with pytest.raises(ProtocolError):
         list(ResponseParser().feed(b"HTTP/1.1 200 OK\r\n\r\n"))
