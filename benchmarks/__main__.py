@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-service", default="respmod", help="ICAP service path of the gateway")
     p.add_argument("--pause", type=float, default=0.0,
                    help="seconds of rest between servers (let other work on the machine run)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="py-spy flame graph (SVG) of the gateway for every row, into DIR "
+                        "(sampling slows it a little: do not quote those rows' figures)")
+    p.add_argument("--profile-targets", type=_list, default=None,
+                   help="servers to profile with --profile (gateway)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--markdown", metavar="FILE", help="also write the results as Markdown tables")
     p.add_argument("--from-json", metavar="FILE",
@@ -104,6 +109,9 @@ def options_from(args: argparse.Namespace) -> Options:
         o.gateway_options.setdefault(section, {})[key] = value
     o.gateway_service = args.gateway_service
     o.pause = args.pause
+    o.profile = args.profile
+    if args.profile_targets:
+        o.profile_targets = args.profile_targets
     unknown = [s for s in o.scenarios if s not in SCENARIOS and s != "file"]
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}")

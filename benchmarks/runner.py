@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,8 @@ class Options:
     gateway_options: dict[str, dict[str, object]] = field(default_factory=dict)
     gateway_service: str = "respmod"
     pause: float = 0.0  # seconds of rest between servers, to let others' tests run
+    profile: str | None = None  # directory for py-spy flame graphs of server rows
+    profile_targets: list[str] = field(default_factory=lambda: ["gateway"])
 
 
 Row = dict[str, Any]
@@ -235,11 +238,18 @@ class Suite:
                         body_file=self.opts.body_file)
         sampler = Sampler(server.pid, port=server.port)
         sampler.begin()
+        spy = self._profile(target, ruleset, sc, preview, server)
         try:
             r = run_load(spec, sampler.during)
         except RuntimeError as e:
             self.note(f"{target} [{ruleset}] {sc}: load failed: {e}")
             return
+        finally:
+            if spy is not None:
+                try:
+                    spy.wait(30)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
         u = sampler.end()
         row = self._row(target, ruleset, sc, preview)
         row.update(
@@ -260,6 +270,27 @@ class Suite:
             if u.connections else None,
         )
         self._add(row)
+
+    def _profile(self, target: str, ruleset: str, sc: str, preview: int | None,
+                 server: Server) -> subprocess.Popen[bytes] | None:
+        """With --profile DIR: py-spy records the server tree for this row (a
+        flame graph SVG per row; sampling slows the server a little)."""
+        if not self.opts.profile or target not in self.opts.profile_targets:
+            return None
+        spy = Path(sys.executable).with_name("py-spy")
+        exe = str(spy) if spy.exists() else shutil.which("py-spy")
+        if exe is None:
+            self.note("--profile: py-spy is not installed (pip install py-spy): not profiling")
+            self.opts.profile = None
+            return None
+        out = Path(self.opts.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        name = f"{target}-{ruleset}-{sc}" + (f"-preview{preview}" if preview else "") + ".svg"
+        seconds = max(1, round(self.opts.warmup + self.opts.duration))
+        return subprocess.Popen(
+            [exe, "record", "--subprocesses", "--nonblocking", "-r", "100", "-d", str(seconds),
+             "-o", str(out / name), "-p", str(server.pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def run_idle(self, target: str) -> None:
         rs = resolve(self.opts.idle_rules)
