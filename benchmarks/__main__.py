@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-size", type=int)
     p.add_argument("--duration", type=float, help="measured seconds per row (3; --quick 2)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each row (1; --quick 0.5)")
-    p.add_argument("--body-file", help="send this file's bytes (scenario 'file'), made unique per request")
+    p.add_argument("--body-file", metavar="PATH",
+                   help="send this file's bytes (scenario 'file'), made unique per request; a "
+                        "directory: all its files, taken in turn")
     p.add_argument("--huge", action="store_true",
                    help="also stream one huge body through the gateway and pyicap, watching RSS")
     p.add_argument("--huge-size", type=parse_size, default=None, help="size of --huge (2 GiB)")

@@ -134,13 +134,41 @@ SCENARIOS: dict[str, tuple[str, int]] = {
 }
 
 
-def make_body(scenario: str, body_file: str | None = None) -> Body:
+MAX_FILES = 1000
+
+
+def make_bodies(scenario: str, body_file: str | None = None) -> list[Body]:
+    """The bodies of a scenario; requests take them in turn.
+
+    ``file`` with ``--body-file``: that file, or every non-empty file under a
+    directory (sorted, at most MAX_FILES), each sent as is plus the token.
+    """
     if scenario == "file":
         if not body_file:
             raise ValueError("scenario 'file' needs --body-file")
-        return file_body(body_file)
+        path = Path(body_file)
+        if path.is_dir():
+            files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.stat().st_size]
+            if not files:
+                raise ValueError(f"{body_file}: no non-empty files")
+            return [file_body(p) for p in files[:MAX_FILES]]
+        return [file_body(path)]
     kind, size = SCENARIOS[scenario]
-    return gzip_body(size) if kind == "gzip" else random_body(size)
+    return [gzip_body(size) if kind == "gzip" else random_body(size)]
+
+
+def make_body(scenario: str, body_file: str | None = None) -> Body:
+    return make_bodies(scenario, body_file)[0]
+
+
+def mean_lengths(bodies: list[Body]) -> tuple[float, float]:
+    """Mean wire and decoded length: requests take the bodies in turn."""
+    return (sum(b.length for b in bodies) / len(bodies),
+            sum(b.decoded_length for b in bodies) / len(bodies))
+
+
+def bodies_name(bodies: list[Body]) -> str:
+    return bodies[0].name if len(bodies) == 1 else f"{len(bodies)} files"
 
 
 def parse_size(text: str) -> int:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from benchmarks.bodies import Body, make_body
+from benchmarks.bodies import Body, bodies_name, make_bodies, mean_lengths
 from benchmarks.icapwire import (
     ProtocolError,
     RequestTemplate,
@@ -73,8 +73,8 @@ class WorkerResult:
 class LoadResult:
     spec: LoadSpec
     body_name: str
-    body_length: int
-    decoded_length: int
+    body_length: float  # mean over the bodies (one unless --body-file is a directory)
+    decoded_length: float
     completed: int
     errors: int
     statuses: dict[int, int]
@@ -224,11 +224,13 @@ class _Conn:
 class _Client:
     """One generator process's event loop."""
 
-    def __init__(self, spec: LoadSpec, index: int, body: Body) -> None:
+    def __init__(self, spec: LoadSpec, index: int, bodies: list[Body]) -> None:
         self.spec = spec
         self.index = index
-        self.template = RequestTemplate(spec.host, spec.port, spec.service, body, spec.preview)
-        self.small = body.length <= 64 * 1024
+        self.templates = [RequestTemplate(spec.host, spec.port, spec.service, b, spec.preview)
+                          for b in bodies]
+        self.template = self.templates[0]
+        self.small = self.template.body_length <= 64 * 1024
         self.sel = selectors.DefaultSelector()
         self.seq = 0
         self.result = WorkerResult()
@@ -239,6 +241,9 @@ class _Client:
         self.conns: list[_Conn] = []
 
     def build(self, seq: int) -> tuple[list[bytes | memoryview], list[bytes | memoryview]]:
+        if len(self.templates) > 1:  # several files: take them in turn
+            self.template = self.templates[seq % len(self.templates)]
+            self.small = self.template.body_length <= 64 * 1024
         return self.template.build(seq, token(self.index, seq))
 
     def connect(self) -> socket.socket:
@@ -321,8 +326,7 @@ def _split(total: int, parts: int) -> list[int]:
 def _worker(spec: LoadSpec, index: int, nconns: int, pipe: Any) -> None:
     """A generator process: connect, wait for the start instant, load, report."""
     try:
-        body = make_body(spec.scenario, spec.body_file)
-        client = _Client(spec, index, body)
+        client = _Client(spec, index, make_bodies(spec.scenario, spec.body_file))
         for _ in range(nconns):
             client.add(_Conn(client))
     except Exception as e:  # tell the parent instead of hanging it
@@ -404,13 +408,14 @@ def run_load(spec: LoadSpec, during: Callable[[float, float], None] | None = Non
             statuses[k] = statuses.get(k, 0) + v
         samples.extend(r.error_samples)
     lat.sort()
-    body = make_body(spec.scenario, spec.body_file)
+    bodies = make_bodies(spec.scenario, spec.body_file)
+    length, decoded = mean_lengths(bodies)
     p50, p99 = percentile(lat, 0.50), percentile(lat, 0.99)
     return LoadResult(
         spec=spec,
-        body_name=body.name,
-        body_length=body.length,
-        decoded_length=body.decoded_length,
+        body_name=bodies_name(bodies),
+        body_length=length,
+        decoded_length=decoded,
         completed=sum(r.completed for r in results),
         errors=sum(r.errors for r in results),
         statuses=statuses,

@@ -16,7 +16,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.bodies import Body, decode, make_body
+from benchmarks.bodies import Body, decode, make_bodies, mean_lengths
 from benchmarks.icapwire import token
 from benchmarks.loadgen import percentile
 from benchmarks.procinfo import machine_busy_seconds
@@ -28,8 +28,8 @@ class RawResult:
     threads: int
     completed: int
     duration: float
-    body_length: int
-    decoded_length: int
+    body_length: float  # mean over the bodies
+    decoded_length: float
     p50_ms: float | None
     p99_ms: float | None
     cpu: float
@@ -53,18 +53,19 @@ def run_raw(rules_path: Path, scenario: str, *, threads: int | None = None,
             warmup: float = 0.5, duration: float = 5.0, body_file: str | None = None,
             rules: object | None = None) -> RawResult:
     rules = rules if rules is not None else compile_yara(rules_path)
-    body = make_body(scenario, body_file)
+    bodies = make_bodies(scenario, body_file)
     n = threads or os.cpu_count() or 1
     t0 = time.monotonic() + 0.05
     lo, hi = t0 + warmup, t0 + warmup + duration
     lats = [array("d") for _ in range(n)]
     matched = [0] * n
 
-    def work(i: int, body: Body = body) -> None:
+    def work(i: int, bodies: list[Body] = bodies) -> None:
         seq = 0
         lat = lats[i]
         while True:
             seq += 1
+            body = bodies[seq % len(bodies)]
             data = decode(body, body.wire(token(100 + i, seq)))
             start = time.monotonic()
             if start >= hi:
@@ -90,12 +91,13 @@ def run_raw(rules_path: Path, scenario: str, *, threads: int | None = None,
     busy1 = machine_busy_seconds()
     all_lat = sorted(x for a in lats for x in a)
     p50, p99 = percentile(all_lat, 0.5), percentile(all_lat, 0.99)
+    length, decoded = mean_lengths(bodies)
     return RawResult(
         threads=n,
         completed=len(all_lat),
         duration=duration,
-        body_length=body.length,
-        decoded_length=body.decoded_length,
+        body_length=length,
+        decoded_length=decoded,
         p50_ms=p50 * 1e3 if p50 is not None else None,
         p99_ms=p99 * 1e3 if p99 is not None else None,
         cpu=cpu1 - cpu0,

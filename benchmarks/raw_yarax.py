@@ -16,7 +16,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bodies import decode, make_body
+from benchmarks.bodies import decode, make_bodies, mean_lengths
 from benchmarks.icapwire import token
 from benchmarks.loadgen import percentile
 from benchmarks.raw_yara import RawResult
@@ -42,7 +42,7 @@ def _worker(blob: bytes, scenario: str, body_file: str | None, index: int, pipe:
     import yara_x
 
     scanner = yara_x.Scanner(yara_x.Rules.deserialize_from(io.BytesIO(blob)))
-    body = make_body(scenario, body_file)
+    bodies = make_bodies(scenario, body_file)
     lat = array("d")
     matched = 0
     seq = 0
@@ -51,6 +51,7 @@ def _worker(blob: bytes, scenario: str, body_file: str | None, index: int, pipe:
     cpu0: float | None = None
     while True:
         seq += 1
+        body = bodies[seq % len(bodies)]
         data = decode(body, body.wire(token(200 + index, seq)))
         start = time.monotonic()
         if start >= hi:
@@ -70,7 +71,7 @@ def run_rawx(blob: bytes, scenario: str, *, processes: int | None = None, warmup
              duration: float = 5.0, body_file: str | None = None) -> RawResult:
     ctx = multiprocessing.get_context("spawn")
     n = processes or os.cpu_count() or 1
-    body = make_body(scenario, body_file)
+    length, decoded = mean_lengths(make_bodies(scenario, body_file))
     pipes, procs = [], []
     for i in range(n):
         parent, child = ctx.Pipe()
@@ -107,8 +108,8 @@ def run_rawx(blob: bytes, scenario: str, *, processes: int | None = None, warmup
     lats.sort()
     p50, p99 = percentile(lats, 0.5), percentile(lats, 0.99)
     return RawResult(
-        threads=n, completed=len(lats), duration=duration, body_length=body.length,
-        decoded_length=body.decoded_length,
+        threads=n, completed=len(lats), duration=duration, body_length=length,
+        decoded_length=decoded,
         p50_ms=p50 * 1e3 if p50 is not None else None,
         p99_ms=p99 * 1e3 if p99 is not None else None,
         cpu=cpu, matches=matched,

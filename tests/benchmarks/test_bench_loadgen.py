@@ -161,6 +161,20 @@ def test_load_sends_valid_unique_bodies(scenario: str) -> None:
     assert r.p50_ms is not None and r.p99_ms is not None and r.p50_ms <= r.p99_ms
 
 
+def test_load_takes_the_files_of_a_directory_in_turn(tmp_path: Path) -> None:
+    for name, size in (("a.bin", 10), ("b.txt", 5000), ("c/d.html", 70000)):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(os.urandom(size))
+    (tmp_path / "empty").write_bytes(b"")
+    with StrictServer("204") as srv:
+        r = run_load(_spec(srv.port, "file", body_file=str(tmp_path), preview=1024))
+    assert srv.seen.problems == []  # every Content-Length matched its body
+    assert r.errors == 0 and r.completed >= 3
+    assert r.body_name == "3 files"
+    assert r.body_length == pytest.approx((10 + 5000 + 70000) / 3 + TOKEN_LEN)
+    assert len(set(srv.seen.digests)) == len(srv.seen.digests)
+
+
 def test_load_with_preview_continue_and_echo() -> None:
     with StrictServer("echo") as srv:
         r = run_load(_spec(srv.port, "64k", preview=1024, concurrency=2, clients=1))
