@@ -16,7 +16,6 @@ window, which is what the generator costs.
 
 from __future__ import annotations
 
-import errno
 import multiprocessing
 import os
 import selectors
@@ -24,7 +23,7 @@ import socket
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -118,7 +117,7 @@ class _Conn:
     """One persistent connection with at most one request in flight."""
 
     __slots__ = (
-        "after", "client", "generator", "inflight", "out", "parser", "sock", "started",
+        "after", "client", "inflight", "out", "parser", "sock", "started",
         "waiting_continue", "writing",
     )
 
@@ -127,7 +126,6 @@ class _Conn:
         self.sock = client.connect()
         self.parser = ResponseParser()
         self.out: deque[memoryview] = deque()
-        self.generator: Iterator[bytes | memoryview] | None = None
         self.after: list[bytes | memoryview] = []
         self.started = 0.0
         self.waiting_continue = False
@@ -149,23 +147,9 @@ class _Conn:
         self.inflight = True
         self.flush()
 
-    def stream(self, now: float, buffers: Iterator[bytes | memoryview]) -> None:
-        """Send a request whose buffers come from an iterator (huge bodies)."""
-        self.generator = buffers
-        self.started = now
-        self.inflight = True
-        self.flush()
-
     def flush(self) -> None:
         out = self.out
-        while True:
-            if not out and self.generator is not None:
-                for b in islice(self.generator, SEND_IOV):
-                    out.append(memoryview(b))
-                if not out:
-                    self.generator = None
-            if not out:
-                break
+        while out:
             try:
                 n = self.sock.sendmsg(list(islice(out, SEND_IOV)))
             except BlockingIOError:
@@ -214,7 +198,6 @@ class _Conn:
                 self.out.clear()
                 self.after = []
                 self.waiting_continue = False
-                self.generator = None
                 self.inflight = False
                 self.client.done(self, resp, now)
         except ProtocolError as e:
@@ -473,7 +456,3 @@ def stream_request(template: RequestTemplate, total: int, block: bytes,
         yield b"\r\n"
         left -= n
     yield b"%x\r\n" % len(tok) + tok + b"\r\n0\r\n\r\n"
-
-
-def is_conn_refused(e: OSError) -> bool:
-    return e.errno in (errno.ECONNREFUSED, errno.ECONNRESET)
