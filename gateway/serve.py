@@ -132,16 +132,21 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_supervisor(args: argparse.Namespace, config: Any, count: int) -> int:
     """The parent of ``count`` workers (see gateway.workers)."""
+    import subprocess
+
     from twisted.internet import reactor
 
-    from gateway.scanner import RulesError, check_rules
     from gateway.service import resolve_path
     from gateway.workers import build_supervisor
 
-    try:  # fail here, once, rather than in every worker
-        check_rules(resolve_path(config.scan.rules, config))
-    except RulesError as e:
-        print(f"cannot load rules: {e}", file=sys.stderr)
+    # Fail here, once, rather than in every worker; in a child process, as
+    # compiled rules (100 MiB and more) would stay in the supervisor's heap.
+    check = subprocess.run(
+        [sys.executable, "-m", "gateway", "rules", "check", str(resolve_path(config.scan.rules, config))],
+        capture_output=True, text=True,
+    )
+    if check.returncode != 0:
+        print(f"cannot load rules: {check.stderr.strip() or check.stdout.strip()}", file=sys.stderr)
         return 1
     worker_argv = ["serve"]
     if args.config:

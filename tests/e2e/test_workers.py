@@ -50,3 +50,18 @@ def test_two_workers_serve_and_metrics_sum_them(tmp_path: Path) -> None:
                 break
             time.sleep(0.1)
         assert len(kids) == 2 and victim not in kids
+
+
+def test_supervisor_refuses_broken_rules_once(tmp_path: Path) -> None:
+    import sys
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "broken.yar").write_text("rule broken { condition: }\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--workers", "2", "--rules", str(rules),
+         "--listen", "tcp:0:interface=127.0.0.1", "--metrics", "tcp:0:interface=127.0.0.1"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert f"{rules / 'broken.yar'}:1:" in result.stderr
