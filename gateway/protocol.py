@@ -371,8 +371,10 @@ class ICAPServerProtocol(Protocol):
         before the verdict.  Squid before 6.10 (bug 5352) stops reading the
         origin once its 64 KiB virgin buffer fills and waits for the adapted
         response to start: without this, any response larger than that buffer
-        would hang until our read timeout.  No body byte is sent before the
-        verdict; a block after this point can only abort the response."""
+        would hang until our read timeout.  Before the verdict only single
+        bytes of the body's start follow (one per piece received, at most
+        TRICKLE_PREFIX): enough to keep Squid's store reading, never a usable
+        part of a file.  A block after this point can only abort the response."""
         req = tx.request
         if req.method != "RESPMOD" or req.res_hdr is None or req.allow_204:
             return  # Squid buffers Allow: 204 bodies whole; REQMOD bodies flow
