@@ -137,3 +137,14 @@ def test_cli_rules_bench(capsys: pytest.CaptureFixture[str]) -> None:
     figures = json.loads(capsys.readouterr().out)
     assert figures["rules"] >= 5
     assert figures["ms_per_1kib_scan"] > 0 and figures["mb_per_s_random"] > 0
+
+
+def test_cli_rules_check_with_yara_x(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_rule(tmp_path, "a.yar", GOOD)
+    assert run_cli("rules", "check", str(tmp_path), "--engine", "yara-x", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["ok"], result["rules"]) == (True, 1)
+    assert result["version"] != check_rules(tmp_path)[1]  # the engine is part of the ISTag
+    bad = write_rule(tmp_path, "b.yar", BROKEN)
+    assert run_cli("rules", "check", str(tmp_path), "--engine", "yara-x") == 1
+    assert capsys.readouterr().err.startswith(f"{bad}:6: ")
