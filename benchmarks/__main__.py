@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())
+        # ratios and targets again, with this version's rules for them
+        suite = Suite(Options(), log=lambda _msg: None)
+        suite.rows, suite.special = report["results"], report["special"]
+        report["ratios"] = suite.ratios()
+        report["targets"] = suite.targets(report["ratios"])
     else:
         report = Suite(options_from(args)).run()
     print()

@@ -377,6 +377,10 @@ class Suite:
                                      invert=True),
                 "vs_rawx": r["rps"] / rawx["rps"] if rawx and rawx["rps"] else None,
                 "cpu_vs_rawx": _div(rawx and rawx.get("cpu_ms_per_req"), r.get("cpu_ms_per_req")),
+                # the cores raw YARA's threads actually got: well under their
+                # number means other work took the machine and the req/s ratio is noise
+                "raw_cores": raw.get("server_cores") if raw else None,
+                "raw_threads": raw.get("threads") if raw else None,
             })
         return out
 
@@ -384,9 +388,16 @@ class Suite:
         out: list[Row] = []
         for x in ratios:
             if x["target"] == "gateway" and x["ruleset"] == "signature-base" and x["vs_raw"] is not None:
-                out.append({"target": f"gateway >= 0.9 x raw YARA, {x['scenario']}"
-                            + (f" (preview {x['preview']})" if x["preview"] else ""),
-                            "value": x["vs_raw"], "goal": 0.9, "met": x["vs_raw"] >= 0.9})
+                t: Row = {"target": f"gateway >= 0.9 x raw YARA, {x['scenario']}"
+                          + (f" (preview {x['preview']})" if x["preview"] else ""),
+                          "value": x["vs_raw"], "goal": 0.9, "met": x["vs_raw"] >= 0.9,
+                          "cpu_value": x.get("cpu_vs_raw")}
+                cores, threads = x.get("raw_cores"), x.get("raw_threads")
+                if cores is not None and threads and cores < 0.75 * threads:
+                    t["met"] = None
+                    t["why"] = (f"raw YARA got {cores:.2f} of its {threads} cores: the machine "
+                                f"was busy, rerun (CPU ratio {_fmt(x.get('cpu_vs_raw'), '.2f')})")
+                out.append(t)
             if (x["target"] == "gateway" and x["ruleset"] == "empty" and x["scenario"] == "1k"
                     and x["vs_cicap"] is not None):
                 out.append({"target": "gateway empty ruleset 1 KiB >= 0.5 x c-icap echo",
@@ -428,6 +439,12 @@ def _div(a: Any, b: Any, invert: bool = False) -> float | None:
     if not a or not b:
         return None
     return b / a if invert else a / b
+
+
+def _verdict(t: Row) -> str:
+    if t["met"] is None:
+        return "UNSURE: " + t.get("why", "")
+    return "MET" if t["met"] else "MISSED"
 
 
 def _size(n: int) -> str:
@@ -485,7 +502,7 @@ def markdown(report: dict[str, Any]) -> str:
         out += ["", "| target | measured | goal | |", "|---|---|---|---|"]
         for t in report["targets"]:
             out.append(f"| {t['target']} | {t['value']:.2f} | {t['goal']} | "
-                       f"{'met' if t['met'] else 'MISSED'} |")
+                       f"{_verdict(t).lower()} |")
     return "\n".join(out)
 
 
@@ -536,7 +553,7 @@ def table(report: dict[str, Any]) -> str:
         out.append("")
         out.append("targets:")
         for t in report["targets"]:
-            out.append(f"  [{'MET' if t['met'] else 'MISSED'}] {t['target']}: "
+            out.append(f"  [{_verdict(t)}] {t['target']}: "
                        f"{t['value']:.2f} (goal {t['goal']})")
     for n in report["notes"]:
         out.append(f"note: {n}")

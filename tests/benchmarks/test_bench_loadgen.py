@@ -351,3 +351,15 @@ def test_raw_yarax_scans_in_worker_processes(tmp_path: Path) -> None:
     r = run_rawx(blob, "gzip", processes=2, warmup=0.05, duration=0.3)
     assert r.threads == 2 and r.completed > 0
     assert r.matches >= r.completed  # the token (from worker 200+i) is inside the gzip stream
+
+
+def test_target_is_unsure_when_raw_yara_did_not_get_its_cores() -> None:
+    from benchmarks.runner import Options, Suite
+
+    suite = Suite(Options(), log=lambda _msg: None)
+    starved = _r("raw", "signature-base", "1m", 50, 9.0, pair="gateway")
+    starved.update(server_cores=0.4, threads=2)
+    suite.rows = [starved, _r("gateway", "signature-base", "1m", 80, 12.0)]
+    (t,) = suite.targets(suite.ratios())
+    assert t["value"] == pytest.approx(1.6) and t["met"] is None
+    assert "0.40 of its 2 cores" in t["why"] and t["cpu_value"] == pytest.approx(0.75)
