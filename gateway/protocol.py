@@ -357,6 +357,12 @@ class ICAPServerProtocol(Protocol):
         if len(tx.prefix) < TRICKLE_PREFIX:
             tx.prefix += data[: TRICKLE_PREFIX - len(tx.prefix)]
         tx.body_bytes += len(data)
+        if (tx.body_bytes > self.ctx.max_scan_size and self.ctx.oversize_policy == "pass"
+                and not tx.committed and self.conn.can_send_204):
+            # It will not be scanned and may pass as it is: say so now, and
+            # the rest is read and dropped instead of spooled to disk.
+            self._answer_clean(None, outcome="unscanned", detail="too-large")
+            return
         tx.spool.write(data)
         if not tx.committed and tx.body_bytes >= self.ctx.early_response_after > 0:
             self._maybe_commit(tx)

@@ -349,3 +349,25 @@ def test_no_skip_list_scans_everything() -> None:
     h.send(respmod(chunked(PNG + b"EVIL"), AUTH, "Allow: 204"))
     [r] = parse_responses(h.output())
     assert r.sections["res-hdr"].startswith(b"HTTP/1.1 403")
+
+
+def test_oversize_body_is_passed_at_once_with_allow_204() -> None:
+    h = make_harness(max_scan_size=10_000, oversize_policy="pass")
+    data = respmod(chunked(b"z" * 50_000, 4096), AUTH, "Allow: 204")
+    cut = len(data) // 2
+    h.send(data[:cut])
+    [r] = parse_responses(h.output())  # answered mid-body: no need to read it all
+    assert r.status == 204 and r.headers["x-scan-status"] == "unscanned; reason=too-large"
+    assert h.spools[0].closed and h.scanner.contexts == []
+    h.send(data[cut:] + options())  # the rest is dropped, the connection stays in frame
+    assert [x.status for x in parse_responses(h.output())] == [200]
+
+
+def test_oversize_without_allow_204_is_still_echoed_whole() -> None:
+    h = make_harness(max_scan_size=10_000, oversize_policy="pass", early_response_after=0)
+    body = b"z" * 50_000
+    h.scanner.result = Verdict("unscanned", detail="too-large")
+    h.send(respmod(chunked(body, 4096), AUTH))
+    h.pump_producer()
+    [r] = parse_responses(h.output())
+    assert r.status == 200 and r.body == body
