@@ -25,6 +25,7 @@ from pathlib import Path
 
 from benchmarks.icapwire import Response
 from benchmarks.loadgen import wait_ready
+from gateway.config import toml_literal
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -232,21 +233,11 @@ def gateway_config(workdir: Path, extra: dict[str, dict[str, object]] | None = N
     for section, values in sections.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            lines.append(f"{key} = {_toml(value)}")
+            lines.append(f"{key} = {toml_literal(value)}")
         lines.append("")
     path = workdir / "gateway.toml"
     path.write_text("\n".join(lines))
     return path
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def parse_option(text: str) -> tuple[str, str, object]:
