@@ -68,8 +68,30 @@ class WorkerResult:
     reconnects: int = 0
 
 
+class Rates:
+    """Throughput of a measured window: requests (or scans) and body bytes."""
+
+    completed: int
+    duration: float
+    body_length: float
+    decoded_length: float
+
+    @property
+    def rps(self) -> float:
+        return self.completed / self.duration
+
+    @property
+    def mbps(self) -> float:
+        """Body bytes on the wire, MB/s (10^6)."""
+        return self.completed * self.body_length / self.duration / 1e6
+
+    @property
+    def decoded_mbps(self) -> float:
+        return self.completed * self.decoded_length / self.duration / 1e6
+
+
 @dataclass
-class LoadResult:
+class LoadResult(Rates):
     spec: LoadSpec
     body_name: str
     body_length: float  # mean over the bodies (one unless --body-file is a directory)
@@ -84,18 +106,6 @@ class LoadResult:
     generator_cpu: float  # CPU seconds of all generator processes in the window
     reconnects: int
 
-    @property
-    def rps(self) -> float:
-        return self.completed / self.duration
-
-    @property
-    def mbps(self) -> float:
-        """Body bytes on the wire, MB/s (10^6)."""
-        return self.completed * self.body_length / self.duration / 1e6
-
-    @property
-    def decoded_mbps(self) -> float:
-        return self.completed * self.decoded_length / self.duration / 1e6
 
     @property
     def generator_cores(self) -> float:

@@ -18,13 +18,13 @@ from pathlib import Path
 
 from benchmarks.bodies import Body, decode, make_bodies, mean_lengths
 from benchmarks.icapwire import token
-from benchmarks.loadgen import percentile
+from benchmarks.loadgen import Rates, percentile
 from benchmarks.procinfo import machine_busy_seconds
 from benchmarks.rulesets import compile_yara
 
 
 @dataclass
-class RawResult:
+class RawResult(Rates):
     threads: int
     completed: int
     duration: float
@@ -35,18 +35,6 @@ class RawResult:
     cpu: float
     matches: int
     machine_cpu: float = 0.0  # the whole machine's busy CPU seconds in the window
-
-    @property
-    def rps(self) -> float:
-        return self.completed / self.duration
-
-    @property
-    def mbps(self) -> float:
-        return self.completed * self.body_length / self.duration / 1e6
-
-    @property
-    def decoded_mbps(self) -> float:
-        return self.completed * self.decoded_length / self.duration / 1e6
 
 
 def run_raw(rules_path: Path, scenario: str, *, threads: int | None = None,
