@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -76,6 +76,16 @@ class UserSeen:
     username: str
     client_ip: str
     at: float  # POSIX seconds, from the injected clock
+
+
+class Identity(NamedTuple):
+    """Who the end user is, from the ICAP headers the proxy adds."""
+
+    username: str | None
+    client_ip: str  # canonical; the peer's address when the header was absent or refused
+    # Fixed names ("x-client-ip", "x-authenticated-user") of headers whose
+    # value was refused: counted and noted in the access log, never stored.
+    bad_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +167,8 @@ class TransactionRecord:
     body_bytes: int = 0
     scan_duration: float | None = None
     detail: str = ""
+    # Identity headers whose value was refused (see Identity.bad_headers).
+    bad_headers: tuple[str, ...] = ()
 
 
 class Observer(Protocol):
@@ -173,6 +185,10 @@ class Observer(Protocol):
     def auth_failed(self, reason: str) -> None: ...
 
     def rules_loaded(self, ok: bool, rule_count: int, version: str) -> None: ...
+
+    def internal_error(self) -> None:
+        """An unexpected exception in per-transaction code (answered 500)."""
+        ...
 
 
 class NullObserver:
@@ -196,6 +212,9 @@ class NullObserver:
     def rules_loaded(self, ok: bool, rule_count: int, version: str) -> None:
         pass
 
+    def internal_error(self) -> None:
+        pass
+
 
 class Scanner(Protocol):
     """Scans a complete body off the reactor.  ``body`` is bytes or a path to
@@ -216,6 +235,7 @@ __all__ = [
     "Authenticator",
     "Credentials",
     "Direction",
+    "Identity",
     "NullObserver",
     "Observer",
     "Outcome",
