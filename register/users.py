@@ -103,4 +103,5 @@ def identify(headers: Mapping[str, str], peer_ip: str, settings: AuthSettings) -
     ip = canonical_ip(raw_ip) if raw_ip is not None and raw_ip.strip() else None
     if ip is None and raw_ip is not None and raw_ip.strip():
         bad.append(BAD_CLIENT_IP)
-    return Identity(username, ip or peer_ip, tuple(bad))
+    # The peer too is stored canonical (a dual-stack listener sees ::ffff:a.b.c.d).
+    return Identity(username, ip or canonical_ip(peer_ip) or peer_ip, tuple(bad))
