@@ -78,13 +78,20 @@ class UserSeen:
     at: float  # POSIX seconds, from the injected clock
 
 
+# The fixed names an identity header with a refused value is counted and
+# logged under (a metric label: never the configured header name).
+BAD_CLIENT_IP = "x-client-ip"
+BAD_USER = "x-authenticated-user"
+BAD_HEADER_NAMES = (BAD_CLIENT_IP, BAD_USER)
+
+
 class Identity(NamedTuple):
     """Who the end user is, from the ICAP headers the proxy adds."""
 
     username: str | None
     client_ip: str  # canonical; the peer's address when the header was absent or refused
-    # Fixed names ("x-client-ip", "x-authenticated-user") of headers whose
-    # value was refused: counted and noted in the access log, never stored.
+    # BAD_HEADER_NAMES of headers whose value was refused: counted and noted
+    # in the access log, never stored.
     bad_headers: tuple[str, ...] = ()
 
 
@@ -230,6 +237,9 @@ class Scanner(Protocol):
 
 
 __all__ = [
+    "BAD_CLIENT_IP",
+    "BAD_HEADER_NAMES",
+    "BAD_USER",
     "AuthFailure",
     "Authenticated",
     "Authenticator",

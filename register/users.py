@@ -26,15 +26,10 @@ import re
 from base64 import b64decode
 from collections.abc import Mapping
 
-from gateway.interfaces import Identity
+from gateway.interfaces import BAD_CLIENT_IP, BAD_USER, Identity
 from gateway.sanitise import has_control
 from register.models import USERNAME_MAX
 from register.settings import AuthSettings
-
-# The fixed names bad values are counted and logged under (a metric label:
-# never the configured header name, which an admin may set to anything).
-BAD_CLIENT_IP = "x-client-ip"
-BAD_USER = "x-authenticated-user"
 
 # The longest client-IP header value looked at: the longest textual IPv6
 # address (45, with an embedded IPv4 part) plus "%" and a zone of at most 15
