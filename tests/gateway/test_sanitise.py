@@ -245,3 +245,12 @@ def test_an_unparsable_url_gets_an_answer() -> None:
 
 def test_identity_default_has_no_bad_headers() -> None:
     assert Identity("bob", "10.0.0.1").bad_headers == ()
+
+
+def test_block_page_url_is_encoded_and_capped() -> None:
+    from gateway.blockpage import URL_SHOWN_MAX
+
+    _head, body = BlockPage().render(url="http://h/\x00\n" + "a" * 100_000, rules=["r"], reference="abc")
+    page = body.decode()
+    assert "http://h/%00%0Aaaa" in page and "\x00" not in page
+    assert "a" * (URL_SHOWN_MAX + 1) not in page and len(page) < URL_SHOWN_MAX + 4096
