@@ -96,6 +96,19 @@ def header_value(value: str, limit: int) -> str:
     return cut(_HEADER_UNSAFE.sub("?", value[: limit + 1]), limit)
 
 
+# A header value as it may be serialised: visible ASCII, space, tab and
+# Latin-1 text, and CRLF only as a fold (followed by SP or HTAB, as
+# X-Violations-Found uses).  Disjoint alternatives: no backtracking.
+_HEADER_SAFE = re.compile(r"(?:[\t\x20-\x7e\xa0-\xff]|\r\n[\t ])*")
+
+
+def header_safe(value: str) -> bool:
+    """Whether ``value`` can be written as an ICAP header value without
+    starting a header of its own: the final check where headers are
+    serialised (``ServerConnection.send_response``)."""
+    return _HEADER_SAFE.fullmatch(value) is not None
+
+
 def has_control(value: str) -> bool:
     """Whether ``value`` holds a character :func:`text` would replace."""
     return _TEXT_UNSAFE.search(value) is not None
@@ -109,6 +122,7 @@ __all__ = [
     "TRUNCATED",
     "cut",
     "has_control",
+    "header_safe",
     "header_value",
     "text",
     "url",

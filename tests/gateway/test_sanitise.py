@@ -68,6 +68,25 @@ def test_header_values_never_carry_a_line_break(value: str, limit: int) -> None:
 # --- ICAP response headers ----------------------------------------------------
 
 
+@pytest.mark.parametrize(("value", "safe"), [
+    ("Type=0; Resolution=2; Threat=a.b;", True),
+    ("1\r\n\thttp://h/\r\n\tr\r\n\tr\r\n\t2", True),  # X-Violations-Found's folds
+    ("a\nX-Evil: 1", False),
+    ("a\rX-Evil: 1", False),
+    ("a\r\nX-Evil: 1", False),  # CRLF not followed by SP/HTAB starts a header
+    ("a\x00b", False),
+    ("a\u20acb", False),  # not Latin-1: send_response could not encode it
+    ("caf\xe9", True),
+])
+def test_header_safe_is_the_final_check(value: str, safe: bool) -> None:
+    assert sanitise.header_safe(value) is safe
+
+
+@given(st.text(), st.text())
+def test_threat_headers_always_pass_the_final_check(rule: str, url: str) -> None:
+    assert all(sanitise.header_safe(v) for _n, v in _threat_headers([rule, rule], url))
+
+
 def test_threat_headers_built_from_a_hostile_url_and_rule_names() -> None:
     headers = dict(_threat_headers(["ns.yar.Rule\r\nX-Evil: 1", "ns\u20ac.yar.R"], EVIL_URL))
     for value in headers.values():
