@@ -315,7 +315,7 @@ class ICAPServerProtocol(Protocol):
         answered = tx is not None and tx.answered
         self._busy = True  # this connection processes nothing more
         self._cancel_timer()
-        for step in (self.ctx.observer.internal_error,
+        for step in (lambda: self.ctx.observer.internal_error(),
                      lambda: self._finish_tx(icap_status=500, outcome="error", detail="internal-error",
                                              reference=reference),
                      self._close_spool):
