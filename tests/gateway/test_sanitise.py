@@ -273,3 +273,16 @@ def test_block_page_url_is_encoded_and_capped() -> None:
     page = body.decode()
     assert "http://h/%00%0Aaaa" in page and "\x00" not in page
     assert "a" * (URL_SHOWN_MAX + 1) not in page and len(page) < URL_SHOWN_MAX + 4096
+
+
+def test_the_net_holds_with_an_observer_that_predates_internal_error() -> None:
+    class OldObserver:  # an Observer from before internal_error() existed
+        def __getattr__(self, name: str) -> object:
+            if name == "internal_error":
+                raise AttributeError(name)
+            return lambda *args: None
+
+    h = make_harness(observer=OldObserver(), authenticator=RaisingAuthenticator())
+    with capturedLogs():
+        h.send(_request("Allow: 204"))
+    assert parse_responses(h.output())[0].status == 500
