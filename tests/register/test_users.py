@@ -1,7 +1,12 @@
+import ipaddress
 from base64 import b64encode
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from gateway.sanitise import has_control
+from register.models import IP_MAX, USERNAME_MAX
 from register.settings import AuthSettings
 from register.users import BAD_CLIENT_IP, BAD_USER, CLIENT_IP_HEADER_MAX, USER_HEADER_MAX, identify
 
@@ -84,3 +89,14 @@ def test_username_length_cap() -> None:
     assert len(b64("\U0001f600" * 255)) <= USER_HEADER_MAX  # even 4-byte characters fit the raw cap
     huge = identify({"x-authenticated-user": "QUFB" * 100_000}, "192.0.2.1", SQUID)
     assert huge == (None, "192.0.2.1", (BAD_USER,))
+
+
+@given(st.text(max_size=200), st.text(max_size=200))
+def test_whatever_the_headers_say_only_clean_values_come_out(ip: str, user: str) -> None:
+    identity = identify({"x-client-ip": ip, "x-authenticated-user": user}, "192.0.2.9", SQUID)
+    stored = identity.client_ip
+    assert stored == "192.0.2.9" or str(ipaddress.ip_address(stored)) == stored  # canonical
+    assert len(stored) <= IP_MAX and not has_control(stored)
+    if identity.username is not None:
+        assert 0 < len(identity.username) <= USERNAME_MAX and not has_control(identity.username)
+    assert set(identity.bad_headers) <= {BAD_CLIENT_IP, BAD_USER}
