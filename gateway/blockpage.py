@@ -2,7 +2,8 @@
 
 A ``string.Template`` HTML file (``config/blockpage.html`` by default) with
 ``$url``, ``$rules``, ``$reference`` and ``$explanation``; every value is
-HTML-escaped, and nothing secret is offered to it.
+HTML-escaped (the URL first percent-encoded and capped), and nothing secret
+is offered to it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from string import Template
 
+from gateway import sanitise
 from gateway.icap.http import build_response_head
+
+# The block page names the URL so the user knows what was blocked: its start
+# says that; a longer URL (up to the request-line limit) would only bloat
+# the page.  Percent-encoded outside visible ASCII like everywhere it leaves.
+URL_SHOWN_MAX = 2048
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "blockpage.html"
 _FALLBACK = (
@@ -44,7 +51,7 @@ class BlockPage:
     ) -> tuple[bytes, bytes]:
         """The HTTP response head and body of the block page."""
         body = self.template.substitute(
-            url=html.escape(url),
+            url=html.escape(sanitise.url(url, URL_SHOWN_MAX)),
             rules=html.escape(", ".join(rules) or "-"),
             reference=html.escape(reference),
             explanation=html.escape(explanation),

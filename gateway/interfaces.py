@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -76,6 +76,23 @@ class UserSeen:
     username: str
     client_ip: str
     at: float  # POSIX seconds, from the injected clock
+
+
+# The fixed names an identity header with a refused value is counted and
+# logged under (a metric label: never the configured header name).
+BAD_CLIENT_IP = "x-client-ip"
+BAD_USER = "x-authenticated-user"
+BAD_HEADER_NAMES = (BAD_CLIENT_IP, BAD_USER)
+
+
+class Identity(NamedTuple):
+    """Who the end user is, from the ICAP headers the proxy adds."""
+
+    username: str | None
+    client_ip: str  # canonical; the peer's address when the header was absent or refused
+    # BAD_HEADER_NAMES of headers whose value was refused: counted and noted
+    # in the access log, never stored.
+    bad_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +174,8 @@ class TransactionRecord:
     body_bytes: int = 0
     scan_duration: float | None = None
     detail: str = ""
+    # Identity headers whose value was refused (see Identity.bad_headers).
+    bad_headers: tuple[str, ...] = ()
 
 
 class Observer(Protocol):
@@ -173,6 +192,10 @@ class Observer(Protocol):
     def auth_failed(self, reason: str) -> None: ...
 
     def rules_loaded(self, ok: bool, rule_count: int, version: str) -> None: ...
+
+    def internal_error(self) -> None:
+        """An unexpected exception in per-transaction code (answered 500)."""
+        ...
 
 
 class NullObserver:
@@ -196,6 +219,9 @@ class NullObserver:
     def rules_loaded(self, ok: bool, rule_count: int, version: str) -> None:
         pass
 
+    def internal_error(self) -> None:
+        pass
+
 
 class Scanner(Protocol):
     """Scans a complete body off the reactor.  ``body`` is bytes or a path to
@@ -211,11 +237,15 @@ class Scanner(Protocol):
 
 
 __all__ = [
+    "BAD_CLIENT_IP",
+    "BAD_HEADER_NAMES",
+    "BAD_USER",
     "AuthFailure",
     "Authenticated",
     "Authenticator",
     "Credentials",
     "Direction",
+    "Identity",
     "NullObserver",
     "Observer",
     "Outcome",

@@ -11,7 +11,7 @@ construction through ``GatewayContext``, as Twisted's SMTP asks for an
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway import sanitise
 from gateway.blockpage import BlockPage, new_reference
 from gateway.filetypes import SNIFF_BYTES, sniff
 from gateway.filetypes import matches as type_matches
@@ -50,6 +51,7 @@ from gateway.interfaces import (
     Authenticator,
     Credentials,
     Direction,
+    Identity,
     Observer,
     Recorder,
     Refused,
@@ -102,8 +104,8 @@ class GatewayContext:
     new_spool: Callable[[], Spool]
     block_page: BlockPage
     clock: interfaces.IReactorTime
-    # (lower-cased ICAP headers, peer ip) -> (username or None, client ip)
-    identify: Callable[[Mapping[str, str], str], tuple[str | None, str]]
+    # (lower-cased ICAP headers, peer ip) -> username or None, canonical client ip, refused headers
+    identify: Callable[[Mapping[str, str], str], Identity]
     # (lower-cased ICAP headers, peer ip) -> what the authenticator checks
     credentials: Callable[[Mapping[str, str], str], Credentials] = field(
         default_factory=lambda: bearer_credentials)
@@ -151,6 +153,7 @@ class _Transaction:
     prefix: bytearray = field(default_factory=bytearray)  # the body's first bytes, for trickling
     released: int = 0  # body bytes sent before the verdict
     finished: bool = False  # its TransactionRecord went out
+    bad_headers: tuple[str, ...] = ()  # identity headers refused (see register.users)
 
 
 @implementer(interfaces.IPullProducer)
@@ -277,21 +280,73 @@ class ICAPServerProtocol(Protocol):
                 return
             if event is NEED_DATA or event is PAUSED:
                 break
-            if isinstance(event, Request):
-                self._on_request(event)
-            elif isinstance(event, BodyData):
-                self._on_body(event.data)
-            elif isinstance(event, PreviewEnd):
-                self._on_preview_end()
-            elif isinstance(event, EndOfMessage):
-                self._on_end()
-            elif isinstance(event, ConnectionClosed):
+            if isinstance(event, ConnectionClosed):
                 self.transport.loseConnection()
+                return
+            try:
+                self._dispatch(event)
+            except Exception:
+                self._internal_error(Failure())
                 return
         if self.conn.our_state == "MUST_CLOSE" and not self._busy:
             self.transport.loseConnection()
             return
         self._arm_timer()
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, Request):
+            self._on_request(event)
+        elif isinstance(event, BodyData):
+            self._on_body(event.data)
+        elif isinstance(event, PreviewEnd):
+            self._on_preview_end()
+        elif isinstance(event, EndOfMessage):
+            self._on_end()
+
+    def _internal_error(self, failure: Failure) -> None:
+        """The safety net of per-transaction code: an exception we did not
+        foresee answers ICAP 500 if nothing of an answer went out yet, else
+        aborts the connection (a half-sent answer cannot be repaired), so a
+        peer never waits on a connection nobody serves.  Logged once, with
+        the traceback and a reference the access-log line also carries."""
+        reference = new_reference()
+        log.failure("internal error serving {peer} (ref {ref})", failure, peer=self._peer, ref=reference)
+        tx = self.tx
+        answered = tx is not None and tx.answered
+        self._busy = True  # this connection processes nothing more
+        self._cancel_timer()
+        for step in (lambda: self.ctx.observer.internal_error(),
+                     lambda: self._finish_tx(icap_status=500, outcome="error", detail="internal-error",
+                                             reference=reference),
+                     self._close_spool):
+            try:
+                step()
+            except Exception:
+                log.failure("internal error: cleaning up failed too (ref {ref})", ref=reference)
+        if self.transport is None:
+            return
+        answer = b""
+        if not answered:
+            try:
+                answer = self.conn.send_error(500, self._common_headers())
+            except Exception:
+                answer = b""
+        if answer:
+            self.transport.write(answer)
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()
+
+    def _verdict_guarded(self, verdict: Verdict, tx: _Transaction) -> None:
+        """``_on_verdict`` behind the safety net: an exception there would
+        otherwise vanish into the Deferred and leave the connection busy."""
+        try:
+            self._on_verdict(verdict, tx)
+        except Exception:
+            if self.transport is not None and self.tx is tx:
+                self._internal_error(Failure())
+            else:
+                log.failure("internal error after the connection moved on")
 
     def _protocol_error(self, e: ProtocolError) -> None:
         log.info("ICAP protocol error from {peer}: {status} {reason}", peer=self._peer,
@@ -325,7 +380,7 @@ class ICAPServerProtocol(Protocol):
             self._answer_now(405, outcome="error", detail="method-not-allowed-for-service")
             return
         headers = req.headers.lowered()
-        username, tx.client_ip = ctx.identify(headers, self._peer)
+        username, tx.client_ip, tx.bad_headers = ctx.identify(headers, self._peer)
         # The authenticator records its own refusals: only it knows which
         # tenant a key claimed and how it rate-limits a source.
         decision = ctx.authenticator.authenticate(ctx.credentials(headers, self._peer))
@@ -442,12 +497,12 @@ class ICAPServerProtocol(Protocol):
         self._busy = True
         self._cancel_timer()
         d = self.ctx.scanner.scan(tx.spool.scan_target(), context)
-        d.addCallback(self._on_verdict, tx)
-        d.addErrback(self._on_scan_failure, tx)
+        d.addErrback(self._on_scan_failure)
+        d.addCallback(self._verdict_guarded, tx)
 
-    def _on_scan_failure(self, failure: Failure, tx: _Transaction) -> None:
+    def _on_scan_failure(self, failure: Failure) -> Verdict:
         log.failure("scanner failed", failure)
-        self._on_verdict(Verdict(outcome="error", detail="internal scanner error"), tx)
+        return Verdict(outcome="error", detail="internal scanner error")
 
     def _on_verdict(self, verdict: Verdict, tx: _Transaction) -> None:
         if self.transport is None or self.tx is not tx or not self.connected:
@@ -569,9 +624,7 @@ class ICAPServerProtocol(Protocol):
             url=facts_url, rules=list(rules), reference=reference, explanation=explanation)
         headers = self._common_headers()
         if rules:
-            threat = ", ".join(rules)
-            headers.append(("X-Infection-Found", f"Type=0; Resolution=2; Threat={threat};"))
-            headers.append(("X-Violations-Found", _violations(rules, facts_url)))
+            headers += _threat_headers(rules, facts_url)
         self.transport.write(self.conn.send_response(200, headers, res_hdr=head, body=True))
         self.transport.write(self.conn.send_data(body))
         self.transport.write(self.conn.send_end())
@@ -621,6 +674,7 @@ class ICAPServerProtocol(Protocol):
             body_bytes=tx.body_bytes,
             scan_duration=verdict.duration if verdict else None,
             detail=(reference and f"ref={reference} {detail}".strip()) or detail,
+            bad_headers=tx.bad_headers,
         )
         ctx.observer.transaction_finished(record)
 
@@ -633,9 +687,21 @@ def bearer_credentials(headers: Mapping[str, str], peer: str) -> Credentials:
     return Credentials(key=key, source_ip=peer)
 
 
-def _violations(rules: Any, url: str) -> str:
+def _threat_headers(rules: Sequence[str], url: str) -> list[tuple[str, str]]:
+    """X-Infection-Found and X-Violations-Found of a block.  The URL and the
+    rule names are the peer's and the rule files' text: sanitised here, at
+    the one place they become ICAP response headers (no CR, LF or NUL can
+    start a header of the attacker's choosing), and bounded in length."""
+    named = [sanitise.header_value(rule, sanitise.HEADER_RULE_MAX) for rule in list(rules)[: sanitise.HEADER_RULES_MAX]]
+    threat = ", ".join(named)
+    return [("X-Infection-Found", f"Type=0; Resolution=2; Threat={threat};"),
+            ("X-Violations-Found", _violations(named, sanitise.url(url, sanitise.HEADER_URL_MAX)))]
+
+
+def _violations(rules: Sequence[str], url: str) -> str:
     # RFC 3507 draft "ICAP extensions" X-Violations-Found: a count line, then
-    # four lines per violation (filename, id, name, disposition).
+    # four lines per violation (filename, id, name, disposition), folded onto
+    # continuation lines.  The values must already be sanitised.
     lines = [str(len(rules))]
     for rule in rules:
         lines += [url or "-", rule, rule, "2"]

@@ -9,7 +9,9 @@ line to a file or stdout; :meth:`AccessLogFile.reopen` (wired to SIGUSR1 by
 
 What is never written: Authorization, Proxy-Authorization, tenant keys (the
 record does not carry them) and URL userinfo (``user:password@``), which
-:func:`redact_url` strips whatever the redaction mode.
+:func:`redact_url` strips whatever the redaction mode.  Every string field is
+bounded and free of control characters (the URL percent-encoded outside
+visible ASCII): see :func:`access_fields`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import IO, Any
 from twisted.logger import ILogObserver, Logger, LogPublisher
 from zope.interface import implementer
 
+from gateway import sanitise
 from gateway.interfaces import TransactionRecord
 from monitoring.settings import UrlRedaction
 
@@ -101,28 +104,47 @@ def format_time(t: float) -> str:
     return f"{cached[1]}.{ms:03d}Z"
 
 
+# Caps on what one access line carries.  Every string field is the peer's
+# text (or derived from it) and is also freed of control characters, lone
+# surrogates (a line that cannot be encoded as UTF-8 would be lost) and
+# U+2028/U+2029 (gateway.sanitise).
+URL_MAX = 4096  # most servers refuse longer request lines (8 KiB); the start identifies the resource
+FIELD_MAX = 256  # tenant, IPs, method, service, user (the register's username column: 255)
+DETAIL_MAX = 512  # an error's text: enough for the reason, not for a dump
+RULE_MAX = 384  # "namespace.rule": a file name (255) and a YARA identifier (128)
+RULES_MAX = 64  # rules named per line; a last entry "+N more" says how many were left out
+
+
+def _rules(rules: Any) -> list[str]:
+    named = [sanitise.text(rule, RULE_MAX) for rule in list(rules)[:RULES_MAX]]
+    if len(rules) > RULES_MAX:
+        named.append(f"+{len(rules) - RULES_MAX} more")
+    return named
+
+
 def access_fields(record: TransactionRecord, *, users: bool, redaction: UrlRedaction) -> dict[str, Any]:
     """The JSON object of one access line.  Keys are stable: log parsers rely on them."""
     fields: dict[str, Any] = {
         "time": format_time(record.started),
-        "tenant": record.tenant,
-        "client_ip": record.client_ip,
-        "peer": record.peer,
-        "method": record.method,
-        "service": record.service,
-        "url": redact_url(record.url, redaction),
+        "tenant": sanitise.text(record.tenant, FIELD_MAX),
+        "client_ip": sanitise.text(record.client_ip, FIELD_MAX),
+        "peer": sanitise.text(record.peer, FIELD_MAX),
+        "method": sanitise.text(record.method, FIELD_MAX),
+        "service": sanitise.text(record.service, FIELD_MAX),
+        "url": sanitise.url(redact_url(record.url, redaction), URL_MAX),
         "icap_status": record.icap_status,
         "http_status": record.http_status,
         "outcome": record.outcome,
-        "rules": list(record.rules),
+        "rules": _rules(record.rules),
         "direction": record.direction,
         "bytes": record.body_bytes,
         "duration": round(record.duration, 6),
         "scan_duration": None if record.scan_duration is None else round(record.scan_duration, 6),
-        "detail": record.detail,
+        "detail": sanitise.text(record.detail, DETAIL_MAX),
+        "bad_headers": list(record.bad_headers),
     }
     if users:
-        fields["user"] = record.user
+        fields["user"] = sanitise.text(record.user, FIELD_MAX)
     return fields
 
 

@@ -27,6 +27,9 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from gateway.interfaces import BAD_HEADER_NAMES
+from gateway.sanitise import has_control
+
 PREFIX = "icap_gateway"
 OTHER = "other"  # the label value every capped-away value is counted under
 NONE = "none"  # the label value for an empty tenant / absent outcome
@@ -45,6 +48,10 @@ SCAN_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.
 
 MAX_SERVICE_LABELS = 16  # the service is the ICAP URI path: a client may send anything
 MAX_REASON_LABELS = 32  # auth failure reasons are a small fixed set; the cap is a seatbelt
+# A label value longer than this, or holding a control character, is counted
+# as "other": services and rule namespaces are the peer's and the rule
+# files' text, and every distinct value is kept in every scrape.
+MAX_LABEL_VALUE_LENGTH = 128
 RAW_CACHE_SIZE = 4096  # (method, service, tenant, outcome) combinations remembered as seen
 
 
@@ -141,7 +148,8 @@ def remove_multiprocess_dir(path: str) -> None:
 
 class LabelCap:
     """Maps label values to themselves until ``limit`` distinct values have
-    been seen; any later new value maps to "other".  Values in ``fixed`` are
+    been seen; any later new value maps to "other", and so does a value
+    longer than MAX_LABEL_VALUE_LENGTH or holding a control character.  Values in ``fixed`` are
     always their own label and do not use up the limit."""
 
     __slots__ = ("_limit", "_seen")
@@ -154,6 +162,8 @@ class LabelCap:
         label = self._seen.get(value)
         if label is not None:
             return label
+        if len(value) > MAX_LABEL_VALUE_LENGTH or has_control(value):
+            return OTHER
         if len(self._seen) < self._limit:
             self._seen[value] = value
             return value
@@ -254,6 +264,15 @@ class GatewayMetrics:
         self.active_connections = Gauge(
             f"{PREFIX}_active_connections", "ICAP connections open now",
             registry=reg, multiprocess_mode="livesum",
+        )
+        self.bad_headers = Counter(
+            f"{PREFIX}_bad_header", "Identity header values refused (the peer's address used, nothing stored)",
+            ["header"], registry=reg,
+        )
+        self._bad_header_children = {h: self.bad_headers.labels(h) for h in BAD_HEADER_NAMES}
+        self.internal_errors = Counter(
+            f"{PREFIX}_internal_errors",
+            "Transactions ended by an unexpected exception (answered ICAP 500, or aborted)", registry=reg,
         )
         self.auth_failures = Counter(
             f"{PREFIX}_auth_failures", "Refused ICAP requests, by reason", ["reason"], registry=reg,
@@ -401,7 +420,15 @@ class GatewayMetrics:
             child = self._reason_children[label] = self.auth_failures.labels(label)
         child.inc()
 
+    def bad_header(self, header: str) -> None:
+        child = self._bad_header_children.get(header)
+        if child is not None:  # a fixed set: anything else is not ours to count
+            child.inc()
+
     # --- rare events --------------------------------------------------------
+
+    def internal_error(self) -> None:
+        self.internal_errors.inc()
 
     def rules_loaded(self, ok: bool, rule_count: int, now: float) -> None:
         """A (re)load finished.  On failure the previous rules stay in force,

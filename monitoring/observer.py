@@ -51,6 +51,8 @@ class MonitoringObserver:
             self.metrics.request_finished(
                 record.method, record.service, record.tenant, record.outcome, record.duration
             )
+            for header in record.bad_headers:
+                self.metrics.bad_header(header)
             if self.access_log is not None:
                 self.access_log.write(record)
         except Exception:
@@ -74,6 +76,12 @@ class MonitoringObserver:
     def rules_loaded(self, ok: bool, rule_count: int, version: str) -> None:
         try:
             self.metrics.rules_loaded(ok, rule_count, self._clock())
+        except Exception:
+            self._fault()
+
+    def internal_error(self) -> None:
+        try:
+            self.metrics.internal_error()
         except Exception:
             self._fault()
 

@@ -33,6 +33,7 @@ from gateway.interfaces import (
 from register.keys import bearer_key, claimed_tenant, hash_key
 from register.models import ApiKey
 from register.models import Tenant as TenantRow
+from register.users import canonical_ip
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -227,6 +228,9 @@ def credentials_from_headers(
     hint = headers.get(settings.tenant_header.lower()) if settings.tenant_header else None
     return Credentials(
         key=bearer_key(headers.get("authorization")),
-        source_ip=peer_ip,
+        # Canonical, as the register stores addresses: a dual-stack listener
+        # sees ::ffff:a.b.c.d, which must be the same source as a.b.c.d to
+        # the rate limiter and in the register.
+        source_ip=canonical_ip(peer_ip) or peer_ip,
         tenant_hint=hint.strip() if hint else None,
     )

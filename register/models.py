@@ -46,6 +46,7 @@ NAMING = {
 TENANT_NAME_MAX = 63
 USERNAME_MAX = 255
 IP_MAX = 45  # the longest textual IPv6 address (with an embedded IPv4 part)
+REASON_MAX = 32  # auth-failure reasons are short fixed words ("unknown-key")
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -190,7 +191,7 @@ class AuthFailureRecord(Base):
     # mistyped secret is never stored here.
     tenant_presented: Mapped[str | None] = _col(
         "auth-failure", String(TENANT_NAME_MAX), nullable=True, index=True)
-    reason: Mapped[str] = _col("auth-failure", String(32))
+    reason: Mapped[str] = _col("auth-failure", String(REASON_MAX))
 
 
 class Operator(Base):

@@ -36,8 +36,10 @@ from sqlalchemy.orm import Session
 from twisted.logger import Logger
 
 from gateway.interfaces import AuthFailure, RegisterEvent, UserSeen
+from gateway.sanitise import has_control, text
 from register.models import (
     IP_MAX,
+    REASON_MAX,
     TENANT_NAME_MAX,
     USERNAME_MAX,
     AuthFailureRecord,
@@ -50,6 +52,12 @@ log = Logger()
 
 SessionKey = tuple[int, str, str]  # (tenant id, username, client ip)
 MAX_BACKOFF = 60.0
+
+
+def _storable(value: str, limit: int) -> bool:
+    """Whether a peer-derived value may be stored as it is: it fits its
+    column and holds no control character."""
+    return 0 < len(value) <= limit and not has_control(value)
 
 
 def _utc(ts: float) -> dt.datetime:
@@ -121,6 +129,7 @@ class BatchRecorder:
         self.write_errors = 0
         self.written = 0
         self.discarded = 0  # users of tenants erased meanwhile: not an error
+        self.refused = 0  # login records with a control character or over-long value: never stored
         self.db_ok = True
 
     # --- the reactor side -------------------------------------------------
@@ -137,7 +146,15 @@ class BatchRecorder:
     def _record_seen(self, e: UserSeen) -> None:
         if e.tenant_id <= 0:
             return  # the built-in tenant of [auth] required = false has no register row
-        key = (e.tenant_id, e.username[:USERNAME_MAX], e.client_ip[:IP_MAX])
+        if not _storable(e.username, USERNAME_MAX) or not _storable(e.client_ip, IP_MAX):
+            # register.users refuses such values before they get here; a cut
+            # or repaired IP or username would be a record of someone else.
+            self.refused += 1
+            if self.refused == 1 or self.refused % 10000 == 0:
+                log.warn("register: refused a login record with an unstorable username or client IP "
+                         "({n} so far)", n=self.refused)
+            return
+        key = (e.tenant_id, e.username, e.client_ip)
         with self._lock:
             spans = self._sessions.get(key)
             if spans:
@@ -275,9 +292,11 @@ class BatchRecorder:
         with Session(self.engine) as s, s.begin():
             if batch.failures:
                 s.execute(insert(AuthFailureRecord), [
-                    {"at": _utc(f.at), "source_ip": f.source_ip[:IP_MAX],
-                     "tenant_presented": (f.tenant_presented or None) and f.tenant_presented[:TENANT_NAME_MAX],
-                     "reason": f.reason[:32]}
+                    # Only our own values (the socket's peer address, a name the
+                    # register knows, a reason from a fixed set): a seatbelt, no more.
+                    {"at": _utc(f.at), "source_ip": text(f.source_ip, IP_MAX),
+                     "tenant_presented": (f.tenant_presented or None) and text(f.tenant_presented, TENANT_NAME_MAX),
+                     "reason": text(f.reason, REASON_MAX)}
                     for f in batch.failures])
             if batch.sessions:
                 self._write_sessions(s, batch.sessions)

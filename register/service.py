@@ -27,7 +27,7 @@ from twisted.internet import defer, threads
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gateway.interfaces import Authenticator, Credentials, Recorder
+from gateway.interfaces import Authenticator, Credentials, Identity, Recorder
 from register import auth, users
 from register.db import database_url, open_register, redacted
 from register.gdpr import purge_engine
@@ -47,8 +47,8 @@ DeferToThread = Callable[..., "defer.Deferred[Any]"]
 class RegisterComponents:
     authenticator: Authenticator
     recorder: Recorder
-    # (lower-cased ICAP headers, peer ip) -> (username, client ip)
-    identify: Callable[[Mapping[str, str], str], tuple[str | None, str]]
+    # (lower-cased ICAP headers, peer ip) -> username, canonical client ip, refused headers
+    identify: Callable[[Mapping[str, str], str], Identity]
     service: Service
     queue_depth: Callable[[], int]
     write_errors: Callable[[], int]
@@ -200,7 +200,7 @@ def build_register(
     )
 
 
-def _identify(headers: Mapping[str, str], peer_ip: str, *, settings: Any) -> tuple[str | None, str]:
+def _identify(headers: Mapping[str, str], peer_ip: str, *, settings: Any) -> Identity:
     return users.identify(headers, peer_ip, settings)
 
 

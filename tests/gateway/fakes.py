@@ -14,6 +14,7 @@ from gateway.interfaces import (
     Authenticated,
     AuthFailure,
     Credentials,
+    Identity,
     NullObserver,
     Refused,
     RegisterEvent,
@@ -129,8 +130,8 @@ class RecordingObserver(NullObserver):
         self.records.append(record)
 
 
-def identify(headers: Mapping[str, str], peer: str) -> tuple[str | None, str]:
-    return headers.get("x-client-username"), headers.get("x-client-ip", peer)
+def identify(headers: Mapping[str, str], peer: str) -> Identity:
+    return Identity(headers.get("x-client-username"), headers.get("x-client-ip", peer))
 
 
 @dataclass

@@ -20,6 +20,9 @@ from gateway.config import GatewayConfig
 from gateway.interfaces import TransactionRecord
 from gateway.settings import ConfigErrors
 from monitoring.accesslog import (
+    DETAIL_MAX,
+    RULES_MAX,
+    URL_MAX,
     AccessLog,
     AccessLogFile,
     access_fields,
@@ -119,7 +122,36 @@ def test_fields_of_a_line() -> None:
         "duration": 0.012346,
         "scan_duration": 0.002,
         "detail": "",
+        "bad_headers": [],
     }
+
+
+def test_hostile_strings_are_clean_and_bounded_in_the_line() -> None:
+    # Lone surrogates made the UTF-8 write raise: the whole line was lost.
+    # Control characters and U+2028 broke lines in log viewers.
+    out = io.StringIO()
+    alog = AccessLog(AccessLogFile("stdout", stdout=out), users=True, redaction="full")
+    hostile = record()
+    hostile.url = "http://example.com/a\nb\r\x00\xe9/" + "p" * 100_000
+    hostile.user = "bob\ud800\u2028x"
+    hostile.detail = "boom\x85" * 1000
+    hostile.client_ip = "10.0.0.1\x1b[31m"
+    hostile.rules = [f"ns.r{i}\n" for i in range(1000)]
+    hostile.bad_headers = ("x-client-ip",)
+    alog.write(hostile)
+    line = out.getvalue()
+    assert line.count("\n") == 1 and line.endswith("\n")
+    line.encode("utf-8")
+    fields = json.loads(line)
+    assert fields["url"].startswith("http://example.com/a%0Ab%0D%00%E9/pp")
+    assert len(fields["url"]) <= URL_MAX and fields["url"].endswith("...")
+    assert fields["user"] == "bob\ufffd\ufffdx"
+    assert len(fields["detail"]) <= DETAIL_MAX and "\x85" not in fields["detail"]
+    assert fields["client_ip"] == "10.0.0.1\ufffd[31m"
+    assert len(fields["rules"]) == RULES_MAX + 1 and fields["rules"][-1] == f"+{1000 - RULES_MAX} more"
+    assert fields["rules"][0] == "ns.r0\ufffd"
+    assert fields["bad_headers"] == ["x-client-ip"]
+    assert len(line) < URL_MAX + DETAIL_MAX + (RULES_MAX + 1) * 20 + 1000
 
 
 def test_user_only_when_configured() -> None:

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.interfaces import Observer, TransactionRecord, Verdict
-from monitoring.metrics import OTHER, GatewayMetrics, LabelCap, metrics_registry
+from monitoring.metrics import MAX_LABEL_VALUE_LENGTH, OTHER, GatewayMetrics, LabelCap, metrics_registry
 from monitoring.observer import MonitoringObserver
 
 
@@ -178,6 +178,34 @@ def test_service_label_is_capped(registry: CollectorRegistry) -> None:
     services = {s.labels["service"] for m in registry.collect() if m.name == "icap_gateway_requests"
                 for s in m.samples if s.name.endswith("_total")}
     assert OTHER in services and len(services) <= 17
+
+
+def test_hostile_label_values_are_other_and_use_no_slot(registry: CollectorRegistry) -> None:
+    observer, metrics = make(registry)
+    observer.transaction_finished(record(service="x" * 10_000, outcome="error", icap_status=404))
+    observer.transaction_finished(record(service="svc\nfake_metric 1", outcome="error", icap_status=404))
+    observer.scan_finished(Verdict("blocked", rules=["ns\x00.r", "ns.r" + "x" * 200]), "response")
+    values = {v for m in registry.collect() for s in m.samples for v in s.labels.values()}
+    assert not [v for v in values if len(v) > MAX_LABEL_VALUE_LENGTH or "\n" in v or "\x00" in v]
+    assert len(metrics.service_label) == 0 and len(metrics.rule_label) == 0  # the caps are not used up
+    assert val(registry, "icap_gateway_rule_matches_total", rule=OTHER) == 2
+
+
+def test_bad_headers_counted_by_a_fixed_label_set(registry: CollectorRegistry) -> None:
+    observer, _ = make(registry)
+    observer.transaction_finished(record(bad_headers=("x-client-ip",)))
+    observer.transaction_finished(record(bad_headers=("x-client-ip", "x-authenticated-user")))
+    observer.transaction_finished(record(bad_headers=("x-made-up",)))  # not ours: not a label
+    assert val(registry, "icap_gateway_bad_header_total", header="x-client-ip") == 2
+    assert val(registry, "icap_gateway_bad_header_total", header="x-authenticated-user") == 1
+    assert val(registry, "icap_gateway_bad_header_total", header="x-made-up") is None
+
+
+def test_internal_errors_counted(registry: CollectorRegistry) -> None:
+    observer, _ = make(registry)
+    assert val(registry, "icap_gateway_internal_errors_total") == 0
+    observer.internal_error()
+    assert val(registry, "icap_gateway_internal_errors_total") == 1
 
 
 def test_label_cap_fixed_values_do_not_use_the_limit() -> None:

@@ -179,3 +179,24 @@ def test_no_credential_header_reaches_a_failure_record(header: str) -> None:
     c = credentials_from_headers({header: "Bearer icgw.zzz.topsecret"}, "192.0.2.1", a.settings)
     a.authenticate(c)
     assert "topsecret" not in repr(rec.events)
+
+
+def test_hostile_headers_never_reach_a_failure_record() -> None:
+    # What reaches the register for a refusal: the socket's peer address
+    # (canonical), a tenant name the register knows, a reason from a fixed set.
+    a, _clock, rec = make(GOOD, tenant_header="X-Tenant")
+    hostile = {
+        "authorization": "Bearer icgw.acme\r\nX-Evil: 1." + "A" * 3000,
+        "x-tenant": "acme\r\nX-Evil: 1",
+        "x-client-ip": "fe80::1%\rX-Evil: 1",
+    }
+    a.authenticate(credentials_from_headers(hostile, "::ffff:192.0.2.1", a.settings))
+    [event] = rec.events
+    assert event == AuthFailure(T0, "192.0.2.1", None, "unknown-key")
+
+
+def test_rate_limit_counts_a_v4_mapped_peer_as_its_ipv4_address() -> None:
+    a, _clock, _rec = make(GOOD, failure_burst=2)
+    for peer in ("192.0.2.1", "::ffff:192.0.2.1"):
+        a.authenticate(credentials_from_headers({}, peer, a.settings))
+    assert a.authenticate(credentials_from_headers({}, "::ffff:192.0.2.1", a.settings)) == Refused(403, "rate-limited")

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from gateway.interfaces import AuthFailure, UserSeen
 from register import gdpr
+from register import recorder as recorder_module
 from register.db import create_register_engine
 from register.models import AuthFailureRecord, LoginRecord, User
 from register.recorder import BatchRecorder, Transient
@@ -140,7 +141,12 @@ def test_users_of_erased_tenants_are_discarded_not_retried(engine: Engine) -> No
     assert [r[0] for r in logins(engine)] == ["bob"]
 
 
-def test_refused_record_is_isolated_not_wedging_the_queue(engine: Engine, backend: str) -> None:
+def test_refused_record_is_isolated_not_wedging_the_queue(
+    engine: Engine, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The recorder refuses a NUL itself now (see the next test): let it
+    # through to show what the database's refusal does.
+    monkeypatch.setattr(recorder_module, "_storable", lambda value, limit: True)
     tid, _ = add_tenant(engine, "acme")
     rec = BatchRecorder(engine)
     rec.record(AuthFailure(T0, "192.0.2.7", None, "missing-key"))
@@ -154,6 +160,16 @@ def test_refused_record_is_isolated_not_wedging_the_queue(engine: Engine, backen
         assert rec.dropped == 1 and names == ["bob"]
     with Session(engine) as s:
         assert len(list(s.scalars(select(AuthFailureRecord)))) == 1
+
+
+def test_nul_in_a_username_never_reaches_the_database(engine: Engine) -> None:
+    tid, _ = add_tenant(engine, "acme")
+    rec = BatchRecorder(engine)
+    rec.record(UserSeen(tid, "bob", "10.0.0.5", T0))
+    rec.record(UserSeen(tid, "bad\x00name", "10.0.0.5", T0))
+    rec.flush_all()
+    assert [r[0] for r in logins(engine)] == ["bob"]
+    assert rec.refused == 1 and rec.dropped == 0 and rec.write_errors == 0
 
 
 def test_writer_thread_flushes_on_stop(engine: Engine) -> None:
@@ -203,6 +219,34 @@ def test_spans_merge_in_any_order() -> None:
 def test_record_never_raises() -> None:
     rec = BatchRecorder(None, max_queue=1)  # type: ignore[arg-type]
     rec.record(None)  # type: ignore[arg-type]
-    rec.record(UserSeen(1, "x" * 10_000, "10.0.0.1", T0))  # truncated, not refused
-    rec.record(UserSeen(1, "y", "10.0.0.1", T0))  # over the bound: dropped, counted
-    assert rec.queue_depth() == 1 and rec.dropped == 1
+    rec.record(UserSeen(1, "x" * 10_000, "10.0.0.1", T0))  # too long to store: refused, counted
+    rec.record(UserSeen(1, "y", "10.0.0.1", T0))
+    rec.record(UserSeen(1, "z", "10.0.0.1", T0))  # over the bound: dropped, counted
+    assert rec.queue_depth() == 1 and rec.dropped == 1 and rec.refused == 1
+
+
+@pytest.mark.parametrize(("username", "client_ip"), [
+    ("bob", "fe80::1%\rX-Evil: 1"),  # what the old register stored as a client IP
+    ("bob", "1" * 3000),  # the old register stored its first 45 characters
+    ("bob\nX-Evil: 1", "10.0.0.5"),
+    ("b" * 256, "10.0.0.5"),
+    ("", "10.0.0.5"),
+])
+def test_unstorable_login_values_are_refused_not_cut(engine: Engine, username: str, client_ip: str) -> None:
+    tid, _ = add_tenant(engine, "acme")
+    rec = BatchRecorder(engine, idle_gap=GAP)
+    rec.record(UserSeen(tid, username, client_ip, T0))
+    rec.record(UserSeen(tid, "carol", "10.0.0.5", T0))
+    rec.flush_all()
+    assert logins(engine) == [("carol", "10.0.0.5", T0, T0)]
+    assert rec.refused == 1 and rec.dropped == 0
+
+
+def test_auth_failure_fields_are_bounded_and_clean(engine: Engine) -> None:
+    rec = BatchRecorder(engine, idle_gap=GAP)
+    rec.record(AuthFailure(T0, "10.0.0.9\x00" + "9" * 100, None, "unknown-key\r\n" + "x" * 100))
+    rec.flush_all()
+    with Session(engine) as s:
+        (ip, reason), = s.execute(select(AuthFailureRecord.source_ip, AuthFailureRecord.reason))
+    assert len(ip) <= 45 and "\x00" not in ip
+    assert len(reason) <= 32 and "\r" not in reason and "\n" not in reason

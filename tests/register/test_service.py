@@ -101,7 +101,7 @@ def test_records_flow_to_the_database_and_stop_flushes(engine: Engine, db_url: s
     parts, reactor = start(db_url)
     # A refused request lands in the register through the recorder.
     assert parts.authenticator.authenticate(Credentials("icgw.acme.wrong", "192.0.2.9")).status == 403  # type: ignore[union-attr]
-    username, ip = parts.identify({"x-authenticated-user": "Ym9i", "x-client-ip": "10.0.0.5"}, "192.0.2.1")
+    username, ip, _bad = parts.identify({"x-authenticated-user": "Ym9i", "x-client-ip": "10.0.0.5"}, "192.0.2.1")
     assert (username, ip) == ("bob", "10.0.0.5")
     parts.recorder.record(UserSeen(tid, username, ip, T0))
     assert parts.healthy() and parts.dropped() == 0
