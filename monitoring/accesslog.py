@@ -120,6 +120,8 @@ def access_fields(record: TransactionRecord, *, users: bool, redaction: UrlRedac
         "duration": round(record.duration, 6),
         "scan_duration": None if record.scan_duration is None else round(record.scan_duration, 6),
         "detail": record.detail,
+        # Why the body was not scanned whole (gateway.interfaces.UNSCANNABLE_REASONS), or "".
+        "unscannable": record.unscannable,
     }
     if users:
         fields["user"] = record.user

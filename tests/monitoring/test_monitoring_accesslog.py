@@ -119,6 +119,7 @@ def test_fields_of_a_line() -> None:
         "duration": 0.012346,
         "scan_duration": 0.002,
         "detail": "",
+        "unscannable": "",
     }
 
 
