@@ -556,7 +556,8 @@ class YaraScanner:
         cached = self.cache.get(key)
         if cached is not None:
             return Verdict(cached.outcome, rules=cached.rules, detail="cached", scanned_bytes=0,
-                           duration=time.perf_counter() - started, ruleset_version=compiled.version)
+                           duration=time.perf_counter() - started, ruleset_version=compiled.version,
+                           reason=cached.reason)
         result = self._scan_uncached(body, context, compiled)
         self.cache.put(key, result)
         return result
