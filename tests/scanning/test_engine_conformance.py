@@ -174,14 +174,19 @@ UNSCANNABLE_CASES: list[tuple[bytes, str, dict[str, Any], str, str, str]] = [
 ]
 
 
+@pytest.mark.parametrize("spooled", [False, True], ids=["memory", "spooled"])
 @pytest.mark.parametrize(("body", "coding", "settings", "outcome", "reason", "action"), UNSCANNABLE_CASES,
                          ids=[f"{i}-{case[4]}-{case[3]}" for i, case in enumerate(UNSCANNABLE_CASES)])
 def test_unscannable_same_verdicts(
     engine: YaraXEngine, tmp_path: Path, body: bytes, coding: str, settings: dict[str, Any],
-    outcome: str, reason: str, action: str,
+    outcome: str, reason: str, action: str, spooled: bool,
 ) -> None:
     scanners = make_pair(BUNDLED_RULES, engine, tmp_path, **settings)
-    verdict = both(scanners, body, content_encoding=coding)
+    target: bytes | str = body
+    if spooled:  # a body past memory_threshold: decoded from, and matched by, its file
+        (tmp_path / "body").write_bytes(body)
+        target = str(tmp_path / "body")
+    verdict = both(scanners, target, content_encoding=coding)
     assert (verdict.outcome, verdict.reason, verdict.action) == (outcome, reason, action)
     if outcome == "blocked":
         assert verdict.rules == ("eicar.yar.EICAR_Test_File",)
