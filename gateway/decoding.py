@@ -39,6 +39,11 @@ ZSTD_MAX_WINDOW = 8 * 1024 * 1024
 # truncated frame as a clean end: a cut-off body would pass as complete.)
 ZSTD_FEED = 128
 
+# Content-Encoding stacks more codings than anyone applies ("gzip, br" is
+# rare already): each is a decoder nested in the next, and a header listing
+# thousands would exhaust Python's recursion in read().  More is corrupt.
+MAX_CODINGS = 8
+
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -276,6 +281,8 @@ def decoder_chain(source: Readable, codings: list[str]) -> Readable:
 
 
 def _decoder_layers(source: Readable, codings: list[str]) -> list[_Decoder]:
+    if len(codings) > MAX_CODINGS:
+        raise DecodeError(f"{len(codings)} content-codings (at most {MAX_CODINGS})")
     layers: list[_Decoder] = []
     stream = source
     for coding in reversed(codings):

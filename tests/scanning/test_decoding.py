@@ -14,6 +14,7 @@ import zstandard
 
 from gateway.decoding import (
     BLOCK,
+    MAX_CODINGS,
     BytesSource,
     DecodeError,
     DecodeTimeout,
@@ -158,6 +159,18 @@ def test_corrupt_and_unknown() -> None:
         decoder_chain(BytesSource(b""), ["lzma"])
     result = decode_into(b"\x28\xb5\x2f\xfdgarbage", ["zstd"], lambda b: None, limit=100)
     assert result.error.startswith("zstd")
+
+
+def test_a_deep_stack_of_codings_is_corrupt_not_a_recursion_error() -> None:
+    # "gzip, gzip, ..." a thousand times nested a thousand decoders: RecursionError.
+    result = decode_into(b"hello", ["gzip"] * 1000, lambda b: None, limit=100)
+    assert (result.size, result.error) == (0, f"1000 content-codings (at most {MAX_CODINGS})")
+    nested = b"payload"
+    for _ in range(MAX_CODINGS):
+        nested = gzip.compress(nested)
+    out = bytearray()
+    assert decode_into(nested, ["gzip"] * MAX_CODINGS, out.extend, limit=100).error == ""
+    assert out == b"payload"
 
 
 def test_limit_exact_and_exceeded() -> None:

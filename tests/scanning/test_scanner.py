@@ -120,6 +120,15 @@ def test_unsupported_encoding(make_scanner: Make) -> None:
     assert (verdict.outcome, verdict.reason, verdict.action) == ("unscannable", "corrupt-encoding", "block")
 
 
+def test_a_deep_stack_of_codings_is_a_corrupt_encoding(make_scanner: Make) -> None:
+    # Was a RecursionError out of the scanning thread: an engine-error with a
+    # traceback logged per request.
+    verdict = scan(make_scanner(), INFECTED, content_encoding=", ".join(["gzip"] * 5000))
+    assert (verdict.outcome, verdict.reason) == ("blocked", "corrupt-encoding")  # the raw bytes were scanned
+    verdict = scan(make_scanner(), PAGE, content_encoding=", ".join(["gzip"] * 5000))
+    assert (verdict.outcome, verdict.reason, verdict.action) == ("unscannable", "corrupt-encoding", "block")
+
+
 def test_decode_bomb_is_bounded_and_prefix_scanned(make_scanner: Make) -> None:
     # 64 MiB of zeros in ~64 KiB: the ratio limit stops decoding at 100x.
     bomb_plain = EICAR + bytes(64 * 1024**2)
