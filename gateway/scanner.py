@@ -29,9 +29,10 @@ decoding passes max_scan_size          the decoded prefix (up to the limit) and 
                                        unscannable too-large (pass)
 decoding passes max_decoded_size       as above, unscannable decode-limit (block)
 decoding passes max_decode_ratio       as above, unscannable bomb (block)
-corrupt/truncated/unknown encoding     the decoded prefix and the raw bytes are
-                                       scanned: a match blocks, else unscannable
-                                       corrupt-encoding (block)
+corrupt/truncated/unknown encoding     the decoded prefix and the raw bytes (and,
+                                       for stacked codings, what the outer ones
+                                       decode to) are scanned: a match blocks,
+                                       else unscannable corrupt-encoding (block)
 bytes after the end of an encoded      the decoded stream with the trailing bytes
 stream (not another gzip member or     after it, and the raw bytes, are scanned: a
 zstd frame)                            match blocks, else unscannable
@@ -71,7 +72,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from gateway.decoding import DecodeTimeout, decode_into, parse_encodings
+from gateway.decoding import DecodeResult, DecodeTimeout, decode_into, parse_encodings
 from gateway.interfaces import ScanContext, UnscannableReason, Verdict
 from gateway.scancache import VerdictCache, body_digest, mentioned_externals
 from gateway.spool import BodySpool, purge_stale
@@ -600,29 +601,26 @@ class YaraScanner:
             # The decoding stops at the smallest limit; max_scan_size wins ties,
             # so a big honest download reads "too-large", as it would unencoded.
             limit = min(s.max_scan_size, s.max_decoded_size, s.max_decode_ratio * raw_size)
-            decoded = BodySpool(s.memory_threshold, self.spool_dir, prefix="decoded-")
-            try:
-                with _open_source(body) as source:
-                    result = decode_into(
-                        source, codings, decoded.write, limit=limit, deadline=deadline,
-                        clock=self._clock,
-                    )
-                decoded.finish()
-                matches = []
-                # Whatever was decoded is scanned, up to the limit that stopped
-                # it: padding past a limit cannot hide what lies before it.
-                # (Trailing bytes are in it too: the decoders pass them through.)
-                if result.size or not (result.exceeded or result.error):
-                    matches += self._match(compiled, decoded.scan_target(), externals, deadline)
-                    scanned = result.size
-            finally:
-                decoded.close()
+            result, matches, scanned = self._decode_and_match(
+                compiled, body, codings, limit, externals, deadline)
             if not (result.exceeded or result.error or result.trailing):
                 return verdict(matches)
             # Not decoded whole (or not only the stream): the raw bytes may
             # still carry something recognisable.
             matches += self._match(compiled, body, externals, deadline)
             scanned += raw_size
+            if result.error and len(codings) > 1:
+                # A stacked coding that breaks inside hides what the codings
+                # around it decoded to (only the broken one's prefix of it was
+                # matched): undo the outer codings alone, dropping inner ones
+                # until a chain decodes cleanly (at most MAX_CODINGS - 1 more).
+                for first in range(1, len(codings)):
+                    outer, found, size = self._decode_and_match(
+                        compiled, body, codings[first:], limit, externals, deadline)
+                    matches += found
+                    scanned += size
+                    if not outer.error:
+                        break
             if result.error:
                 return unscannable("corrupt-encoding", f"corrupt-encoding: {result.error}", matches)
             if result.exceeded:
@@ -636,6 +634,28 @@ class YaraScanner:
             return unscannable("engine-error", f"engine-error: yara: {e}")
         except OSError as e:
             return unscannable("engine-error", f"engine-error: {type(e).__name__}: {e.strerror or e}")
+
+    def _decode_and_match(
+        self, compiled: CompiledRules, body: bytes | str, codings: list[str], limit: int,
+        externals: dict[str, str], deadline: float,
+    ) -> tuple[DecodeResult, list[str], int]:
+        """Decode up to ``limit`` and match what came out: (result, rules, bytes matched)."""
+        s = self.settings
+        decoded = BodySpool(s.memory_threshold, self.spool_dir, prefix="decoded-")
+        try:
+            with _open_source(body) as source:
+                result = decode_into(
+                    source, codings, decoded.write, limit=limit, deadline=deadline, clock=self._clock,
+                )
+            decoded.finish()
+            # Whatever was decoded is scanned, up to the limit that stopped
+            # it: padding past a limit cannot hide what lies before it.
+            # (Trailing bytes are in it too: the decoders pass them through.)
+            if result.size or not (result.exceeded or result.error):
+                return result, self._match(compiled, decoded.scan_target(), externals, deadline), result.size
+            return result, [], 0
+        finally:
+            decoded.close()
 
     def _match(
         self, compiled: CompiledRules, target: bytes | str, externals: dict[str, str],

@@ -171,6 +171,8 @@ UNSCANNABLE_CASES: list[tuple[bytes, str, dict[str, Any], str, str, str]] = [
     (brotli.compress(PAGE) + EICAR, "br", {}, "blocked", "corrupt-encoding", ""),
     (_zstd(gzip.compress(PAGE) + EICAR), "gzip, zstd", {}, "blocked", "trailing-data", ""),
     (gzip.compress(PAGE) + b"\n", "gzip", {}, "unscannable", "trailing-data", "pass"),
+    (gzip.compress(b"\x1f\x8b\x08\x00broken" + PAGE + EICAR, 9), "gzip, gzip",
+     {"unscannable_policy": {"corrupt-encoding": "pass"}}, "blocked", "corrupt-encoding", ""),
 ]
 
 

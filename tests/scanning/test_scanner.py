@@ -194,6 +194,21 @@ def test_eicar_after_an_inner_stream_of_stacked_codings_blocks(make_scanner: Mak
     assert (verdict.outcome, verdict.rules, verdict.reason) == ("blocked", (EICAR_RULE,), "trailing-data")
 
 
+def test_eicar_hidden_by_a_broken_inner_coding_blocks_under_a_pass_policy(make_scanner: Make) -> None:
+    # "gzip, gzip" whose inner gzip is broken at its start: the outer gzip
+    # decodes to bytes holding EICAR, but only the broken inner stream's
+    # (empty) output and the raw, compressed bytes were matched.
+    inner = b"\x1f\x8b\x08\x00broken" + PAGE + EICAR + PAGE
+    body = gzip.compress(inner, 9)
+    assert EICAR not in body
+    lenient = make_scanner(unscannable_policy={"corrupt-encoding": "pass"})
+    verdict = scan(lenient, body, content_encoding="gzip, gzip")
+    assert (verdict.outcome, verdict.rules, verdict.reason) == ("blocked", (EICAR_RULE,), "corrupt-encoding")
+    # The outermost coding broken: nothing more to find, still unscannable.
+    clean = scan(lenient, gzip.compress(gzip.compress(PAGE))[:-40], content_encoding="gzip, gzip, gzip")
+    assert (clean.outcome, clean.reason, clean.action) == ("unscannable", "corrupt-encoding", "pass")
+
+
 def test_trailing_data_without_a_match_passes_marked(make_scanner: Make) -> None:
     junk = b"\n<!-- padding -->\n"
     verdict = scan(make_scanner(), gzip.compress(PAGE) + junk, content_encoding="gzip")
