@@ -84,7 +84,9 @@ def main() -> None:
                     for _ in range(args.repeat)]
             verdict = runs[0][0]
             median = statistics.median(seconds for _, seconds in runs)
-            label = f"{verdict.outcome} {verdict.reason} {verdict.action}".strip()
+            # getattr: the same script runs against a tree from before the unscannable verdict
+            label = " ".join(filter(None, (verdict.outcome, getattr(verdict, "reason", verdict.detail),
+                                           getattr(verdict, "action", ""))))
             print(f"{name:45} {len(body):>9} {label:32} {verdict.scanned_bytes:>10} "
                   f"{median * 1000:>10.1f} {len(body) / median / 1e6:>9.1f}")
 
