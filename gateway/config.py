@@ -29,6 +29,29 @@ from register.settings import AuthSettings, RegisterSettings
 # The bundled rules and templates sit beside the package in a source checkout.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# What happens, by default, to a body the scanner could not scan whole, per
+# reason (gateway.interfaces.UNSCANNABLE_REASONS; see gateway.scanner).
+UNSCANNABLE_DEFAULTS: dict[str, Literal["block", "pass"]] = {
+    # Honest big downloads (ISO images, videos) are common; blocking them is a
+    # site's choice to make.  Same as oversize_policy's default.
+    "too-large": "pass",
+    # Decoded past max_decoded_size: an honest page rarely inflates to 256 MiB,
+    # and what lies past the limit is not seen.
+    "decode-limit": "block",
+    # Past max_decode_ratio: a decompression bomb; padding a signature past
+    # the limit must not get it through.
+    "bomb": "block",
+    # What a browser cannot decode it does not run, but a downloader saves the
+    # raw bytes, and a broken stream hides what follows the damage.
+    "corrupt-encoding": "block",
+    # The trailing bytes are scanned (raw) along with the decoded stream, so
+    # nothing went unseen; some servers do pad their streams.
+    "trailing-data": "pass",
+    # As error_policy's default (fail-closed).
+    "scan-timeout": "block",
+    "engine-error": "block",
+}
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -63,6 +86,15 @@ class ServerSettings:
     )
 
 
+def _unscannable_policy_problems(table: dict[str, str]) -> str | None:
+    """Every typo in the table at once, reason and action alike."""
+    problems = [f"unknown reason {reason!r} (known: {', '.join(UNSCANNABLE_DEFAULTS)})"
+                for reason in table if reason not in UNSCANNABLE_DEFAULTS]
+    problems += [f"{reason}: expected \"block\" or \"pass\", got {action!r}"
+                 for reason, action in table.items() if action not in ("block", "pass")]
+    return "; ".join(problems) or None
+
+
 @dataclass(frozen=True)
 class ScanSettings:
     rules: str = setting("rules", "Directory of *.yar/*.yara files, each file its own namespace")
@@ -73,13 +105,24 @@ class ScanSettings:
     )
     timeout: float = setting(30.0, "Seconds one scan may take", kind="duration", validate=positive)
     error_policy: Literal["fail-open", "fail-closed"] = setting(
-        "fail-closed", "On a scan error or timeout: pass the content (fail-open) or block it"
+        "fail-closed", "On a scan error or timeout: pass the content (fail-open) or block it; "
+        "unscannable_policy's scan-timeout and engine-error, when given, win"
     )
     max_scan_size: int = setting(
         256 * 1024**2, "Bodies larger than this (decoded) are not scanned", kind="size", validate=positive
     )
     oversize_policy: Literal["pass", "block"] = setting(
-        "pass", "What happens to a body over max_scan_size: pass it unscanned (marked) or block it"
+        "pass", "What happens to a body over max_scan_size: pass it unscanned (marked) or block it; "
+        "unscannable_policy's too-large, when given, wins"
+    )
+    unscannable_policy: dict[str, str] = setting(
+        {}, "What to do, \"block\" or \"pass\" (marked X-Scan-Status: unscanned; reason=...), with a "
+        "body that could not be scanned whole, per reason; a rule match in what could be scanned "
+        "blocks whatever this says. Reasons not listed take their defaults: "
+        + ", ".join(f"{reason} {action}" for reason, action in UNSCANNABLE_DEFAULTS.items())
+        + " (too-large follows oversize_policy, scan-timeout and engine-error follow error_policy). "
+        "E.g. {too-large=\"block\", trailing-data=\"block\"}",
+        validate=lambda table: _unscannable_policy_problems(table),
     )
     memory_threshold: int = setting(
         1024**2, "Bodies above this spool to a temporary file", kind="size", validate=positive
@@ -103,6 +146,17 @@ class ScanSettings:
         10000, "Verdicts kept for bodies seen again (same bytes, same rules, same externals the "
         "rules read); 0 disables the cache", validate=non_negative,
     )
+
+    def policy_for(self, reason: str) -> Literal["block", "pass"]:
+        """What to do with a body unscannable for ``reason`` (UNSCANNABLE_REASONS)."""
+        given = self.unscannable_policy.get(reason)
+        if given in ("block", "pass"):
+            return given  # type: ignore[return-value]
+        if reason == "too-large":
+            return self.oversize_policy
+        if reason in ("scan-timeout", "engine-error"):
+            return "pass" if self.error_policy == "fail-open" else "block"
+        return UNSCANNABLE_DEFAULTS.get(reason, "block")
 
 
 @dataclass(frozen=True)
@@ -178,6 +232,8 @@ def with_overrides(config: GatewayConfig, **overrides: Any) -> GatewayConfig:
 def toml_literal(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):  # an inline table; keys are bare (letters, digits, - and _)
+        return "{" + ", ".join(f"{k} = {toml_literal(v)}" for k, v in value.items()) + "}"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list):
@@ -202,7 +258,7 @@ def render_example() -> str:
     for section, factory in _section_types().items():
         lines += ["", f"[{section}]"]
         for key, default, doc in describe(factory):
-            lines += [f"# {line}" for line in textwrap.wrap(doc, 76)]
+            lines += [f"# {line}" for line in textwrap.wrap(doc, 76, break_on_hyphens=False)]
             lines.append(f"# {key} = {toml_literal(default)}")
             lines.append("")
         lines.pop()

@@ -8,6 +8,13 @@ stage ever holds more than about one block of output: a bomb is stopped after
 
 Corrupt or truncated input raises :class:`DecodeError` *after* every byte that
 could be decoded has been returned, so the caller can still scan that prefix.
+
+Bytes after the end of an encoded stream (that do not start another gzip
+member or zstd frame) are not ignored, as gzip(1) and browsers ignore them:
+the decoder passes them through verbatim after its decoded output and counts
+them in ``trailing``, so the scanner matches them too (a hostile server could
+otherwise hide a payload there for a client that reads the raw body) and the
+verdict can say "trailing-data".
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ ZSTD_MAX_WINDOW = 8 * 1024 * 1024
 # incompressible input.  (stream_reader's output is bounded, but it reports a
 # truncated frame as a clean end: a cut-off body would pass as complete.)
 ZSTD_FEED = 128
+
+# Content-Encoding stacks more codings than anyone applies ("gzip, br" is
+# rare already): each is a decoder nested in the next, and a header listing
+# thousands would exhaust Python's recursion in read().  More is corrupt.
+MAX_CODINGS = 8
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -85,6 +97,9 @@ class _Decoder:
         self._buf = b""
         self._pos = 0  # read offset in _buf: slicing off the rest would copy it each time
         self._done = False
+        self.trailing = 0  # bytes after the end of the stream, passed through verbatim
+        self._in_tail = False
+        self._tail = b""  # trailing input read ahead, not yet passed through
 
     def read(self, n: int, /) -> bytes:
         while self._pos >= len(self._buf) and not self._done:
@@ -101,6 +116,19 @@ class _Decoder:
 
     def _more(self) -> bytes:
         return self._inner.read(BLOCK)
+
+    def _begin_tail(self, read_ahead: bytes) -> bytes:
+        """The stream has ended and ``read_ahead`` (not empty) follows it:
+        from here on the input is output, unchanged."""
+        self._in_tail, self._tail = True, read_ahead
+        return self._pass_through()
+
+    def _pass_through(self) -> bytes:
+        out, self._tail = self._tail or self._more(), b""
+        if not out:
+            self._done = True
+        self.trailing += len(out)
+        return out
 
 
 class _ZlibDecoder(_Decoder):
@@ -124,7 +152,7 @@ class _ZlibDecoder(_Decoder):
         if not self._pending:
             return False
         if self._obj is not None and (self.name != "gzip" or not self._pending.startswith(_GZIP_MAGIC)):
-            return False  # trailing garbage after the stream: ignored, as gzip(1) and browsers do
+            return False  # not another gzip member: trailing data (see _produce)
         if self.name == "gzip":
             wbits = 31
         else:
@@ -134,11 +162,16 @@ class _ZlibDecoder(_Decoder):
         return True
 
     def _produce(self, n: int) -> bytes:
+        if self._in_tail:
+            return self._pass_through()
         obj = self._obj
         if obj is None or obj.eof:
             if obj is not None:
                 self._pending = obj.unused_data + self._pending
             if not self._start():
+                if self._pending:
+                    rest, self._pending = self._pending, b""
+                    return self._begin_tail(rest)
                 self._done = True
                 return b""
             obj = self._obj
@@ -171,6 +204,8 @@ class _BrotliDecoder(_Decoder):
         self._draining = False
 
     def _produce(self, n: int) -> bytes:
+        if self._in_tail:
+            return self._pass_through()
         obj = self._obj
         try:
             if self._draining or not obj.can_accept_more_data():
@@ -179,7 +214,14 @@ class _BrotliDecoder(_Decoder):
                     return out
                 self._draining = False
             if obj.is_finished():
-                self._done = True  # anything after the end of the stream is ignored
+                # The stream ended at the end of a read: what follows is
+                # trailing data.  (Trailing data in the same read makes the
+                # brotli library fail, and it cannot say where its stream
+                # ended: that reads as a corrupt encoding, as browsers see it.)
+                rest = self._more()
+                if rest:
+                    return self._begin_tail(rest)
+                self._done = True
                 return b""
             data = self._more()
             if not data:
@@ -202,6 +244,8 @@ class _ZstdDecoder(_Decoder):
         self._pending = b""
 
     def _produce(self, n: int) -> bytes:
+        if self._in_tail:
+            return self._pass_through()
         obj = self._obj
         if obj is None or obj.eof:
             if obj is not None:
@@ -211,9 +255,12 @@ class _ZstdDecoder(_Decoder):
                 if not more:
                     break
                 self._pending += more
-            if not self._pending or (obj is not None and not self._pending.startswith(_ZSTD_MAGIC)):
-                self._done = True  # clean end, or trailing garbage after a frame: ignored
+            if not self._pending:
+                self._done = True  # a clean end
                 return b""
+            if obj is not None and not self._pending.startswith(_ZSTD_MAGIC):
+                rest, self._pending = self._pending, b""
+                return self._begin_tail(rest)  # not another frame: trailing data
             obj = self._obj = self._dctx.decompressobj()
         if not self._pending:
             self._pending = self._more()
@@ -230,17 +277,26 @@ class _ZstdDecoder(_Decoder):
 
 def decoder_chain(source: Readable, codings: list[str]) -> Readable:
     """Stack decoders over ``source``: the last coding applied is undone first."""
+    return _decoder_layers(source, codings)[-1] if codings else source
+
+
+def _decoder_layers(source: Readable, codings: list[str]) -> list[_Decoder]:
+    if len(codings) > MAX_CODINGS:
+        raise DecodeError(f"{len(codings)} content-codings (at most {MAX_CODINGS})")
+    layers: list[_Decoder] = []
     stream = source
     for coding in reversed(codings):
         if coding in ("gzip", "deflate"):
-            stream = _ZlibDecoder(stream, coding)
+            layer: _Decoder = _ZlibDecoder(stream, coding)
         elif coding == "br":
-            stream = _BrotliDecoder(stream)
+            layer = _BrotliDecoder(stream)
         elif coding == "zstd":
-            stream = _ZstdDecoder(stream)
+            layer = _ZstdDecoder(stream)
         else:
             raise DecodeError(f"unsupported content-coding {coding!r}")
-    return stream
+        layers.append(layer)
+        stream = layer
+    return layers
 
 
 @dataclass
@@ -248,6 +304,7 @@ class DecodeResult:
     size: int  # decoded bytes written to the sink
     exceeded: bool  # more output was there past ``limit`` (not decoded further)
     error: str = ""  # why decoding stopped early ("" when it completed)
+    trailing: int = 0  # bytes found after the end of an encoded stream (passed through, any layer)
 
 
 def decode_into(
@@ -267,19 +324,25 @@ def decode_into(
     """
     src: Readable = BytesSource(source) if isinstance(source, bytes | bytearray) else source
     written = 0
+    layers: list[_Decoder] = []
+
+    def trailing() -> int:
+        return sum(layer.trailing for layer in layers)
+
     try:
-        stream = decoder_chain(src, codings)
+        layers = _decoder_layers(src, codings)
+        stream: Readable = layers[-1] if layers else src
         while True:
             if deadline is not None and clock() > deadline:
                 raise DecodeTimeout()
             # One byte past the limit tells "exactly at the limit" from "over it".
             chunk = stream.read(min(BLOCK, limit - written + 1))
             if not chunk:
-                return DecodeResult(written, exceeded=False)
+                return DecodeResult(written, exceeded=False, trailing=trailing())
             if written + len(chunk) > limit:
                 write(chunk[: limit - written])
-                return DecodeResult(limit, exceeded=True)
+                return DecodeResult(limit, exceeded=True, trailing=trailing())
             write(chunk)
             written += len(chunk)
     except DecodeError as e:
-        return DecodeResult(written, exceeded=False, error=str(e))
+        return DecodeResult(written, exceeded=False, error=str(e), trailing=trailing())

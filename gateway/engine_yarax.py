@@ -18,7 +18,8 @@ whose ``rules`` is a :class:`YaraXRules`.  That object answers
 ``match(data=|filepath=, externals=, timeout=)`` like ``yara.Rules`` does,
 with objects carrying ``.namespace`` and ``.rule``, and raises
 ``yara.TimeoutError`` / ``yara.Error``: the scanner's verdict mapping
-(timeout -> error "timeout", failure -> error "yara: ...") applies as is.
+(timeout -> unscannable "scan-timeout", failure -> unscannable "engine-error")
+applies as is.
 
 Rules reach the workers without each one compiling (2-3 s for
 signature-base): one worker compiles the sources the parent read (so the
@@ -30,8 +31,8 @@ bytes only to a worker that lacks its version (a replacement for a dead
 one).  Each worker keeps the two latest versions, so scans still running on
 the old set during a reload do not make it reload back and forth.
 
-A worker that dies fails the scan it was running (an error verdict: the
-``error_policy`` applies) and is replaced on demand; one that does not
+A worker that dies fails the scan it was running (an unscannable verdict,
+engine-error: its policy applies) and is replaced on demand; one that does not
 answer within the scan timeout plus ``SLACK`` is killed.
 
 Compile errors: YARA-X is stricter than YARA.  The compiler runs with

@@ -133,17 +133,43 @@ class ScanContext:
     content_encoding: str = ""
 
 
+# Why a body could not be vouched for, a fixed set (metric labels, access log,
+# X-Scan-Status, the [scan] unscannable_policy keys), with the block page's
+# explanation for each.  A rule match blocks whatever the reason.
+UNSCANNABLE_REASONS: dict[str, str] = {
+    "too-large": "The content is too large to be scanned.",
+    "decode-limit": "The content decompresses to more than the gateway scans.",
+    "bomb": "The content is compressed so strongly that it looks like a decompression bomb.",
+    "corrupt-encoding": "The content's compression is corrupt, truncated or of an unknown kind.",
+    "trailing-data": "The content carries data after the end of its compressed stream.",
+    "scan-timeout": "Scanning the content took too long.",
+    "engine-error": "The scanner failed on this content.",
+}
+UnscannableReason = Literal[
+    "too-large", "decode-limit", "bomb", "corrupt-encoding", "trailing-data", "scan-timeout",
+    "engine-error",
+]
+Action = Literal["block", "pass"]
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """What a scan decided.  ``outcome`` is one of: clean, blocked, error,
-    unscanned (too big and the policy passes it)."""
+    """What a scan decided.  ``outcome`` is clean, blocked (a rule matched) or
+    unscannable: the body could not be scanned whole, ``reason`` says why and
+    ``action`` is what the policy for that reason does with it.  ("error" and
+    "unscanned" are the older spellings of unscannable with reason
+    engine-error and too-large; the transaction still understands them.)"""
 
-    outcome: Literal["clean", "blocked", "error", "unscanned"]
+    outcome: Literal["clean", "blocked", "unscannable", "error", "unscanned"]
     rules: Sequence[str] = ()  # "namespace.rule" for each match
-    detail: str = ""  # why: error text, "too-large", "timeout" ...
+    detail: str = ""  # why, for the access log: error text, "cached" ...
     scanned_bytes: int = 0
     duration: float = 0.0
     ruleset_version: str = ""
+    # One of UNSCANNABLE_REASONS when part of the body went unscanned, also
+    # on a "blocked" verdict (a match in what could be scanned); else "".
+    reason: str = ""
+    action: Action | Literal[""] = ""  # for unscannable: what the policy does
 
 
 # --- observation ----------------------------------------------------------
@@ -176,6 +202,7 @@ class TransactionRecord:
     detail: str = ""
     # Identity headers whose value was refused (see Identity.bad_headers).
     bad_headers: tuple[str, ...] = ()
+    unscannable: str = ""  # the verdict's reason (UNSCANNABLE_REASONS), "" when scanned whole
 
 
 class Observer(Protocol):
@@ -226,7 +253,7 @@ class NullObserver:
 class Scanner(Protocol):
     """Scans a complete body off the reactor.  ``body`` is bytes or a path to
     a spooled file.  The Deferred fires with a Verdict; it never errbacks
-    (errors and timeouts become ``Verdict(outcome="error")``)."""
+    (errors and timeouts become unscannable verdicts: engine-error, scan-timeout)."""
 
     @property
     def version(self) -> str:
@@ -240,6 +267,8 @@ __all__ = [
     "BAD_CLIENT_IP",
     "BAD_HEADER_NAMES",
     "BAD_USER",
+    "UNSCANNABLE_REASONS",
+    "Action",
     "AuthFailure",
     "Authenticated",
     "Authenticator",
@@ -256,6 +285,7 @@ __all__ = [
     "Scanner",
     "Tenant",
     "TransactionRecord",
+    "UnscannableReason",
     "UserSeen",
     "Verdict",
 ]

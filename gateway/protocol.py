@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -47,6 +47,7 @@ from gateway.icap.http import (
     parse_response_head,
 )
 from gateway.interfaces import (
+    UNSCANNABLE_REASONS,
     Authenticated,
     Authenticator,
     Credentials,
@@ -507,24 +508,30 @@ class ICAPServerProtocol(Protocol):
     def _on_verdict(self, verdict: Verdict, tx: _Transaction) -> None:
         if self.transport is None or self.tx is not tx or not self.connected:
             return
+        outcome = verdict.outcome
+        if outcome in ("error", "unscanned") and not verdict.reason:
+            # The older spellings (_on_scan_failure's "error"): the scanner's
+            # policy did not see them, the transaction's settings decide.
+            reason = "too-large" if outcome == "unscanned" else "engine-error"
+            fail_open = self.ctx.oversize_policy == "pass" if outcome == "unscanned" else (
+                self.ctx.error_policy == "fail-open")
+            verdict = replace(verdict, outcome="unscannable", reason=reason,
+                              action="pass" if fail_open else "block")
+            outcome = "unscannable"
         self.ctx.observer.scan_finished(verdict, tx.direction)
         self._busy = False
-        outcome = verdict.outcome
         if outcome == "blocked":
             self._answer_block(verdict.rules, verdict, explanation="")
-        elif outcome == "error":
-            if self.ctx.error_policy == "fail-open":
-                self._answer_clean(verdict, outcome="error", detail=verdict.detail)
+        elif outcome == "unscannable":
+            # Scan failures stay "error" in metrics and the access log (the
+            # error-ratio alert watches them); the reason has its own field.
+            recorded = "error" if verdict.reason in ("scan-timeout", "engine-error") else "unscanned"
+            if verdict.action == "pass":
+                self._answer_clean(verdict, outcome=recorded, detail=verdict.detail)
             else:
-                self._answer_block(
-                    (), verdict, explanation="The content could not be scanned, and the policy blocks "
-                    "what cannot be scanned.", outcome="error")
-        elif outcome == "unscanned":
-            if self.ctx.oversize_policy == "block":
-                self._answer_block((), verdict, explanation="The content is too large to be scanned.",
-                                   outcome="unscanned")
-            else:
-                self._answer_clean(verdict, outcome="unscanned", detail=verdict.detail)
+                why = UNSCANNABLE_REASONS.get(verdict.reason, "The content could not be scanned.")
+                self._answer_block((), verdict, explanation=f"{why} The policy blocks content that "
+                                   "cannot be scanned.", outcome=recorded)
         else:
             self._answer_clean(verdict, outcome="clean")
         if not self._busy:  # an echo still being written resumes reading when done
@@ -572,8 +579,10 @@ class ICAPServerProtocol(Protocol):
         assert tx is not None
         tx.answered = True
         headers = self._common_headers()
-        if outcome == "unscanned":
-            headers.append(("X-Scan-Status", f"unscanned; reason={detail or 'unknown'}"))
+        reason = verdict.reason if verdict is not None and verdict.outcome == "unscannable" else ""
+        if reason or outcome == "unscanned":
+            status = f"unscanned; reason={reason or detail or 'unknown'}"
+            headers.append(("X-Scan-Status", sanitise.header_value(status, 128)))
         req = tx.request
         if tx.committed:
             self._finish_tx(icap_status=200, outcome=outcome, detail=detail, verdict=verdict)
@@ -675,6 +684,8 @@ class ICAPServerProtocol(Protocol):
             scan_duration=verdict.duration if verdict else None,
             detail=(reference and f"ref={reference} {detail}".strip()) or detail,
             bad_headers=tx.bad_headers,
+            unscannable=(verdict.reason if verdict else "") or (
+                detail if outcome == "unscanned" and detail in UNSCANNABLE_REASONS else ""),
         )
         ctx.observer.transaction_finished(record)
 

@@ -12,8 +12,8 @@ fetched by a whole office) is scanned once.  The key holds:
 * the values of only those externals the ruleset mentions (``url`` makes
   every URL its own entry; a ruleset that never reads ``url`` shares one).
 
-Only clean and blocked verdicts are kept: an error or a timeout may not
-repeat, and "unscanned" costs nothing to recompute.
+Only clean and blocked verdicts are kept: a timeout or an engine error may
+not repeat, and the policy for an unscannable reason may change on reload.
 """
 
 from __future__ import annotations

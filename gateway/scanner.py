@@ -10,26 +10,41 @@
 * :class:`YaraScanner` implements ``gateway.interfaces.Scanner``: in a worker
   thread it undoes Content-Encoding within limits, then matches.
 
-Verdict policy (what an admin sees in the access log as outcome/detail).  The
-scanner reports; the transaction applies ``error_policy`` to "error" and
-``oversize_policy`` to "unscanned" (pass it marked, or block it).
+Verdicts (what an admin sees in the access log as outcome/unscannable/detail).
+A body the scanner cannot vouch for whole is "unscannable" with a reason from
+a fixed set (``gateway.interfaces.UNSCANNABLE_REASONS``); the verdict carries
+the action ``[scan] unscannable_policy`` gives that reason (``block`` or
+``pass``, see ``ScanSettings.policy_for``).  Whatever could be scanned is
+scanned first, and a rule match there blocks whatever the policy says: a
+limit or padding never hides a signature that lies within what was decoded.
 
-=====================================  ==========================================
-situation                              verdict
-=====================================  ==========================================
+=====================================  ============================================
+situation                              verdict (default action)
+=====================================  ============================================
 a rule matches                         blocked, rules=[namespace.rule, ...]
-nothing matches                        clean
-body (or its decoding) > max_scan_size unscanned "too-large"; nothing is scanned
-decoding passes max_decoded_size or    the decoded prefix (up to the limit) and the
-max_decode_ratio (a bomb)              raw bytes are scanned: a match blocks,
-                                       otherwise unscanned "decode-limit"
-corrupt/truncated/unknown encoding     the decoded prefix and the raw bytes are
-                                       scanned: a match blocks, otherwise clean
-                                       with detail "decode-error: <why>" (what a
-                                       browser cannot decode it does not run)
-scan or decoding past ``timeout``      error "timeout"
-YARA or I/O failure                    error "<why>"
-=====================================  ==========================================
+nothing matches, scanned whole         clean
+raw body > max_scan_size               unscannable too-large (pass); nothing scanned
+decoding passes max_scan_size          the decoded prefix (up to the limit) and the
+                                       raw bytes are scanned: a match blocks, else
+                                       unscannable too-large (pass)
+decoding passes max_decoded_size       as above, unscannable decode-limit (block)
+decoding passes max_decode_ratio       as above, unscannable bomb (block)
+corrupt/truncated/unknown encoding     the decoded prefix and the raw bytes (and,
+                                       for stacked codings, what the outer ones
+                                       decode to) are scanned: a match blocks,
+                                       else unscannable corrupt-encoding (block)
+bytes after the end of an encoded      the decoded stream with the trailing bytes
+stream (not another gzip member or     after it, and the raw bytes, are scanned: a
+zstd frame)                            match blocks, else unscannable
+                                       trailing-data (pass: nothing went unseen)
+scan or decoding past ``timeout``      unscannable scan-timeout (block, as
+                                       error_policy's fail-closed)
+YARA or I/O failure, no rules loaded   unscannable engine-error (block)
+=====================================  ============================================
+
+Precedence when several apply: corrupt-encoding, then the limit that stopped
+decoding (too-large before decode-limit before bomb on ties), then
+trailing-data.
 """
 
 from __future__ import annotations
@@ -57,8 +72,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from gateway.decoding import DecodeTimeout, decode_into, parse_encodings
-from gateway.interfaces import ScanContext, Verdict
+from gateway.decoding import DecodeResult, DecodeTimeout, decode_into, parse_encodings
+from gateway.interfaces import ScanContext, UnscannableReason, Verdict
 from gateway.scancache import VerdictCache, body_digest, mentioned_externals
 from gateway.spool import BodySpool, purge_stale
 
@@ -500,17 +515,26 @@ class YaraScanner:
         # the one that really scanned, even if a reload swaps meanwhile.
         compiled = self._rules.current
         if compiled is None:
-            return succeed(Verdict("error", detail="no rules loaded"))
+            return succeed(self.unscannable("engine-error", "no rules loaded"))
         d = deferToThreadPool(self._reactor, self._pool, self.scan_blocking, body, context, compiled)
 
         def failed(f: Failure) -> Verdict:  # a bug or a stopped pool: still a verdict
             log.failure("scan failed", f)
-            return Verdict(
-                "error", detail=f"{f.type.__name__}: {f.value}", ruleset_version=compiled.version
-            )
+            return self.unscannable("engine-error", f"{f.type.__name__}: {f.value}",
+                                    ruleset_version=compiled.version)
 
         d.addErrback(failed)
         return d
+
+    def unscannable(self, reason: UnscannableReason, detail: str = "", rules: Iterable[str] = (),
+                    **fields: Any) -> Verdict:
+        """The verdict on a body not scanned whole: blocked when a rule matched
+        what could be scanned, else unscannable with the policy's action."""
+        matched = tuple(dict.fromkeys(rules))
+        if matched:
+            return Verdict("blocked", rules=matched, detail=detail or reason, reason=reason, **fields)
+        return Verdict("unscannable", detail=detail or reason, reason=reason,
+                       action=self.settings.policy_for(reason), **fields)
 
     def scan_blocking(
         self, body: bytes | bytearray | memoryview | str, context: ScanContext,
@@ -519,7 +543,7 @@ class YaraScanner:
         """The whole scan, in the calling thread (a pool worker; benchmarks)."""
         compiled = compiled or self._rules.current
         if compiled is None:
-            return Verdict("error", detail="no rules loaded")
+            return self.unscannable("engine-error", "no rules loaded")
         started = time.perf_counter()
         if isinstance(body, bytearray | memoryview):
             body = bytes(body)
@@ -528,12 +552,13 @@ class YaraScanner:
         try:
             key = self._cache_key(body, context, compiled)
         except OSError as e:
-            return Verdict("error", detail=f"{type(e).__name__}: {e.strerror or e}",
-                           ruleset_version=compiled.version)
+            return self.unscannable("engine-error", f"{type(e).__name__}: {e.strerror or e}",
+                                    ruleset_version=compiled.version)
         cached = self.cache.get(key)
         if cached is not None:
             return Verdict(cached.outcome, rules=cached.rules, detail="cached", scanned_bytes=0,
-                           duration=time.perf_counter() - started, ruleset_version=compiled.version)
+                           duration=time.perf_counter() - started, ruleset_version=compiled.version,
+                           reason=cached.reason)
         result = self._scan_uncached(body, context, compiled)
         self.cache.put(key, result)
         return result
@@ -549,10 +574,17 @@ class YaraScanner:
         deadline = self._clock() + self.settings.timeout
         scanned = 0
 
-        def verdict(outcome: Any, rules: Iterable[str] = (), detail: str = "") -> Verdict:
+        def verdict(rules: Iterable[str] = ()) -> Verdict:
+            matched = tuple(dict.fromkeys(rules))
             return Verdict(
-                outcome, rules=tuple(dict.fromkeys(rules)), detail=detail, scanned_bytes=scanned,
+                "blocked" if matched else "clean", rules=matched, scanned_bytes=scanned,
                 duration=time.perf_counter() - started, ruleset_version=compiled.version,
+            )
+
+        def unscannable(reason: UnscannableReason, detail: str = "", rules: Iterable[str] = ()) -> Verdict:
+            return self.unscannable(
+                reason, detail, rules, scanned_bytes=scanned, duration=time.perf_counter() - started,
+                ruleset_version=compiled.version,
             )
 
         try:
@@ -561,45 +593,69 @@ class YaraScanner:
             externals = externals_for(context)
             s = self.settings
             if raw_size > s.max_scan_size:
-                return verdict("unscanned", detail="too-large")
+                return unscannable("too-large")
             if not codings:
                 matches = self._match(compiled, body, externals, deadline)
                 scanned = raw_size
-                return verdict("blocked" if matches else "clean", matches)
+                return verdict(matches)
             # The decoding stops at the smallest limit; max_scan_size wins ties,
             # so a big honest download reads "too-large", as it would unencoded.
             limit = min(s.max_scan_size, s.max_decoded_size, s.max_decode_ratio * raw_size)
-            decoded = BodySpool(s.memory_threshold, self.spool_dir, prefix="decoded-")
-            try:
-                with _open_source(body) as source:
-                    result = decode_into(
-                        source, codings, decoded.write, limit=limit, deadline=deadline,
-                        clock=self._clock,
-                    )
-                decoded.finish()
-                if result.exceeded and limit == s.max_scan_size:
-                    return verdict("unscanned", detail="too-large")
-                matches = []
-                if result.size or not (result.exceeded or result.error):
-                    matches += self._match(compiled, decoded.scan_target(), externals, deadline)
-                    scanned = result.size
-            finally:
-                decoded.close()
-            if not (result.exceeded or result.error):
-                return verdict("blocked" if matches else "clean", matches)
-            # Not fully decoded: the raw bytes may still carry something recognisable.
+            result, matches, scanned = self._decode_and_match(
+                compiled, body, codings, limit, externals, deadline)
+            if not (result.exceeded or result.error or result.trailing):
+                return verdict(matches)
+            # Not decoded whole (or not only the stream): the raw bytes may
+            # still carry something recognisable.
             matches += self._match(compiled, body, externals, deadline)
             scanned += raw_size
+            if result.error and len(codings) > 1:
+                # A stacked coding that breaks inside hides what the codings
+                # around it decoded to (only the broken one's prefix of it was
+                # matched): undo the outer codings alone, dropping inner ones
+                # until a chain decodes cleanly (at most MAX_CODINGS - 1 more).
+                for first in range(1, len(codings)):
+                    outer, found, size = self._decode_and_match(
+                        compiled, body, codings[first:], limit, externals, deadline)
+                    matches += found
+                    scanned += size
+                    if not outer.error:
+                        break
+            if result.error:
+                return unscannable("corrupt-encoding", f"corrupt-encoding: {result.error}", matches)
             if result.exceeded:
-                return verdict("blocked" if matches else "unscanned", matches, "decode-limit")
-            detail = f"decode-error: {result.error}"
-            return verdict("blocked" if matches else "clean", matches, detail)
+                if limit == s.max_scan_size:
+                    return unscannable("too-large", rules=matches)
+                return unscannable("decode-limit" if limit == s.max_decoded_size else "bomb", rules=matches)
+            return unscannable("trailing-data", f"trailing-data: {result.trailing} bytes", matches)
         except (_Timeout, DecodeTimeout, yara.TimeoutError):
-            return verdict("error", detail="timeout")
+            return unscannable("scan-timeout")
         except yara.Error as e:
-            return verdict("error", detail=f"yara: {e}")
+            return unscannable("engine-error", f"engine-error: yara: {e}")
         except OSError as e:
-            return verdict("error", detail=f"{type(e).__name__}: {e.strerror or e}")
+            return unscannable("engine-error", f"engine-error: {type(e).__name__}: {e.strerror or e}")
+
+    def _decode_and_match(
+        self, compiled: CompiledRules, body: bytes | str, codings: list[str], limit: int,
+        externals: dict[str, str], deadline: float,
+    ) -> tuple[DecodeResult, list[str], int]:
+        """Decode up to ``limit`` and match what came out: (result, rules, bytes matched)."""
+        s = self.settings
+        decoded = BodySpool(s.memory_threshold, self.spool_dir, prefix="decoded-")
+        try:
+            with _open_source(body) as source:
+                result = decode_into(
+                    source, codings, decoded.write, limit=limit, deadline=deadline, clock=self._clock,
+                )
+            decoded.finish()
+            # Whatever was decoded is scanned, up to the limit that stopped
+            # it: padding past a limit cannot hide what lies before it.
+            # (Trailing bytes are in it too: the decoders pass them through.)
+            if result.size or not (result.exceeded or result.error):
+                return result, self._match(compiled, decoded.scan_target(), externals, deadline), result.size
+            return result, [], 0
+        finally:
+            decoded.close()
 
     def _match(
         self, compiled: CompiledRules, target: bytes | str, externals: dict[str, str],

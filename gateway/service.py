@@ -162,8 +162,10 @@ def build_gateway(
         preview_size=server.preview_size,
         read_timeout=server.read_timeout,
         idle_timeout=server.idle_timeout,
-        error_policy=config.scan.error_policy,
-        oversize_policy=config.scan.oversize_policy,
+        # What the transaction decides itself (an oversize body passed before
+        # it is all read, a scanner that failed to answer): the same policy.
+        error_policy="fail-open" if config.scan.policy_for("engine-error") == "pass" else "fail-closed",
+        oversize_policy=config.scan.policy_for("too-large"),
         max_scan_size=config.scan.max_scan_size,
         early_response_after=server.early_response_after,
         skip_types=list(config.scan.skip_types),

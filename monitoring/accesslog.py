@@ -142,6 +142,8 @@ def access_fields(record: TransactionRecord, *, users: bool, redaction: UrlRedac
         "scan_duration": None if record.scan_duration is None else round(record.scan_duration, 6),
         "detail": sanitise.text(record.detail, DETAIL_MAX),
         "bad_headers": list(record.bad_headers),
+        # Why the body was not scanned whole (gateway.interfaces.UNSCANNABLE_REASONS), or "".
+        "unscannable": record.unscannable,
     }
     if users:
         fields["user"] = sanitise.text(record.user, FIELD_MAX)

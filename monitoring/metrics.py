@@ -27,7 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from gateway.interfaces import BAD_HEADER_NAMES
+from gateway.interfaces import BAD_HEADER_NAMES, UNSCANNABLE_REASONS
 from gateway.sanitise import has_control
 
 PREFIX = "icap_gateway"
@@ -38,6 +38,9 @@ METHODS = ("OPTIONS", "REQMOD", "RESPMOD")
 OUTCOMES = ("clean", "blocked", "error", "unauthenticated", "unscanned")
 DIRECTIONS = ("request", "response")
 RELOAD_RESULTS = ("success", "failure")
+# What became of a body not scanned whole: its reason's policy blocked or
+# passed it, or a rule matched in what could be scanned (blocked whatever the policy).
+UNSCANNABLE_ACTIONS = ("block", "pass", "matched")
 
 # ICAP round trips: an OPTIONS answers in well under a millisecond, a large
 # RESPMOD scan may take tens of seconds (scan timeout defaults to 30 s).
@@ -260,6 +263,15 @@ class GatewayMetrics:
             ["result"], registry=reg,
         )
         self._cache_children = {r: self.scan_cache.labels(r) for r in ("hit", "miss")}
+        self.unscannable = Counter(
+            f"{PREFIX}_unscannable", "Bodies not scanned whole, by reason and what became of them",
+            ["direction", "reason", "action"], registry=reg,
+        )
+        # Every label is from a fixed set: resolved once, a dict lookup per body.
+        self._unscannable_children = {
+            (d, r, a): self.unscannable.labels(d, r, a)
+            for d in DIRECTIONS for r in (*UNSCANNABLE_REASONS, OTHER) for a in UNSCANNABLE_ACTIONS
+        }
         self.connections = Counter(f"{PREFIX}_connections", "ICAP connections accepted", registry=reg)
         self.active_connections = Gauge(
             f"{PREFIX}_active_connections", "ICAP connections open now",
@@ -398,6 +410,13 @@ class GatewayMetrics:
             self._scan_duration_children[direction].observe(duration)
         for rule in rules:
             self._rule_child(rule).inc()
+
+    def unscannable_body(self, direction: str | None, reason: str, action: str) -> None:
+        """A body not scanned whole (``reason`` from UNSCANNABLE_REASONS)."""
+        child = self._unscannable_children.get(
+            (direction or "", reason if reason in UNSCANNABLE_REASONS else OTHER, action))
+        if child is not None:  # not a Direction or an action: nothing sensible to count it under
+            child.inc()
 
     def _rule_child(self, rule: str) -> Any:
         label = self.rule_label(rule)

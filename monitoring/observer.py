@@ -53,6 +53,10 @@ class MonitoringObserver:
             )
             for header in record.bad_headers:
                 self.metrics.bad_header(header)
+            if record.unscannable and record.scan_duration is None:
+                # Passed before any scan (too large, answered while it arrived):
+                # scan_finished never saw it.
+                self.metrics.unscannable_body(record.direction, record.unscannable, "pass")
             if self.access_log is not None:
                 self.access_log.write(record)
         except Exception:
@@ -60,10 +64,16 @@ class MonitoringObserver:
 
     def scan_finished(self, verdict: Verdict, direction: Direction) -> None:
         try:
+            # Too large to scan at all: no YARA ran, as the older "unscanned".
+            outcome = ("unscanned" if verdict.reason == "too-large" and not verdict.scanned_bytes
+                       else verdict.outcome)
             self.metrics.scan_finished(
-                direction, verdict.outcome, verdict.scanned_bytes, verdict.duration, verdict.rules,
+                direction, outcome, verdict.scanned_bytes, verdict.duration, verdict.rules,
                 cached=verdict.detail == "cached",
             )
+            if verdict.reason:
+                action = "matched" if verdict.outcome == "blocked" else verdict.action or "block"
+                self.metrics.unscannable_body(direction, verdict.reason, action)
         except Exception:
             self._fault()
 

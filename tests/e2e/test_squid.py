@@ -83,6 +83,21 @@ def test_gzip_encoded_signature_is_blocked(squid: SquidProcess, origin: Origin) 
     assert b"This content was blocked" in got.body
 
 
+def test_gzip_bomb_and_trailing_bytes_are_blocked(squid: SquidProcess, origin: Origin) -> None:
+    # gzip(10 MiB of zeros + EICAR), ~10 KiB on the wire, passed as
+    # "unscanned; decode-limit"; EICAR after a gzip stream was never scanned.
+    bomb = gzipped(bytes(10 * 1024**2) + EICAR)
+    url = origin.add("/bomb.html", bomb, Content_Type="text/html", Content_Encoding="gzip")
+    got = curl(squid.port, url)
+    assert got.status == 403
+    assert b"decompression bomb" in got.body
+    tail = gzipped(b"<html>ok</html>") + EICAR
+    url = origin.add("/tail.html", tail, Content_Type="text/html", Content_Encoding="gzip")
+    got = curl(squid.port, url)
+    assert got.status == 403
+    assert b"This content was blocked" in got.body
+
+
 def test_clean_gzip_passes_still_encoded(squid: SquidProcess, origin: Origin) -> None:
     encoded = gzipped(b"hello " * 20_000)
     url = origin.add("/text.html", encoded, Content_Type="text/html", Content_Encoding="gzip")

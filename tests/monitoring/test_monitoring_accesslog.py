@@ -123,6 +123,7 @@ def test_fields_of_a_line() -> None:
         "scan_duration": 0.002,
         "detail": "",
         "bad_headers": [],
+        "unscannable": "",
     }
 
 

@@ -32,6 +32,20 @@ def test_same_body_is_answered_from_the_cache(make_scanner: Callable[..., YaraSc
     assert scanner.cache is not None and scanner.cache.stats.hits == 2 and scanner.cache.stats.misses == 2
 
 
+def test_unscannable_verdicts_are_not_cached_and_a_cached_match_keeps_its_reason(
+    make_scanner: Callable[..., YaraScanner],
+) -> None:
+    scanner = cached_scanner(make_scanner)
+    bomb = gzip.compress(bytes(10 * 1024**2), 9)
+    assert scan(scanner, bomb, content_encoding="gzip").reason == "bomb"
+    again = scan(scanner, bomb, content_encoding="gzip")
+    assert (again.outcome, again.reason, again.detail) == ("unscannable", "bomb", "bomb")  # scanned anew
+    trailing = gzip.compress(b"page") + EICAR
+    scan(scanner, trailing, content_encoding="gzip")
+    cached = scan(scanner, trailing, content_encoding="gzip")
+    assert (cached.outcome, cached.reason, cached.detail) == ("blocked", "trailing-data", "cached")
+
+
 def test_encoding_is_part_of_the_key(make_scanner: Callable[..., YaraScanner]) -> None:
     scanner = cached_scanner(make_scanner)
     body = gzip.compress(EICAR)
@@ -66,6 +80,8 @@ def test_errors_are_not_cached() -> None:
 
     cache = VerdictCache(10)
     cache.put(("k",), Verdict("error", detail="timeout"))
+    assert cache.get(("k",)) is None
+    cache.put(("k",), Verdict("unscannable", reason="scan-timeout", action="block"))
     assert cache.get(("k",)) is None
     cache.put(("k",), Verdict("clean"))
     assert cache.get(("k",)) == Verdict("clean")

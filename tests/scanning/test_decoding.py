@@ -13,6 +13,8 @@ import pytest
 import zstandard
 
 from gateway.decoding import (
+    BLOCK,
+    MAX_CODINGS,
     BytesSource,
     DecodeError,
     DecodeTimeout,
@@ -78,15 +80,63 @@ def test_several_members_and_frames() -> None:
 
 
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "zstd"])
-def test_trailing_garbage_is_ignored(coding: str) -> None:
-    body = ENCODE[coding](b"payload") + b"\n<!-- junk -->"
-    assert read_all(decoder_chain(BytesSource(body), [coding]), 100) == b"payload"
+@pytest.mark.parametrize("n", [1, 7, 100])
+def test_trailing_data_is_passed_through_and_counted(coding: str, n: int) -> None:
+    # Was ignored (as gzip(1) and browsers do): then nothing scanned it.
+    junk = b"\n<!-- junk -->"
+    body = ENCODE[coding](b"payload") + junk
+    assert read_all(decoder_chain(BytesSource(body), [coding]), n) == b"payload" + junk
+    out = bytearray()
+    result = decode_into(body, [coding], out.extend, limit=100)
+    assert (bytes(out), result.trailing, result.error, result.exceeded) == (b"payload" + junk, len(junk), "", False)
+
+
+def test_trailing_data_larger_than_a_read_block() -> None:
+    junk = os.urandom(3 * BLOCK + 5)
+    out = bytearray()
+    result = decode_into(gzip.compress(TEXT) + junk, ["gzip"], out.extend, limit=10**9)
+    assert bytes(out) == TEXT + junk
+    assert result.trailing == len(junk)
+
+
+def test_trailing_data_of_an_inner_coding_is_passed_through_the_outer() -> None:
+    # "Content-Encoding: gzip, zstd": the gzip stream's tail is inside the zstd frame.
+    inner = gzip.compress(b"payload") + b"TAIL"
+    body = ENCODE["zstd"](inner)
+    out = bytearray()
+    result = decode_into(body, ["gzip", "zstd"], out.extend, limit=100)
+    assert (bytes(out), result.trailing) == (b"payload" + b"TAIL", 4)
+
+
+def test_no_trailing_data_on_a_clean_stream() -> None:
+    for coding, encode in ENCODE.items():
+        result = decode_into(encode(DATA), [coding], lambda b: None, limit=10**9)
+        assert (result.trailing, result.error) == (0, ""), coding
 
 
 def test_brotli_trailing_garbage_is_an_error() -> None:
     # The brotli decoder refuses input past the end of the stream (so do browsers).
     result = decode_into(brotli.compress(b"payload") + b"junk", ["br"], lambda b: None, limit=100)
     assert result.error.startswith("br:")
+
+
+def test_brotli_trailing_data_after_a_stream_that_ends_on_a_read_boundary() -> None:
+    # The old decoder stopped at is_finished() and ignored the rest unread.
+    payload = os.urandom(BLOCK)
+    encoded = brotli.compress(payload, quality=0)
+    cut = len(encoded) - BLOCK
+    assert cut > 0
+    # Random bytes are stored uncompressed: trim the payload until the stream
+    # is exactly one read block long.
+    for size in range(BLOCK - cut - 64, BLOCK - cut + 64):
+        encoded = brotli.compress(payload[:size], quality=0)
+        if len(encoded) == BLOCK:
+            break
+    assert len(encoded) == BLOCK
+    out = bytearray()
+    result = decode_into(encoded + b"junk", ["br"], out.extend, limit=10**9)
+    assert (result.trailing, result.error) == (4, "")
+    assert bytes(out) == payload[:size] + b"junk"
 
 
 @pytest.mark.parametrize("coding", sorted(ENCODE))
@@ -109,6 +159,18 @@ def test_corrupt_and_unknown() -> None:
         decoder_chain(BytesSource(b""), ["lzma"])
     result = decode_into(b"\x28\xb5\x2f\xfdgarbage", ["zstd"], lambda b: None, limit=100)
     assert result.error.startswith("zstd")
+
+
+def test_a_deep_stack_of_codings_is_corrupt_not_a_recursion_error() -> None:
+    # "gzip, gzip, ..." a thousand times nested a thousand decoders: RecursionError.
+    result = decode_into(b"hello", ["gzip"] * 1000, lambda b: None, limit=100)
+    assert (result.size, result.error) == (0, f"1000 content-codings (at most {MAX_CODINGS})")
+    nested = b"payload"
+    for _ in range(MAX_CODINGS):
+        nested = gzip.compress(nested)
+    out = bytearray()
+    assert decode_into(nested, ["gzip"] * MAX_CODINGS, out.extend, limit=100).error == ""
+    assert out == b"payload"
 
 
 def test_limit_exact_and_exceeded() -> None:

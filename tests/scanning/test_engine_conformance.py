@@ -23,10 +23,12 @@ import os
 import random
 import re
 import signal
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import brotli
 import pytest
 
 from gateway.config import ScanSettings, parse_config
@@ -71,8 +73,8 @@ def both(scanners: dict[str, YaraScanner], body: bytes | str, **context: Any) ->
     ctx = ScanContext(**context)
     verdicts = {name: s.scan_blocking(body, ctx) for name, s in scanners.items()}
     yara_v, yarax_v = verdicts["yara"], verdicts["yara-x"]
-    assert (yarax_v.outcome, list(yarax_v.rules), yarax_v.detail) == (
-        yara_v.outcome, list(yara_v.rules), yara_v.detail), context
+    assert (yarax_v.outcome, list(yarax_v.rules), yarax_v.detail, yarax_v.reason, yarax_v.action) == (
+        yara_v.outcome, list(yara_v.rules), yara_v.detail, yara_v.reason, yara_v.action), context
     assert yarax_v.scanned_bytes == yara_v.scanned_bytes
     return yara_v
 
@@ -131,10 +133,65 @@ def test_bundled_same_rules_spooled_and_encoded(
     # gzip: decoded first, then matched; a corrupt stream scans prefix and raw bytes.
     assert both(bundled, gzip.compress(EICAR), content_encoding="gzip").outcome == "blocked"
     broken = both(bundled, gzip.compress(b"<p>ok</p>" * 100)[:-30], content_encoding="gzip")
-    assert broken.outcome == "clean" and broken.detail.startswith("decode-error")
+    assert (broken.outcome, broken.reason) == ("unscannable", "corrupt-encoding")
+    assert broken.detail.startswith("corrupt-encoding")
     # Over max_scan_size: neither engine scans.
     small = make_pair(BUNDLED_RULES, engine, tmp_path, max_scan_size=100)
-    assert both(small, EICAR * 2).detail == "too-large"
+    assert (both(small, EICAR * 2).reason, both(small, EICAR * 2).detail) == ("too-large", "too-large")
+
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+PAGE = b"<html><body>" + b"<p>nothing to see here</p>" * 200 + b"</body></html>"
+# (body, Content-Encoding, settings, outcome, reason, action): each unscannable
+# reason, clean and with EICAR inside what can still be scanned.
+UNSCANNABLE_CASES: list[tuple[bytes, str, dict[str, Any], str, str, str]] = [
+    (gzip.compress(bytes(10 * 1024**2) + EICAR, 9), "gzip", {}, "unscannable", "bomb", "block"),
+    (gzip.compress(bytes(10 * 1024**2) + EICAR, 9), "gzip", {"unscannable_policy": {"bomb": "pass"}},
+     "unscannable", "bomb", "pass"),
+    (gzip.compress(EICAR + bytes(10 * 1024**2), 9), "gzip", {"unscannable_policy": {"bomb": "pass"}},
+     "blocked", "bomb", ""),
+    (gzip.compress(PAGE + EICAR + bytes(200_000)), "gzip", {"max_decoded_size": 100_000},
+     "blocked", "decode-limit", ""),
+    (gzip.compress(PAGE + bytes(200_000)), "gzip", {"max_decoded_size": 100_000},
+     "unscannable", "decode-limit", "block"),
+    (gzip.compress(PAGE + EICAR + bytes(200_000)), "gzip", {"max_scan_size": 100_000},
+     "blocked", "too-large", ""),
+    (gzip.compress(PAGE + bytes(200_000)), "gzip", {"max_scan_size": 100_000},
+     "unscannable", "too-large", "pass"),
+    (gzip.compress(PAGE)[:-30], "gzip", {}, "unscannable", "corrupt-encoding", "block"),
+    (PAGE, "compress", {}, "unscannable", "corrupt-encoding", "block"),
+    (gzip.compress(PAGE) + EICAR, "gzip", {}, "blocked", "trailing-data", ""),
+    (zlib.compress(PAGE) + EICAR, "deflate", {}, "blocked", "trailing-data", ""),
+    (_zstd(PAGE) + EICAR, "zstd", {}, "blocked", "trailing-data", ""),
+    (brotli.compress(PAGE) + EICAR, "br", {}, "blocked", "corrupt-encoding", ""),
+    (_zstd(gzip.compress(PAGE) + EICAR), "gzip, zstd", {}, "blocked", "trailing-data", ""),
+    (gzip.compress(PAGE) + b"\n", "gzip", {}, "unscannable", "trailing-data", "pass"),
+    (gzip.compress(b"\x1f\x8b\x08\x00broken" + PAGE + EICAR, 9), "gzip, gzip",
+     {"unscannable_policy": {"corrupt-encoding": "pass"}}, "blocked", "corrupt-encoding", ""),
+]
+
+
+@pytest.mark.parametrize("spooled", [False, True], ids=["memory", "spooled"])
+@pytest.mark.parametrize(("body", "coding", "settings", "outcome", "reason", "action"), UNSCANNABLE_CASES,
+                         ids=[f"{i}-{case[4]}-{case[3]}" for i, case in enumerate(UNSCANNABLE_CASES)])
+def test_unscannable_same_verdicts(
+    engine: YaraXEngine, tmp_path: Path, body: bytes, coding: str, settings: dict[str, Any],
+    outcome: str, reason: str, action: str, spooled: bool,
+) -> None:
+    scanners = make_pair(BUNDLED_RULES, engine, tmp_path, **settings)
+    target: bytes | str = body
+    if spooled:  # a body past memory_threshold: decoded from, and matched by, its file
+        (tmp_path / "body").write_bytes(body)
+        target = str(tmp_path / "body")
+    verdict = both(scanners, target, content_encoding=coding)
+    assert (verdict.outcome, verdict.reason, verdict.action) == (outcome, reason, action)
+    if outcome == "blocked":
+        assert verdict.rules == ("eicar.yar.EICAR_Test_File",)
 
 
 def test_bundled_versions_differ_by_engine(bundled: dict[str, YaraScanner]) -> None:
@@ -313,7 +370,8 @@ def test_yarax_closed_engine_gives_error_verdict(tmp_path: Path) -> None:
     scanner = YaraScanner(manager, reactor, pool, ScanSettings(), tmp_path)  # type: ignore[arg-type]
     engine.close()
     verdict = result_of(scanner.scan(b"needle", ScanContext(direction="response")))
-    assert verdict.outcome == "error"  # fail-closed applies, never a crash
+    # fail-closed applies, never a crash
+    assert (verdict.outcome, verdict.reason, verdict.action) == ("unscannable", "engine-error", "block")
 
 
 def test_engine_setting() -> None:
@@ -402,7 +460,7 @@ def test_timeout_is_the_same_verdict(engine: YaraXEngine, tmp_path: Path) -> Non
     write_rule(tmp_path / "r", "slow.yar", SLOW_RULE)
     scanners = make_pair(tmp_path / "r", engine, tmp_path, timeout=1.0)
     verdict = both(scanners, bytes(200_000))
-    assert (verdict.outcome, verdict.detail) == ("error", "timeout")
+    assert (verdict.outcome, verdict.reason, verdict.detail) == ("unscannable", "scan-timeout", "scan-timeout")
     # The yara-x worker stopped the scan itself and serves the next one.
     write_rule(tmp_path / "q", "e.yar", 'rule e { strings: $a = "needle" condition: $a }')
     quick = make_pair(tmp_path / "q", engine, tmp_path)

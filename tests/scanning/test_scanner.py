@@ -89,12 +89,16 @@ def test_multi_member_gzip(make_scanner: Make) -> None:
 def test_decode_error_scans_raw_bytes(make_scanner: Make) -> None:
     # A server labelling plain content as gzip: the raw bytes are still scanned.
     verdict = scan(make_scanner(), INFECTED, content_encoding="gzip")
-    assert verdict.outcome == "blocked"
-    assert verdict.detail.startswith("decode-error: gzip")
+    assert (verdict.outcome, verdict.reason) == ("blocked", "corrupt-encoding")
+    assert verdict.detail.startswith("corrupt-encoding: gzip")
+    # Nothing matched, but what was not decoded was not seen: blocked by default
+    # (it was "clean" before).
     clean = scan(make_scanner(), PAGE, content_encoding="br")
-    assert clean.outcome == "clean"
-    assert clean.detail.startswith("decode-error: br")
+    assert (clean.outcome, clean.reason, clean.action) == ("unscannable", "corrupt-encoding", "block")
+    assert clean.detail.startswith("corrupt-encoding: br")
     assert clean.scanned_bytes == len(PAGE)
+    passing = scan(make_scanner(unscannable_policy={"corrupt-encoding": "pass"}), PAGE, content_encoding="br")
+    assert (passing.outcome, passing.action) == ("unscannable", "pass")
 
 
 def test_truncated_stream_scans_decoded_prefix(make_scanner: Make) -> None:
@@ -102,13 +106,27 @@ def test_truncated_stream_scans_decoded_prefix(make_scanner: Make) -> None:
     encoded = gzip.compress(body)
     verdict = scan(make_scanner(), encoded[: len(encoded) // 2], content_encoding="gzip")
     assert verdict.outcome == "blocked"  # EICAR sits in the part that did decode
-    assert verdict.detail == "decode-error: gzip: truncated stream"
+    assert verdict.detail == "corrupt-encoding: gzip: truncated stream"
+    clean = gzip.compress(PAGE + os.urandom(200_000))
+    verdict = scan(make_scanner(), clean[: len(clean) // 2], content_encoding="gzip")
+    assert (verdict.outcome, verdict.reason, verdict.action) == ("unscannable", "corrupt-encoding", "block")
 
 
 def test_unsupported_encoding(make_scanner: Make) -> None:
     verdict = scan(make_scanner(), INFECTED, content_encoding="compress")
     assert verdict.outcome == "blocked"
     assert "unsupported content-coding 'compress'" in verdict.detail
+    verdict = scan(make_scanner(), PAGE, content_encoding="compress")
+    assert (verdict.outcome, verdict.reason, verdict.action) == ("unscannable", "corrupt-encoding", "block")
+
+
+def test_a_deep_stack_of_codings_is_a_corrupt_encoding(make_scanner: Make) -> None:
+    # Was a RecursionError out of the scanning thread: an engine-error with a
+    # traceback logged per request.
+    verdict = scan(make_scanner(), INFECTED, content_encoding=", ".join(["gzip"] * 5000))
+    assert (verdict.outcome, verdict.reason) == ("blocked", "corrupt-encoding")  # the raw bytes were scanned
+    verdict = scan(make_scanner(), PAGE, content_encoding=", ".join(["gzip"] * 5000))
+    assert (verdict.outcome, verdict.reason, verdict.action) == ("unscannable", "corrupt-encoding", "block")
 
 
 def test_decode_bomb_is_bounded_and_prefix_scanned(make_scanner: Make) -> None:
@@ -118,39 +136,116 @@ def test_decode_bomb_is_bounded_and_prefix_scanned(make_scanner: Make) -> None:
     scanner = make_scanner(max_decode_ratio=100)
     verdict = scan(scanner, bomb, content_encoding="deflate")
     assert verdict.outcome == "blocked"  # found in the prefix
-    assert verdict.detail == "decode-limit"
+    assert (verdict.reason, verdict.detail) == ("bomb", "bomb")
     assert verdict.scanned_bytes == 100 * len(bomb) + len(bomb)  # prefix + raw bytes
 
     clean_bomb = zstandard.ZstdCompressor().compress(bytes(64 * 1024**2))
     verdict = scan(scanner, clean_bomb, content_encoding="zstd")
-    assert (verdict.outcome, verdict.detail) == ("unscanned", "decode-limit")
+    assert (verdict.outcome, verdict.reason, verdict.action) == ("unscannable", "bomb", "block")
     assert verdict.scanned_bytes == 101 * len(clean_bomb)
-    # The policy is the transaction's: the scanner reports the same under "block".
-    blocking = make_scanner(max_decode_ratio=100, oversize_policy="block")
-    assert scan(blocking, clean_bomb, content_encoding="zstd").outcome == "unscanned"
+    # The policy may pass it (marked); oversize_policy is about too-large only.
+    passing = make_scanner(max_decode_ratio=100, unscannable_policy={"bomb": "pass"})
+    assert scan(passing, clean_bomb, content_encoding="zstd").action == "pass"
+    assert scan(make_scanner(max_decode_ratio=100, oversize_policy="block"), clean_bomb,
+                content_encoding="zstd").action == "block"
+
+
+def test_gzip_bomb_padding_an_eicar_blocks_by_default(make_scanner: Make) -> None:
+    # The issue's bypass: gzip(10 MiB of zeros + EICAR), about 10 KiB on the
+    # wire, stops at the default ratio (1000x) before EICAR and passed as
+    # "unscanned; decode-limit".  Now it is a bomb, and bombs block.
+    body = gzip.compress(bytes(10 * 1024**2) + EICAR, 9)
+    assert len(body) < 20_000
+    verdict = scan(make_scanner(), body, content_encoding="gzip")
+    assert (verdict.outcome, verdict.reason, verdict.action) == ("unscannable", "bomb", "block")
+    assert verdict.scanned_bytes == 1000 * len(body) + len(body)
+    passing = scan(make_scanner(unscannable_policy={"bomb": "pass"}), body, content_encoding="gzip")
+    assert (passing.outcome, passing.reason, passing.action) == ("unscannable", "bomb", "pass")
+
+
+@pytest.mark.parametrize("reason", ["bomb", "decode-limit", "too-large"])
+def test_eicar_in_the_decoded_prefix_of_an_over_limit_body_blocks(make_scanner: Make, reason: str) -> None:
+    # EICAR early, padding after it past each limit: the prefix is scanned,
+    # the match blocks whatever the policy for the reason says.
+    body = gzip.compress(PAGE + EICAR + bytes(400_000))  # 400x: under the default ratio
+    assert len(body) < 100_000  # the raw body is within max_scan_size
+    limits = {"bomb": {"max_decode_ratio": 10},
+              "decode-limit": {"max_decoded_size": 100_000},
+              "too-large": {"max_scan_size": 100_000}}[reason]
+    everything_passes = {r: "pass" for r in ("bomb", "decode-limit", "too-large")}
+    verdict = scan(make_scanner(**limits, unscannable_policy=everything_passes), body, content_encoding="gzip")
+    assert (verdict.outcome, verdict.rules, verdict.reason) == ("blocked", (EICAR_RULE,), reason)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "zstd", "br"])
+def test_eicar_after_the_end_of_the_encoded_stream_blocks(make_scanner: Make, coding: str) -> None:
+    # gzip(1), browsers and the old decoders ignore what follows the stream:
+    # nothing scanned it.  (br: the library refuses it, read as corrupt.)
+    body = ENCODERS[coding](PAGE) + EICAR
+    verdict = scan(make_scanner(), body, content_encoding=coding)
+    assert (verdict.outcome, verdict.rules) == ("blocked", (EICAR_RULE,))
+    assert verdict.reason == ("corrupt-encoding" if coding == "br" else "trailing-data")
+
+
+def test_eicar_after_an_inner_stream_of_stacked_codings_blocks(make_scanner: Make) -> None:
+    # "gzip, zstd": the trailing bytes are inside the zstd frame, not in the raw body.
+    body = ENCODERS["zstd"](gzip.compress(PAGE) + EICAR)
+    verdict = scan(make_scanner(), body, content_encoding="gzip, zstd")
+    assert (verdict.outcome, verdict.rules, verdict.reason) == ("blocked", (EICAR_RULE,), "trailing-data")
+
+
+def test_eicar_hidden_by_a_broken_inner_coding_blocks_under_a_pass_policy(make_scanner: Make) -> None:
+    # "gzip, gzip" whose inner gzip is broken at its start: the outer gzip
+    # decodes to bytes holding EICAR, but only the broken inner stream's
+    # (empty) output and the raw, compressed bytes were matched.
+    inner = b"\x1f\x8b\x08\x00broken" + PAGE + EICAR + PAGE
+    body = gzip.compress(inner, 9)
+    assert EICAR not in body
+    lenient = make_scanner(unscannable_policy={"corrupt-encoding": "pass"})
+    verdict = scan(lenient, body, content_encoding="gzip, gzip")
+    assert (verdict.outcome, verdict.rules, verdict.reason) == ("blocked", (EICAR_RULE,), "corrupt-encoding")
+    # The outermost coding broken: nothing more to find, still unscannable.
+    clean = scan(lenient, gzip.compress(gzip.compress(PAGE))[:-40], content_encoding="gzip, gzip, gzip")
+    assert (clean.outcome, clean.reason, clean.action) == ("unscannable", "corrupt-encoding", "pass")
+
+
+def test_trailing_data_without_a_match_passes_marked(make_scanner: Make) -> None:
+    junk = b"\n<!-- padding -->\n"
+    verdict = scan(make_scanner(), gzip.compress(PAGE) + junk, content_encoding="gzip")
+    assert (verdict.outcome, verdict.reason, verdict.action) == ("unscannable", "trailing-data", "pass")
+    assert verdict.detail == f"trailing-data: {len(junk)} bytes"
+    assert verdict.scanned_bytes == len(PAGE) + len(junk) + len(gzip.compress(PAGE) + junk)
+    strict = make_scanner(unscannable_policy={"trailing-data": "block"})
+    assert scan(strict, gzip.compress(PAGE) + junk, content_encoding="gzip").action == "block"
 
 
 def test_max_decoded_size(make_scanner: Make) -> None:
     body = brotli.compress(os.urandom(3 * 1024**2), quality=1)  # ratio ~1: the size limit bites
     verdict = scan(make_scanner(max_decoded_size=1024**2), body, content_encoding="br")
-    assert (verdict.outcome, verdict.detail) == ("unscanned", "decode-limit")
+    assert (verdict.outcome, verdict.reason, verdict.action) == ("unscannable", "decode-limit", "block")
     assert verdict.scanned_bytes == 1024**2 + len(body)
 
 
 def test_oversize_is_not_scanned(make_scanner: Make) -> None:
     body = INFECTED + bytes(10_000)
     verdict = scan(make_scanner(max_scan_size=10_000), body)
-    assert (verdict.outcome, verdict.rules, verdict.detail) == ("unscanned", (), "too-large")
-    assert verdict.scanned_bytes == 0
+    assert (verdict.outcome, verdict.rules, verdict.detail) == ("unscannable", (), "too-large")
+    assert (verdict.reason, verdict.action, verdict.scanned_bytes) == ("too-large", "pass", 0)
+    assert scan(make_scanner(max_scan_size=10_000, oversize_policy="block"), body).action == "block"
+    table = make_scanner(max_scan_size=10_000, oversize_policy="pass",
+                         unscannable_policy={"too-large": "block"})
+    assert scan(table, body).action == "block"  # the table wins over the older key
     # Exactly at the limit is scanned.
     assert scan(make_scanner(max_scan_size=len(body)), body).outcome == "blocked"
 
 
 def test_decoded_oversize_is_too_large(make_scanner: Make) -> None:
-    body = gzip.compress(INFECTED + bytes(50_000))
+    body = gzip.compress(PAGE + bytes(50_000))
     assert len(body) < 10_000
     verdict = scan(make_scanner(max_scan_size=10_000), body, content_encoding="gzip")
-    assert (verdict.outcome, verdict.detail, verdict.scanned_bytes) == ("unscanned", "too-large", 0)
+    # The decoded prefix (up to the limit) and the raw bytes were scanned.
+    assert (verdict.outcome, verdict.reason, verdict.scanned_bytes) == ("unscannable", "too-large",
+                                                                          10_000 + len(body))
 
 
 def test_large_decoded_body_spools_to_file_and_is_removed(make_scanner: Make, tmp_path: Path) -> None:
@@ -172,7 +267,7 @@ def test_spooled_body_scanned_by_path(make_scanner: Make, tmp_path: Path) -> Non
     verdict = scan(make_scanner(), str(gz), content_encoding="gzip")
     assert (verdict.outcome, verdict.scanned_bytes) == ("blocked", len(INFECTED))
     missing = scan(make_scanner(), str(tmp_path / "gone"))
-    assert missing.outcome == "error"
+    assert (missing.outcome, missing.reason, missing.action) == ("unscannable", "engine-error", "block")
     assert "FileNotFoundError" in missing.detail
 
 
@@ -201,7 +296,7 @@ def test_timeout_is_an_error_verdict(make_scanner: Make, tmp_path: Path) -> None
 rule slow { condition: for any i in (0..4000000000) : (uint8(i % filesize) == 0xFF and i < 0) }
 """)
     verdict = scan(make_scanner(rules, timeout=0.5), b"a" * 100)  # YARA counts whole seconds: 1 s
-    assert (verdict.outcome, verdict.detail) == ("error", "timeout")
+    assert (verdict.outcome, verdict.reason, verdict.action) == ("unscannable", "scan-timeout", "block")
     assert 0.9 < verdict.duration < 5
 
 
@@ -210,7 +305,7 @@ def test_decoding_past_deadline_is_a_timeout(make_scanner: Make) -> None:
     ticks = iter(range(0, 10_000, 5))
     scanner._clock = lambda: float(next(ticks))  # 5 s per look at the clock
     verdict = scan(scanner, gzip.compress(os.urandom(1024**2)), content_encoding="gzip")
-    assert (verdict.outcome, verdict.detail) == ("error", "timeout")
+    assert (verdict.outcome, verdict.detail) == ("unscannable", "scan-timeout")
 
 
 def test_scan_never_errbacks(reactor: SyncReactor, make_scanner: Make) -> None:
@@ -223,7 +318,7 @@ def test_scan_never_errbacks(reactor: SyncReactor, make_scanner: Make) -> None:
 
     scanner._pool = BrokenPool()  # type: ignore[assignment]
     verdict = result_of(scanner.scan(b"x", ScanContext(direction="response")))
-    assert verdict.outcome == "error"
+    assert (verdict.outcome, verdict.reason) == ("unscannable", "engine-error")
     assert "ZeroDivisionError" in verdict.detail
 
 
@@ -235,7 +330,9 @@ def test_no_rules_loaded_is_an_error(reactor: SyncReactor, pool: SyncPool, tmp_p
     scanner = YaraScanner(manager, reactor, pool, ScanSettings(), tmp_path)  # type: ignore[arg-type]
     assert scanner.version == ""
     verdict = result_of(scanner.scan(b"x", ScanContext(direction="request")))
-    assert (verdict.outcome, verdict.detail) == ("error", "no rules loaded")
+    assert (verdict.outcome, verdict.reason, verdict.detail) == ("unscannable", "engine-error", "no rules loaded")
+    fail_open = YaraScanner(manager, reactor, pool, ScanSettings(error_policy="fail-open"), tmp_path)  # type: ignore[arg-type]
+    assert result_of(fail_open.scan(b"x", ScanContext(direction="request"))).action == "pass"
 
 
 def test_bytes_like_bodies(make_scanner: Make) -> None:
