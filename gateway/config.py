@@ -44,6 +44,10 @@ UNSCANNABLE_DEFAULTS: dict[str, Literal["block", "pass"]] = {
     # What a browser cannot decode it does not run, but a downloader saves the
     # raw bytes, and a broken stream hides what follows the damage.
     "corrupt-encoding": "block",
+    # A coding the gateway does not know ("compress", or bogus values such as
+    # "utf-8" that real servers send): browsers pass such bodies on as they
+    # are, and those raw bytes are scanned whole; blocking would break sites.
+    "unknown-encoding": "pass",
     # The trailing bytes are scanned (raw) along with the decoded stream, so
     # nothing went unseen; some servers do pad their streams.
     "trailing-data": "pass",

@@ -44,6 +44,9 @@ ZSTD_FEED = 128
 # thousands would exhaust Python's recursion in read().  More is corrupt.
 MAX_CODINGS = 8
 
+# The content-codings the decoders undo (x-gzip is read as gzip).
+KNOWN_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 

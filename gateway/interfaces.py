@@ -140,14 +140,15 @@ UNSCANNABLE_REASONS: dict[str, str] = {
     "too-large": "The content is too large to be scanned.",
     "decode-limit": "The content decompresses to more than the gateway scans.",
     "bomb": "The content is compressed so strongly that it looks like a decompression bomb.",
-    "corrupt-encoding": "The content's compression is corrupt, truncated or of an unknown kind.",
+    "corrupt-encoding": "The content's compression is corrupt or truncated.",
+    "unknown-encoding": "The content is compressed in a way the gateway cannot undo.",
     "trailing-data": "The content carries data after the end of its compressed stream.",
     "scan-timeout": "Scanning the content took too long.",
     "engine-error": "The scanner failed on this content.",
 }
 UnscannableReason = Literal[
-    "too-large", "decode-limit", "bomb", "corrupt-encoding", "trailing-data", "scan-timeout",
-    "engine-error",
+    "too-large", "decode-limit", "bomb", "corrupt-encoding", "unknown-encoding", "trailing-data",
+    "scan-timeout", "engine-error",
 ]
 Action = Literal["block", "pass"]
 

@@ -29,7 +29,7 @@ decoding passes max_scan_size          the decoded prefix (up to the limit) and 
                                        unscannable too-large (pass)
 decoding passes max_decoded_size       as above, unscannable decode-limit (block)
 decoding passes max_decode_ratio       as above, unscannable bomb (block)
-corrupt/truncated/unknown encoding     the decoded prefix and the raw bytes (and,
+corrupt/truncated encoding             the decoded prefix and the raw bytes (and,
                                        for stacked codings, what the outer ones
                                        decode to) are scanned: a match blocks,
                                        else unscannable corrupt-encoding (block)
@@ -39,6 +39,11 @@ zstd frame)                            match blocks, else unscannable
                                        trailing-data (pass: nothing went unseen)
 scan or decoding past ``timeout``      unscannable scan-timeout (block, as
                                        error_policy's fail-closed)
+a coding the gateway does not know     its raw bytes (what a browser passes on) are
+(compress, bogus "utf-8")              scanned whole, and what the known codings
+                                       decode to (a bogus label must not hide a
+                                       gzip body): a match blocks, else
+                                       unscannable unknown-encoding (pass)
 YARA or I/O failure, no rules loaded   unscannable engine-error (block)
 =====================================  ============================================
 
@@ -72,7 +77,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from gateway.decoding import DecodeResult, DecodeTimeout, decode_into, parse_encodings
+from gateway.decoding import KNOWN_CODINGS, MAX_CODINGS, DecodeResult, DecodeTimeout, decode_into, parse_encodings
 from gateway.interfaces import ScanContext, UnscannableReason, Verdict
 from gateway.scancache import VerdictCache, body_digest, mentioned_externals
 from gateway.spool import BodySpool, purge_stale
@@ -600,6 +605,21 @@ class YaraScanner:
                 return verdict(matches)
             # The decoding stops at the smallest limit; max_scan_size wins ties,
             # so a big honest download reads "too-large", as it would unencoded.
+            unknown = [c for c in codings if c not in KNOWN_CODINGS]
+            if unknown and len(codings) <= MAX_CODINGS:
+                # The raw bytes are what a browser passes on (it drops every
+                # coding once one is unknown): scanned whole.  The known codings
+                # are undone too, as if the unknown ones were bogus labels
+                # ("gzip, utf-8"), so a made-up coding cannot hide a gzip body.
+                matches = self._match(compiled, body, externals, deadline)
+                scanned = raw_size
+                known = [c for c in codings if c in KNOWN_CODINGS]
+                if known:
+                    limit = min(s.max_scan_size, s.max_decoded_size, s.max_decode_ratio * raw_size)
+                    _, found, size = self._decode_and_match(compiled, body, known, limit, externals, deadline)
+                    matches += found
+                    scanned += size
+                return unscannable("unknown-encoding", f"unknown-encoding: {unknown[0][:32]!r}", matches)
             limit = min(s.max_scan_size, s.max_decoded_size, s.max_decode_ratio * raw_size)
             result, matches, scanned = self._decode_and_match(
                 compiled, body, codings, limit, externals, deadline)

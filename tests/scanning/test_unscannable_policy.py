@@ -23,6 +23,7 @@ def test_safe_defaults() -> None:
     settings = ScanSettings()
     assert {reason: settings.policy_for(reason) for reason in UNSCANNABLE_REASONS} == {
         "too-large": "pass", "decode-limit": "block", "bomb": "block", "corrupt-encoding": "block",
+        "unknown-encoding": "pass",
         "trailing-data": "pass", "scan-timeout": "block", "engine-error": "block",
     }
 
