@@ -174,6 +174,10 @@ class Observer(Protocol):
 
     def rules_loaded(self, ok: bool, rule_count: int, version: str) -> None: ...
 
+    def connection_dropped(self, reason: str) -> None:
+        """A connection closed by a limit: head-timeout, read-timeout,
+        write-timeout, pipelined-overflow, evicted-idle."""
+
 
 class NullObserver:
     """An Observer that does nothing (tests, tools)."""
@@ -194,6 +198,9 @@ class NullObserver:
         pass
 
     def rules_loaded(self, ok: bool, rule_count: int, version: str) -> None:
+        pass
+
+    def connection_dropped(self, reason: str) -> None:
         pass
 
 
