@@ -182,7 +182,7 @@ class ICAPServerProtocol(Protocol):
         self.tx: _Transaction | None = None
         self._busy = False  # a scan or an echo is under way: events wait
         self._timer: DelayedCall | None = None
-        self._timer_phase = ""  # what the running timer guards: PHASE_*
+        self._timer_phase: tuple[str, int] = ("", 0)  # what the running timer guards: (PHASE_*, request)
         self._bytes_in = 0  # bytes read from the peer, ever
         self._window_start = 0  # _bytes_in when the current body window began
         self._paused = False  # we stopped reading the transport (see dataReceived)
@@ -364,7 +364,8 @@ class ICAPServerProtocol(Protocol):
         else:
             phase = PHASE_BODY
         timer = self._timer
-        if timer is not None and timer.active() and self._timer_phase == phase:
+        # Per request: a pipelined request's head gets its own deadline.
+        if timer is not None and timer.active() and self._timer_phase == (phase, conn.requests_seen):
             return
         self._set_phase(phase)
         if phase == PHASE_IDLE:
@@ -378,9 +379,9 @@ class ICAPServerProtocol(Protocol):
 
     def _set_phase(self, phase: str) -> None:
         self._cancel_timer()
-        if self._timer_phase == PHASE_IDLE:
+        if self._timer_phase[0] == PHASE_IDLE:
             self.ctx.idle_connections.pop(self, None)
-        self._timer_phase = phase
+        self._timer_phase = (phase, self.conn.requests_seen)
 
     def _body_progress_check(self) -> None:
         """Every read_timeout while a body arrives: enough bytes since the last check?"""
@@ -395,7 +396,7 @@ class ICAPServerProtocol(Protocol):
 
     def _read_timed_out(self, detail: str) -> None:
         self._timer = None
-        self._timer_phase = ""
+        self._timer_phase = ("", 0)
         log.info("ICAP {detail} from {peer}: answering 408", detail=detail, peer=self._peer)
         self.ctx.observer.connection_dropped(detail)
         self._finish_tx(icap_status=408, outcome="error", detail=detail)

@@ -34,6 +34,19 @@ def test_head_dripped_a_byte_a_second_is_cut_at_head_timeout() -> None:
     assert h.observer.dropped == ["head-timeout"]
 
 
+def test_each_pipelined_request_head_gets_its_own_deadline() -> None:
+    h = make_harness(head_timeout=30.0)
+    first, second = options(), options("reqmod")
+    h.send(first[:10])
+    h.clock.advance(25)
+    h.send(first[10:] + second[:10])  # the first completes, the second begins at t=25
+    assert [r.status for r in parse_responses(h.output())] == [200]
+    h.clock.advance(10)  # t=35: past the first head's deadline, not the second's
+    assert not h.transport.disconnecting
+    h.clock.advance(21)  # t=56: 31 s into the second head
+    assert [r.status for r in parse_responses(h.output())] == [408]
+
+
 def test_body_dripped_a_byte_a_second_is_cut_after_one_window() -> None:
     h = make_harness(read_timeout=30.0, min_body_rate=256)
     data = respmod(chunked(b"x" * 10_000, 1000), AUTH)
