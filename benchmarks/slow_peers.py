@@ -65,8 +65,9 @@ def status_of(head: bytes) -> str:
 
 
 def drip(port: int, at_once: bytes, dripped: bytes, results: dict[str, tuple[float, str]], name: str,
-         pause_before_drip: float = 0.0) -> None:
-    """Send ``at_once``, wait, then one byte of ``dripped`` a second until the server closes."""
+         pause_before_drip: float, max_hold: float) -> None:
+    """Send ``at_once``, wait, then one byte of ``dripped`` a second until the
+    server closes (or ``max_hold`` seconds passed: the peer won)."""
     start = time.monotonic()
     with socket.create_connection((HOST, port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -83,6 +84,9 @@ def drip(port: int, at_once: bytes, dripped: bytes, results: dict[str, tuple[flo
             sock.settimeout(1.0)
             for i in range(len(dripped)):
                 if answer:
+                    break
+                if time.monotonic() - start > max_hold:
+                    answer = b"still open: the peer gave up first"
                     break
                 sock.sendall(dripped[i : i + 1])
                 try:
@@ -101,7 +105,7 @@ def drip(port: int, at_once: bytes, dripped: bytes, results: dict[str, tuple[flo
         results[name] = (time.monotonic() - start, status_of(answer))
 
 
-def slowloris(server: Server, head_timeout: float) -> None:
+def slowloris(server: Server, head_timeout: float, max_hold: float) -> None:
     body = b"x" * 100_000
     head = reqmod_head(len(body))
     chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
@@ -112,7 +116,7 @@ def slowloris(server: Server, head_timeout: float) -> None:
         "head all but 1 byte, last byte at head_timeout - 1 s, body dripped": (head[:-1], head[-1:] + chunked,
                                                                               head_timeout - 1),
     }
-    threads = [threading.Thread(target=drip, args=(server.port, a, d, results, name, p))
+    threads = [threading.Thread(target=drip, args=(server.port, a, d, results, name, p, max_hold))
                for name, (a, d, p) in scenarios.items()]
     for t in threads:
         t.start()
@@ -200,6 +204,7 @@ def memory(server: Server, uploads: int, size: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", choices=["slowloris", "idle", "memory"])
+    p.add_argument("--max-hold", type=float, default=120.0, help="slowloris: give up after this many seconds")
     p.add_argument("--connections", type=int, default=3000, help="idle: idle connections")
     p.add_argument("--newcomers", type=int, default=20, help="idle: new clients after them")
     p.add_argument("--uploads", type=int, default=400, help="memory: requests open at once")
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"{args.scenario}: gateway settings {extra}")
         if args.scenario == "slowloris":
-            slowloris(server, head_timeout)
+            slowloris(server, head_timeout, args.max_hold)
         elif args.scenario == "idle":
             idle_flood(server, args.connections, args.newcomers)
         else:
