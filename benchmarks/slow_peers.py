@@ -86,8 +86,8 @@ def drip(port: int, at_once: bytes, dripped: bytes, results: dict[str, tuple[flo
                 if answer:
                     break
                 if time.monotonic() - start > max_hold:
-                    answer = b"still open: the peer gave up first"
-                    break
+                    results[name] = (time.monotonic() - start, "still open: the peer gave up first")
+                    return
                 sock.sendall(dripped[i : i + 1])
                 try:
                     answer = sock.recv(4096)
