@@ -264,3 +264,31 @@ def test_four_hundred_parallel_uploads_stay_within_the_budget(tmp_path: Path) ->
     for spool in spools:
         spool.close()
     assert budget.used == 0
+
+
+class _FakeReactor:
+    def __init__(self) -> None:
+        self.spawned: list[dict[str, str]] = []
+
+    def spawnProcess(self, proto: object, exe: str, argv: list[str], env: dict[str, str],
+                     childFDs: dict[int, object]) -> None:
+        self.spawned.append(env)
+
+    def callLater(self, delay: float, f: object, *args: object) -> None:
+        pass
+
+
+def test_supervisor_gives_each_worker_a_slot_and_clears_a_dead_ones(tmp_path: Path) -> None:
+    from twisted.python.failure import Failure
+
+    from gateway.workers import Supervisor
+
+    slots = tmp_path / "connections.slots"
+    create_slots(slots, 2)
+    reactor = _FakeReactor()
+    supervisor = Supervisor(reactor, 2, ["python"], [], {"A": "1"}, connection_slots=slots)
+    supervisor.startService()
+    assert [env["ICAP_GATEWAY_CONNECTION_SLOTS"] for env in reactor.spawned] == [f"{slots}:0", f"{slots}:1"]
+    SharedConnectionCount(slots, 1).publish(40)  # worker 1 holds 40 connections, then dies
+    supervisor._worker_ended(supervisor.workers[1], Failure(RuntimeError("killed")))
+    assert SharedConnectionCount(slots, 0).total(0) == 0
