@@ -8,6 +8,10 @@ on a real gateway over loopback.  Every scenario stops by itself.
 - ``idle``: N (default 3,000) idle keep-alive connections, each served one
   OPTIONS, against a gateway with default limits; then what new clients see
   (status and latency), and how many of the idle ones are still open.
+- ``stalled-reader``: a 32 MiB RESPMOD echoed whole, its answer never read:
+  how long the spool file outlives it (``write_timeout`` and socket buffers).
+- ``pipeline-flood``: pipelined OPTIONS sent for 20 s, no answer read: what
+  the gateway accepted and its RSS.
 - ``memory``: N (default 400) requests of 1 MB each, all open at once (the
   body sent, its last chunk held back); the worker's RSS before and at the
   peak, then the answers.
@@ -169,6 +173,63 @@ def idle_flood(server: Server, connections: int, newcomers: int) -> None:
     print(f"  idle connections still open at the end: {still_open} of {connections}")
 
 
+# --- peers that do not read -------------------------------------------------
+
+
+def stalled_reader(server: Server, size: int, give_up: float) -> None:
+    """A RESPMOD of ``size`` bytes without Allow: 204 (echoed whole), whose
+    answer is never read: how long its spool file outlives the request."""
+    res_hdr = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % size
+    head = (b"RESPMOD icap://127.0.0.1/respmod ICAP/1.0\r\nHost: 127.0.0.1\r\n"
+            b"Encapsulated: res-hdr=0, res-body=%d\r\n\r\n" % len(res_hdr)) + res_hdr
+    block = b"s" * (1024 * 1024)
+    spool_dir = server.workdir / "state" / "spool"
+    rss_before = rss_kib(server.proc.pid)
+    with socket.create_connection((HOST, server.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(head)
+        for offset in range(0, size, len(block)):
+            piece = block[: min(len(block), size - offset)]
+            sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        sent = time.monotonic()
+        seen_spool = False
+        while time.monotonic() - sent < give_up:
+            files = list(spool_dir.glob("body-*")) if spool_dir.exists() else []
+            seen_spool = seen_spool or bool(files)
+            if seen_spool and not files:
+                break
+            time.sleep(0.25)
+        held = time.monotonic() - sent
+        rss_peak = rss_kib(server.proc.pid)
+        state = "freed" if seen_spool and not list(spool_dir.glob("body-*")) else "still held"
+        print(f"  {size / 2**20:.0f} MiB echo never read: spool {state} {held:.1f} s after the request was "
+              f"sent; RSS {rss_before / 1024:.0f} -> {rss_peak / 1024:.0f} MiB")
+
+
+def pipeline_flood(server: Server, seconds: float) -> None:
+    """Pipelined OPTIONS sent for ``seconds`` without reading one answer."""
+    pid = server.proc.pid
+    rss_before = rss_kib(pid)
+    request = options_request() * 100
+    sent = 0
+    with socket.create_connection((HOST, server.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.settimeout(0.5)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                sent += sock.send(request)
+            except TimeoutError:
+                continue  # the gateway stopped reading: our send buffer is full
+            except OSError:
+                break
+        rss_after = rss_kib(pid)
+    print(f"  {seconds:.0f} s of pipelined OPTIONS, no answer read: {sent / 2**20:.1f} MiB accepted "
+          f"({sent // len(options_request())} requests); gateway RSS {rss_before / 1024:.0f} -> "
+          f"{rss_after / 1024:.0f} MiB")
+
+
 # --- memory -------------------------------------------------------------------
 
 
@@ -203,7 +264,9 @@ def memory(server: Server, uploads: int, size: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=["slowloris", "idle", "memory"])
+    p.add_argument("scenario", choices=["slowloris", "idle", "memory", "stalled-reader", "pipeline-flood"])
+    p.add_argument("--echo-size", type=int, default=32 * 2**20, help="stalled-reader: body bytes")
+    p.add_argument("--seconds", type=float, default=20.0, help="pipeline-flood: how long to send")
     p.add_argument("--max-hold", type=float, default=120.0, help="slowloris: give up after this many seconds")
     p.add_argument("--connections", type=int, default=3000, help="idle: idle connections")
     p.add_argument("--newcomers", type=int, default=20, help="idle: new clients after them")
@@ -215,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     # The benchmark config lifts max_connections to 20,000 for load runs:
     # these scenarios measure the shipped defaults.
     extra: dict[str, dict[str, object]] = {"server": {"max_connections": 1000}}
-    if args.scenario == "memory":
-        extra["server"]["workers"] = 1  # one worker's RSS is the figure
+    if args.scenario != "idle":
+        extra["server"]["workers"] = 1  # one worker: its RSS and spool are the figure
     for text in args.set:
         section, key, value = parse_option(text)
         extra.setdefault(section, {})[key] = value
@@ -228,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             slowloris(server, head_timeout, args.max_hold)
         elif args.scenario == "idle":
             idle_flood(server, args.connections, args.newcomers)
+        elif args.scenario == "stalled-reader":
+            stalled_reader(server, args.echo_size, give_up=args.max_hold)
+        elif args.scenario == "pipeline-flood":
+            pipeline_flood(server, args.seconds)
         else:
             memory(server, args.uploads, args.size)
     finally:
