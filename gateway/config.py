@@ -69,17 +69,50 @@ class ServerSettings:
         0, "Worker processes sharing the listeners; 0 means one per core", validate=non_negative
     )
     max_connections: int = setting(
-        1000, "Advertised in OPTIONS as Max-Connections; more are refused with 503", validate=positive
+        1000, "Connections the whole gateway (all workers together) keeps open, advertised in OPTIONS "
+        "as Max-Connections. At the limit a new connection closes the longest-idle keep-alive "
+        "connection of its worker; only when none is idle is it answered 503",
+        validate=positive,
     )
     options_ttl: int = setting(3600, "Options-TTL in seconds advertised in OPTIONS", validate=positive)
     preview_size: int = setting(
         4096, "Preview bytes asked for in OPTIONS (0 disables preview)", kind="size", validate=non_negative
     )
+    head_timeout: float = setting(
+        30.0, "Seconds from a request's first byte until its ICAP head and encapsulated HTTP heads "
+        "are complete, else 408 and close. A deadline, not extended by progress: a peer dripping "
+        "bytes holds a connection no longer (heads are at most 320 KiB: Squid sends them at once)",
+        kind="duration", validate=positive,
+    )
     read_timeout: float = setting(
-        30.0, "Seconds a request may stall mid-message before 408 and close", kind="duration", validate=positive
+        30.0, "While a request body arrives, every this many seconds at least min_body_rate x "
+        "read_timeout bytes (at least 1) must have come, else 408 and close. Windows, not a "
+        "whole-body deadline: a 256 MiB upload over a slow link is never cut while it moves",
+        kind="duration", validate=positive,
+    )
+    min_body_rate: int = setting(
+        256, "Bytes per second a request body must average over each read_timeout window "
+        "(0: one byte per window). Far below any honest link, costly for a slowloris holding "
+        "many connections", kind="size", validate=non_negative,
     )
     idle_timeout: float = setting(
         300.0, "Seconds an idle persistent connection is kept open", kind="duration", validate=positive
+    )
+    write_timeout: float = setting(
+        30.0, "Seconds our unsent output may stay above the transport's high-water mark (the peer "
+        "stopped reading) before the connection is aborted and its spool freed",
+        kind="duration", validate=positive,
+    )
+    max_pipelined_bytes: int = setting(
+        256 * 1024, "Input bytes a connection may hold unprocessed while its answer is pending "
+        "(pipelined requests); reading pauses before this, a peer past it is cut off",
+        kind="size", validate=positive,
+    )
+    body_memory_budget: int = setting(
+        64 * 1024**2, "Request and response body bytes one worker holds in memory, all connections "
+        "together; past it bodies spool to disk at once ([scan] memory_threshold is the "
+        "per-body limit). Bounds body memory per worker whatever the number of uploads",
+        kind="size", validate=positive,
     )
     service_id: str = setting("yara", "Service-ID advertised in OPTIONS and ISTag prefix")
     early_response_after: int = setting(

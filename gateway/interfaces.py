@@ -225,6 +225,10 @@ class Observer(Protocol):
         """An unexpected exception in per-transaction code (answered 500)."""
         ...
 
+    def connection_dropped(self, reason: str) -> None:
+        """A connection closed by a limit: head-timeout, read-timeout,
+        write-timeout, pipelined-overflow, evicted-idle."""
+
 
 class NullObserver:
     """An Observer that does nothing (tests, tools)."""
@@ -248,6 +252,9 @@ class NullObserver:
         pass
 
     def internal_error(self) -> None:
+        pass
+
+    def connection_dropped(self, reason: str) -> None:
         pass
 
 

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from gateway import sanitise
 from gateway.blockpage import BlockPage, new_reference
+from gateway.connections import ConnectionCount, LocalConnectionCount
 from gateway.filetypes import SNIFF_BYTES, sniff
 from gateway.filetypes import matches as type_matches
 from gateway.icap.connection import ServerConnection
@@ -77,6 +78,11 @@ ECHO_BLOCK_SIZE = 64 * 1024
 # _maybe_commit): a few bytes of a blocked file, never a usable part of it.
 TRICKLE_PREFIX = 4096
 
+# What the connection's read/idle timer guards (see _arm_timer).
+PHASE_IDLE = "idle"  # between requests: idle_timeout, then a quiet close
+PHASE_HEAD = "head"  # a request head is arriving: one head_timeout deadline
+PHASE_BODY = "body"  # a body is arriving: min_body_rate checked every read_timeout
+
 
 class Spool(TypingProtocol):
     """Where a body waits while it is scanned (gateway.scanner.BodySpool)."""
@@ -114,15 +120,24 @@ class GatewayContext:
     max_connections: int = 1000
     options_ttl: int = 3600
     preview_size: int = 4096
+    head_timeout: float = 30.0
     read_timeout: float = 30.0
+    min_body_rate: int = 256
     idle_timeout: float = 300.0
+    write_timeout: float = 30.0
+    max_pipelined_bytes: int = 256 * 1024
     error_policy: str = "fail-closed"  # or "fail-open"
     oversize_policy: str = "pass"  # or "block"
     max_scan_size: int = 256 * 1024**2
     early_response_after: int = 60 * 1024
     skip_types: list[str] = field(default_factory=list)  # see gateway.filetypes
     wall_time: Callable[[], float] = time.time
-    connections: int = field(default=0)
+    connections: int = field(default=0)  # this process's open connections
+    # The whole gateway's count (all workers): gateway.connections
+    connection_count: ConnectionCount = field(default_factory=LocalConnectionCount)
+    # Keep-alive connections waiting for a request, longest idle first: the
+    # ones closed to make room at max_connections (see _make_room).
+    idle_connections: dict[ICAPServerProtocol, None] = field(default_factory=dict)
 
     def istag(self) -> str:
         # RFC 3507 4.7: at most 32 characters, quoted; it changes with the rules
@@ -157,79 +172,169 @@ class _Transaction:
     bad_headers: tuple[str, ...] = ()  # identity headers refused (see register.users)
 
 
-@implementer(interfaces.IPullProducer)
-class _EchoProducer:
-    """Writes a spooled body back as ICAP chunks as fast as the peer reads."""
-
-    def __init__(self, proto: ICAPServerProtocol, chunks: Iterator[bytes]) -> None:
-        self.proto = proto
-        self.chunks = chunks
-
-    def resumeProducing(self) -> None:
-        proto = self.proto
-        if proto.transport is None:
-            return
-        try:
-            data = next(self.chunks)
-        except StopIteration:
-            proto.transport.unregisterProducer()
-            proto.transport.write(proto.conn.send_end())
-            proto._response_sent()
-            return
-        proto.transport.write(proto.conn.send_data(data))
-
-    def stopProducing(self) -> None:
-        close = getattr(self.chunks, "close", None)
-        if close:
-            close()
-
-
+@implementer(interfaces.IPushProducer)
 class ICAPServerProtocol(Protocol):
+    """One ICAP connection.  It is registered with its transport as a
+    streaming producer of everything it writes: when the peer stops reading
+    and our unsent output passes the transport's high-water mark, the
+    transport pauses us; we then stop reading and processing requests, stop
+    an echo, and give the peer ``write_timeout`` to drain before aborting."""
+
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
         self.conn = ServerConnection()
         self.tx: _Transaction | None = None
         self._busy = False  # a scan or an echo is under way: events wait
         self._timer: DelayedCall | None = None
-        self._timer_mid = False  # what the running timer guards: a request or idleness
+        self._timer_phase: tuple[str, int] = ("", 0)  # what the running timer guards: (PHASE_*, request)
+        self._bytes_in = 0  # bytes read from the peer, ever
+        self._window_start = 0  # _bytes_in when the current body window began
         self._paused = False  # we stopped reading the transport (see dataReceived)
+        self._write_blocked = False  # the transport paused us: the peer is not reading
+        self._write_timer: DelayedCall | None = None
+        self._echo: Iterator[bytes] | None = None  # a spooled body being written back
+        self._counted = False  # this connection is in ctx.connections
         self._peer = ""
         self._over_limit = False
 
     # --- connection lifecycle ---------------------------------------------
 
     def connectionMade(self) -> None:
-        self.ctx.connections += 1
-        self._over_limit = self.ctx.connections > self.ctx.max_connections
+        ctx = self.ctx
+        ctx.connections += 1
+        self._counted = True
+        ctx.connection_count.publish(ctx.connections)
         self._peer = _first_ip(self.transport.getPeer())
-        self.ctx.observer.connection_opened()
+        ctx.observer.connection_opened()
+        self._over_limit = not self._make_room()
+        self.transport.registerProducer(self, True)
         self._arm_timer()
 
+    def _make_room(self) -> bool:
+        """At max_connections (the whole gateway's), close this worker's
+        longest-idle keep-alive connections rather than refuse the new one:
+        an idle connection costs a socket, a refused proxy costs its users.
+        False when there is still no room (this connection then gets 503)."""
+        ctx = self.ctx
+        total = ctx.connection_count.total(ctx.connections)
+        while total > ctx.max_connections and ctx.idle_connections:
+            victim = next(iter(ctx.idle_connections))
+            victim._evict()
+            total -= 1
+        return total <= ctx.max_connections
+
+    def _evict(self) -> None:
+        """Closed, while idle, to make room for a new connection."""
+        self.ctx.idle_connections.pop(self, None)
+        self._release()
+        self._cancel_timer()
+        self.ctx.observer.connection_dropped("evicted-idle")
+        self.transport.loseConnection()
+
+    def _release(self) -> None:
+        """Leave the connection count (once: eviction counts us out early)."""
+        if self._counted:
+            self._counted = False
+            self.ctx.connections -= 1
+            self.ctx.connection_count.publish(self.ctx.connections)
+
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self.ctx.connections -= 1
+        self._release()
+        self.ctx.idle_connections.pop(self, None)
         self.ctx.observer.connection_closed()
         self._cancel_timer()
+        self._cancel_write_timer()
+        self._stop_echo()
         if self.tx and self.tx.spool:
             self.tx.spool.close()
             self.tx.spool = None
 
     def dataReceived(self, data: bytes) -> None:
+        self._bytes_in += len(data)
         self.conn.receive_data(data)
-        if self._busy:
-            # Bytes while we scan or echo (a pipelining client): keep them,
-            # but read no more until we answered, so they cannot pile up.
-            # Paused lazily, as Squid sends nothing before our answer: no
-            # epoll change per request.
+        if self._busy or self._write_blocked:
+            # Bytes while we scan or echo (a pipelining client), or while the
+            # peer does not read our answers: keep them, but read no more
+            # until we answered, so they cannot pile up.  Paused lazily, as
+            # Squid sends nothing before our answer: no epoll change per
+            # request.  A transport that goes on delivering is cut off.
             if not self._paused:
                 self._paused = True
                 self.transport.pauseProducing()
+            if self.conn.buffered_bytes > self.ctx.max_pipelined_bytes:
+                log.info("ICAP peer {peer} sent over {limit} bytes ahead of our answers: closing",
+                         peer=self._peer, limit=self.ctx.max_pipelined_bytes)
+                self._drop("pipelined-overflow")
             return
         self._process()
 
     def _resume_reading(self) -> None:
-        if self._paused and self.transport is not None:
+        if self._paused and not self._write_blocked and self.transport is not None:
             self._paused = False
             self.transport.resumeProducing()
+
+    def _drop(self, reason: str) -> None:
+        """Abort a connection that broke a limit where no answer fits."""
+        self.ctx.observer.connection_dropped(reason)
+        self._cancel_timer()
+        self._cancel_write_timer()
+        self._stop_echo()
+        self._close_spool()
+        self._busy = True  # nothing more is processed on this connection
+        self.transport.abortConnection()
+
+    # --- output back-pressure (IPushProducer, registered in connectionMade) --
+
+    def pauseProducing(self) -> None:
+        """Our unsent output passed the transport's high-water mark."""
+        if self._write_blocked:
+            return
+        self._write_blocked = True
+        if not self._paused and self.transport is not None and not self.transport.disconnecting:
+            self._paused = True
+            self.transport.pauseProducing()
+        self._cancel_timer()  # the write timer governs now
+        self._write_timer = self.ctx.clock.callLater(self.ctx.write_timeout, self._write_timed_out)
+
+    def resumeProducing(self) -> None:
+        """The transport sent everything we wrote."""
+        self._write_blocked = False
+        self._cancel_write_timer()
+        transport = self.transport
+        if transport is None:
+            return
+        if getattr(transport, "disconnecting", False):
+            # A transport with a producer does not close until it is
+            # unregistered (loseConnection's contract).
+            transport.unregisterProducer()
+            return
+        if self._echo is not None:
+            self._pump_echo()
+            return
+        if not self._busy:
+            self._resume_reading()
+            self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is gone."""
+        self._stop_echo()
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None and self._write_timer.active():
+            self._write_timer.cancel()
+        self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        log.info("ICAP peer {peer} read nothing of our answer for {seconds}s: aborting",
+                 peer=self._peer, seconds=self.ctx.write_timeout)
+        self._drop("write-timeout")
+
+    def _stop_echo(self) -> None:
+        echo, self._echo = self._echo, None
+        close = getattr(echo, "close", None)
+        if close:
+            close()
 
     def readConnectionLost(self) -> None:  # half-close: treat as end of input
         self.conn.receive_data(b"")
@@ -243,37 +348,74 @@ class ICAPServerProtocol(Protocol):
         self._timer = None
 
     def _arm_timer(self) -> None:
-        """While we read, a stall is the peer's: 408 mid-request, a quiet
-        close when idle.  While we scan or write, no read timer runs.  One
-        DelayedCall is reset rather than replaced: this runs for every read."""
-        if self._busy or self.transport is None:
-            self._cancel_timer()
+        """While we read, a slow peer is the peer's problem: a request head
+        must be complete ``head_timeout`` after its first byte, a body must
+        bring ``min_body_rate`` bytes a second, checked every
+        ``read_timeout`` (408 and close); an idle keep-alive connection
+        closes quietly after ``idle_timeout``.  Progress never extends a
+        deadline: a timer runs on while its phase lasts, so one byte a second
+        holds a connection no longer than the others.  While we scan no read
+        timer runs; while the peer does not read, the write timer does."""
+        ctx = self.ctx
+        if self._busy or self._write_blocked or self.transport is None:
+            self._set_phase("")
             return
-        mid = self.conn.mid_request
-        delay = self.ctx.read_timeout if mid else self.ctx.idle_timeout
+        conn = self.conn
+        if not conn.mid_request:
+            phase = PHASE_IDLE
+        elif conn.their_state == "IDLE":
+            phase = PHASE_HEAD
+        else:
+            phase = PHASE_BODY
         timer = self._timer
-        if timer is not None and timer.active() and self._timer_mid == mid:
-            timer.reset(delay)
+        # Per request: a pipelined request's head gets its own deadline.
+        if timer is not None and timer.active() and self._timer_phase == (phase, conn.requests_seen):
             return
-        self._cancel_timer()
-        self._timer_mid = mid
-        self._timer = self.ctx.clock.callLater(delay, self._read_timed_out if mid else self._idle_timed_out)
+        self._set_phase(phase)
+        if phase == PHASE_IDLE:
+            ctx.idle_connections[self] = None
+            self._timer = ctx.clock.callLater(ctx.idle_timeout, self._idle_timed_out)
+        elif phase == PHASE_HEAD:
+            self._timer = ctx.clock.callLater(ctx.head_timeout, self._read_timed_out, "head-timeout")
+        else:
+            self._window_start = self._bytes_in
+            self._timer = ctx.clock.callLater(ctx.read_timeout, self._body_progress_check)
 
-    def _read_timed_out(self) -> None:
+    def _set_phase(self, phase: str) -> None:
+        self._cancel_timer()
+        if self._timer_phase[0] == PHASE_IDLE:
+            self.ctx.idle_connections.pop(self, None)
+        self._timer_phase = (phase, self.conn.requests_seen)
+
+    def _body_progress_check(self) -> None:
+        """Every read_timeout while a body arrives: enough bytes since the last check?"""
         self._timer = None
-        log.info("ICAP read timeout from {peer}: answering 408", peer=self._peer)
-        self._finish_tx(icap_status=408, outcome="error", detail="read-timeout")
+        ctx = self.ctx
+        needed = max(1, int(ctx.min_body_rate * ctx.read_timeout))
+        if self._bytes_in - self._window_start < needed:
+            self._read_timed_out("read-timeout")
+            return
+        self._window_start = self._bytes_in
+        self._timer = ctx.clock.callLater(ctx.read_timeout, self._body_progress_check)
+
+    def _read_timed_out(self, detail: str) -> None:
+        self._timer = None
+        self._timer_phase = ("", 0)
+        log.info("ICAP {detail} from {peer}: answering 408", detail=detail, peer=self._peer)
+        self.ctx.observer.connection_dropped(detail)
+        self._finish_tx(icap_status=408, outcome="error", detail=detail)
         self.transport.write(self.conn.send_error(408, self._common_headers()))
         self.transport.loseConnection()
 
     def _idle_timed_out(self) -> None:
         self._timer = None
+        self._set_phase("")
         self.transport.loseConnection()
 
     # --- event loop ---------------------------------------------------------
 
     def _process(self) -> None:
-        while not self._busy and self.transport is not None:
+        while not self._busy and not self._write_blocked and self.transport is not None:
             try:
                 event = self.conn.next_event()
             except ProtocolError as e:
@@ -609,8 +751,21 @@ class ICAPServerProtocol(Protocol):
     def _start_echo(self, tx: _Transaction) -> None:
         assert tx.spool is not None
         self._busy = True
-        chunks = tx.spool.iter_chunks(ECHO_BLOCK_SIZE, start=tx.released)
-        self.transport.registerProducer(_EchoProducer(self, chunks), False)
+        self._echo = tx.spool.iter_chunks(ECHO_BLOCK_SIZE, start=tx.released)
+        self._pump_echo()
+
+    def _pump_echo(self) -> None:
+        """Write the spooled body back as ICAP chunks until the transport
+        pauses us (the peer reads slower than we write) or it is all out."""
+        while self._echo is not None and not self._write_blocked and self.transport is not None:
+            try:
+                data = next(self._echo)
+            except StopIteration:
+                self._echo = None
+                self.transport.write(self.conn.send_end())
+                self._response_sent()
+                return
+            self.transport.write(self.conn.send_data(data))
 
     def _answer_block(self, rules: Any, verdict: Verdict, *, explanation: str, outcome: str = "blocked") -> None:
         tx = self.tx
@@ -642,7 +797,7 @@ class ICAPServerProtocol(Protocol):
         self._close_spool()
 
     def _response_sent(self) -> None:
-        """The echo producer wrote the last chunk."""
+        """The echo wrote the last chunk."""
         self._busy = False
         self._close_spool()
         self._resume_reading()

@@ -21,10 +21,11 @@ from twisted.logger import Logger
 
 from gateway.blockpage import BlockPage
 from gateway.config import PROJECT_ROOT, GatewayConfig
+from gateway.connections import count_from_environment
 from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.scancache import VerdictCache
 from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
-from gateway.spool import BodySpool, purge_stale
+from gateway.spool import BodySpool, MemoryBudget, purge_stale
 from gateway.workers import AdoptedListenerService
 from monitoring.service import build_monitoring
 from register.auth import credentials_from_headers
@@ -151,7 +152,8 @@ def build_gateway(
         authenticator=register.authenticator,
         recorder=register.recorder,
         observer=monitoring.observer,
-        new_spool=partial(BodySpool, config.scan.memory_threshold, spool_dir),
+        new_spool=partial(BodySpool, config.scan.memory_threshold, spool_dir,
+                          budget=MemoryBudget(server.body_memory_budget)),
         block_page=block_page,
         clock=reactor,
         identify=register.identify,
@@ -160,12 +162,18 @@ def build_gateway(
         max_connections=server.max_connections,
         options_ttl=server.options_ttl,
         preview_size=server.preview_size,
+        head_timeout=server.head_timeout,
         read_timeout=server.read_timeout,
+        min_body_rate=server.min_body_rate,
         idle_timeout=server.idle_timeout,
         # What the transaction decides itself (an oversize body passed before
         # it is all read, a scanner that failed to answer): the same policy.
         error_policy="fail-open" if config.scan.policy_for("engine-error") == "pass" else "fail-closed",
         oversize_policy=config.scan.policy_for("too-large"),
+        write_timeout=server.write_timeout,
+        max_pipelined_bytes=server.max_pipelined_bytes,
+        # A worker of several shares the gateway's count (gateway.workers).
+        connection_count=count_from_environment(os.environ if adopted is not None else {}),
         max_scan_size=config.scan.max_scan_size,
         early_response_after=server.early_response_after,
         skip_types=list(config.scan.skip_types),

@@ -30,6 +30,28 @@ PREFIXES = ("body-", "decoded-")
 _NAME = re.compile(r"^(?:body|decoded)-(\d+)-")
 
 
+class MemoryBudget:
+    """Body bytes one worker may hold in memory, over all its spools.
+
+    Each spool takes from it what it keeps in memory and gives it back when
+    it moves to a file or is closed; a spool that cannot take a write goes to
+    disk at once.  Body memory per worker is then at most ``limit``, however
+    many bodies arrive together.  Used on the reactor thread only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.used -= size
+
+
 def open_spool_file(spool_dir: Path, prefix: str = "body-") -> tuple[BinaryIO, str]:
     """A new private (0600) temporary file in ``spool_dir``, created if missing."""
     spool_dir.mkdir(parents=True, exist_ok=True)
@@ -40,8 +62,11 @@ def open_spool_file(spool_dir: Path, prefix: str = "body-") -> tuple[BinaryIO, s
 class BodySpool:
     """One message body: bytes in memory up to ``memory_threshold``, then a file."""
 
-    def __init__(self, memory_threshold: int, spool_dir: Path, *, prefix: str = "body-") -> None:
+    def __init__(self, memory_threshold: int, spool_dir: Path, *, prefix: str = "body-",
+                 budget: MemoryBudget | None = None) -> None:
         self.memory_threshold = memory_threshold
+        self.budget = budget
+        self._held = 0  # bytes taken from the budget
         self.spool_dir = Path(spool_dir)
         self._prefix = prefix
         self._buf = bytearray()
@@ -73,11 +98,27 @@ class BodySpool:
         if self._file is not None:
             self._file.write(data)
             return
-        self._buf += data
-        if len(self._buf) > self.memory_threshold:
-            self._file, self._path = open_spool_file(self.spool_dir, self._prefix)
-            self._file.write(self._buf)
-            self._buf = bytearray()  # a fresh object: the old one's memory is freed now
+        if len(self._buf) + len(data) <= self.memory_threshold and self._take(len(data)):
+            self._buf += data
+            return
+        self._file, self._path = open_spool_file(self.spool_dir, self._prefix)
+        self._file.write(self._buf)
+        self._file.write(data)
+        self._buf = bytearray()  # a fresh object: the old one's memory is freed now
+        self._give_back()
+
+    def _take(self, size: int) -> bool:
+        if self.budget is None:
+            return True
+        if not self.budget.take(size):
+            return False
+        self._held += size
+        return True
+
+    def _give_back(self) -> None:
+        if self.budget is not None and self._held:
+            self.budget.give_back(self._held)
+        self._held = 0
 
     def finish(self) -> None:
         """No more data: flush the file so readers (YARA, iter_chunks) see it all."""
@@ -125,6 +166,7 @@ class BodySpool:
         self._buf = bytearray()
         self._frozen = None
         self._finished = True
+        self._give_back()
 
     def __enter__(self) -> BodySpool:
         return self

@@ -29,6 +29,8 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, protocol, tcp
 from twisted.logger import Logger
 
+from gateway.connections import SLOTS_ENV, clear_slot, create_slots
+
 log = Logger()
 
 # A worker that dies is restarted, but not faster than this: a worker that
@@ -147,8 +149,11 @@ class Supervisor(Service):
     3, 4, ... and keeps them running until stopped."""
 
     def __init__(self, reactor: Any, count: int, argv: list[str], listeners: Sequence[Listener],
-                 env: dict[str, str], on_exit: Any = None) -> None:
+                 env: dict[str, str], on_exit: Any = None, connection_slots: Any = None) -> None:
         self.reactor = reactor
+        # gateway.connections: one slot per worker, so max_connections holds
+        # for the gateway, not per worker (None: no shared count).
+        self.connection_slots = connection_slots
         self.count = count
         self.argv = argv
         self.listeners = list(listeners)
@@ -171,7 +176,11 @@ class Supervisor(Service):
         for i, lst in enumerate(self.listeners):
             child_fds[FIRST_LISTENER_FD + i] = lst.sock.fileno()
         worker = _WorkerProcess(self, index)
-        self.reactor.spawnProcess(worker, self.argv[0], self.argv, env=self.env, childFDs=child_fds)
+        env = self.env
+        if self.connection_slots is not None:
+            clear_slot(self.connection_slots, index)
+            env = dict(env, **{SLOTS_ENV: f"{self.connection_slots}:{index}"})
+        self.reactor.spawnProcess(worker, self.argv[0], self.argv, env=env, childFDs=child_fds)
         self.workers[index] = worker
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
@@ -180,6 +189,8 @@ class Supervisor(Service):
             del self.workers[worker.index]
         if self.on_exit is not None and worker.pid is not None:
             self.on_exit(worker.pid)
+        if self.connection_slots is not None:
+            clear_slot(self.connection_slots, worker.index)  # its connections died with it
         if self._stopping:
             if not self.workers and self._stopped is not None and not self._stopped.called:
                 self._stopped.callback(None)
@@ -221,8 +232,10 @@ def build_supervisor(config: Any, reactor: Any, argv: list[str], count: int) -> 
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=mp_dir)
     worker_argv = [sys.executable, "-m", "gateway", *argv, "--worker-fds", worker_fds_argument(listeners)]
     top = MultiService()
+    slots = config.state_path("connections.slots")
+    create_slots(slots, count)
     supervisor = Supervisor(reactor, count, worker_argv, listeners, env,
-                            on_exit=lambda pid: worker_exited(pid, mp_dir))
+                            on_exit=lambda pid: worker_exited(pid, mp_dir), connection_slots=slots)
 
     def ready() -> tuple[bool, str]:
         alive = supervisor.alive()

@@ -289,6 +289,13 @@ class GatewayMetrics:
         self.auth_failures = Counter(
             f"{PREFIX}_auth_failures", "Refused ICAP requests, by reason", ["reason"], registry=reg,
         )
+        # The reasons are the protocol's fixed set (Observer.connection_dropped):
+        # no label from a peer.
+        self.connections_dropped = Counter(
+            f"{PREFIX}_connections_dropped", "ICAP connections closed by a limit, by reason "
+            "(head-timeout, read-timeout, write-timeout, pipelined-overflow, evicted-idle)",
+            ["reason"], registry=reg,
+        )
         # livemin: with several workers the smallest count shows a worker
         # that has no (or fewer) rules, which is what an operator must see.
         self.rules_loaded_gauge = Gauge(
@@ -431,6 +438,9 @@ class GatewayMetrics:
 
     def connection_closed(self) -> None:
         self.active_connections.dec()
+
+    def connection_dropped(self, reason: str) -> None:
+        self.connections_dropped.labels(reason).inc()
 
     def auth_failed(self, reason: str) -> None:
         label = self.reason_label(reason or NONE)

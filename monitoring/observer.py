@@ -46,6 +46,12 @@ class MonitoringObserver:
         except Exception:
             self._fault()
 
+    def connection_dropped(self, reason: str) -> None:
+        try:
+            self.metrics.connection_dropped(reason)
+        except Exception:
+            self._fault()
+
     def transaction_finished(self, record: TransactionRecord) -> None:
         try:
             self.metrics.request_finished(

@@ -160,6 +160,11 @@ class ServerConnection:
         return bool(self._buf)
 
     @property
+    def buffered_bytes(self) -> int:
+        """Input received but not yet turned into events (pipelined requests)."""
+        return len(self._buf)
+
+    @property
     def mid_request(self) -> bool:
         """A request has started arriving but is not complete: a read stall
         now is a timeout (408), not an idle keep-alive connection."""

@@ -119,6 +119,7 @@ class RecordingObserver(NullObserver):
         self.records: list[TransactionRecord] = []
         self.opened = 0
         self.closed = 0
+        self.dropped: list[str] = []
 
     def connection_opened(self) -> None:
         self.opened += 1
@@ -128,6 +129,9 @@ class RecordingObserver(NullObserver):
 
     def transaction_finished(self, record: TransactionRecord) -> None:
         self.records.append(record)
+
+    def connection_dropped(self, reason: str) -> None:
+        self.dropped.append(reason)
 
 
 def identify(headers: Mapping[str, str], peer: str) -> Identity:
@@ -162,7 +166,38 @@ class Harness:
             self.transport.producer.resumeProducing()
 
 
-def make_harness(**overrides: object) -> Harness:
+class BufferingTransport(StringTransport):
+    """A StringTransport with a socket's send buffer: what is written stays
+    unsent until ``drain()`` (the peer reads), and a streaming producer is
+    paused past ``high_water`` and resumed once all is sent, as Twisted's
+    FileDescriptor does; a pull producer is asked for more after a drain."""
+
+    def __init__(self, high_water: int = 64 * 1024) -> None:
+        super().__init__()
+        self.high_water = high_water
+        self.unsent = 0
+        self.producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unsent += len(data)
+        if (self.producer is not None and self.streaming and not self.producer_paused
+                and self.unsent > self.high_water):
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        """The peer reads everything sent so far."""
+        out = self.value()
+        self.clear()
+        self.unsent = 0
+        if self.producer is not None and (not self.streaming or self.producer_paused):
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return out
+
+
+def make_harness(*, transport: StringTransport | None = None, **overrides: object) -> Harness:
     clock = Clock()
     scanner = SubstringScanner()
     recorder = ListRecorder()
@@ -182,6 +217,6 @@ def make_harness(**overrides: object) -> Harness:
     for k, v in overrides.items():
         setattr(ctx, k, v)
     proto = ICAPServerProtocol(ctx)
-    transport = StringTransport()
+    transport = transport if transport is not None else StringTransport()
     proto.makeConnection(transport)
     return Harness(proto, transport, clock, scanner, recorder, observer, spools)

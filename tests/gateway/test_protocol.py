@@ -251,6 +251,7 @@ def test_error_and_oversize_policies(verdict: Verdict, policy_kw: dict[str, str]
 
 def test_too_many_connections_get_503() -> None:
     h1 = make_harness(max_connections=1)
+    h1.send(respmod(b"5\r\nhel", AUTH))  # busy: an idle one would be closed to make room
     ctx = h1.proto.ctx
     from twisted.internet.testing import StringTransport
 
