@@ -54,6 +54,10 @@ class ServerSettings:
     idle_timeout: float = setting(
         300.0, "Seconds an idle persistent connection is kept open", kind="duration", validate=positive
     )
+    shutdown_timeout: float = setting(
+        30.0, "Seconds SIGTERM waits for open connections to answer what their peers already sent "
+        "(a scan may take [scan] timeout) before aborting them", kind="duration", validate=positive,
+    )
     service_id: str = setting("yara", "Service-ID advertised in OPTIONS and ISTag prefix")
     early_response_after: int = setting(
         60 * 1024,
