@@ -142,3 +142,29 @@ def test_restart_next_to_a_broken_rule_file_serves_the_last_good_rules(tmp_path:
         restarts = re.search(r"^icap_gateway_worker_restarts_total (\S+)$", text, re.M)
         assert restarts is not None and float(restarts.group(1)) == 1.0
         assert len(_children(gw.proc.pid)) == 2
+
+
+def test_workers_log_the_endpoint_they_adopted(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    log_path = tmp_path / "gateway.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--workers", "2", "--rules", str(REPO / "rules"),
+             "--listen", "tcp:0:interface=127.0.0.1", "--metrics", "tcp:0:interface=127.0.0.1"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while log_path.read_text().count("icap-gateway serving on") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = log_path.read_text()
+        [bound] = re.findall(r"supervising 2 workers on tcp:(\d+):interface=127\.0\.0\.1", text)
+        served = re.findall(r"icap-gateway serving on (\S+),", text)
+        # Before: each worker printed the config's default, tcp:1344:interface=127.0.0.1.
+        assert served == [f"tcp:{bound}:interface=127.0.0.1"] * 2, text
+        assert bound != "0"
+    finally:
+        proc.terminate()
+        proc.wait(60)
