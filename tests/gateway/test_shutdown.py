@@ -3,10 +3,12 @@ StringTransport and a Clock (no real time, no sockets)."""
 
 from __future__ import annotations
 
+from twisted.application.service import Service
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from gateway.protocol import ICAPFactory, ICAPServerProtocol
+from gateway.service import GatewayService
 from tests.gateway.fakes import make_harness
 from tests.gateway.test_protocol import AUTH, chunked, options, respmod
 from tests.icap_responses import parse_responses
@@ -162,3 +164,33 @@ def test_drain_with_no_connections_fires_at_once() -> None:
     results: list[int] = []
     c.factory.drain(30).addCallback(results.append)
     assert results == [0]
+
+
+class RecordingService(Service):
+    def __init__(self, label: str, events: list[str]) -> None:
+        self.label = label
+        self.events = events
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.events.append(self.label)
+
+
+def test_gateway_stops_listeners_then_drains_then_flushes_the_register() -> None:
+    c = Connections()
+    c.scanner.hold = True
+    top = GatewayService(shutdown_timeout=30)
+    top.factory = c.factory
+    events: list[str] = []
+    RecordingService("register", events).setServiceParent(top)  # stands for the register's writer
+    RecordingService("listener", events).setServiceParent(top.listeners)
+    top.startService()
+    proto, transport = c.open()
+    proto.dataReceived(respmod(chunked(b"in flight"), AUTH, "Allow: 204"))
+    stopped: list[object] = []
+    top.stopService().addCallback(stopped.append)
+    assert events == ["listener"]  # no new connections; the one in flight still runs
+    c.scanner.release()
+    c.close_if_asked(proto, transport)
+    assert events == ["listener", "register"]  # its record was made before the writer flushed
+    assert stopped and c.harness.observer.records[-1].icap_status == 204
