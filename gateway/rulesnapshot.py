@@ -5,8 +5,8 @@ meanwhile holds a broken file (the running workers refused it and kept their
 rules), compiling the directory fails, and without a fallback the new worker
 would exit and be restarted into a loop, leaving the gateway short of a
 worker.  So each worker, once a set compiled from the directory is in
-service, copies exactly those files to ``<state>/rules/<version>/`` and
-names that version in ``<state>/rules/current``; a worker whose directory
+service, copies exactly those files to ``<state_dir>/rules-last-good/<version>/`` and
+names that version in ``<state_dir>/rules-last-good/current``; a worker whose
 does not compile loads that copy instead (``RulesManager``, ``fallback``).
 A broken set never becomes the snapshot: only a set that compiled and was
 installed is copied, and the copy is kept only if no rule file changed

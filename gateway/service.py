@@ -108,8 +108,9 @@ class GatewayService(MultiService):
         super().__init__()
         self.factory: ICAPFactory | None = None  # set once the context is built
         self.shutdown_timeout = shutdown_timeout
+        # The ICAP listeners; parented last (build_gateway), so they start
+        # accepting only once everything else runs.
         self.listeners = MultiService()
-        self.listeners.setServiceParent(self)
 
     def listening(self) -> list[str]:
         """The endpoints actually accepted on (an adopted socket's, port 0's number)."""
@@ -183,8 +184,9 @@ def build_gateway(
 
     # A supervised worker falls back to the last good rules when the directory
     # does not compile (a restart next to a broken file: gateway.rulesnapshot).
+    last_good = state_dir / "rules-last-good" if adopted is not None else None
     rules = RulesManager(resolve_path(config.scan.rules, config), reactor, pool, config.scan.reload_interval,
-                         compiler=compiler, snapshot_store=state_dir / "rules" if adopted is not None else None)
+                         compiler=compiler, snapshot_store=last_good)
     register = build_register(config, reactor)
 
     def ready() -> tuple[bool, str]:
@@ -243,6 +245,7 @@ def build_gateway(
             listener = ListenerService(endpoint, factory)
             listener._raiseSynchronously = True  # a port in use fails the start, loudly
             listener.setServiceParent(top.listeners)
+    top.listeners.setServiceParent(top)
     return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring)
 
 

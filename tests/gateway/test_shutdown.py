@@ -184,6 +184,7 @@ def test_gateway_stops_listeners_then_drains_then_flushes_the_register() -> None
     events: list[str] = []
     RecordingService("register", events).setServiceParent(top)  # stands for the register's writer
     RecordingService("listener", events).setServiceParent(top.listeners)
+    top.listeners.setServiceParent(top)
     top.startService()
     proto, transport = c.open()
     proto.dataReceived(respmod(chunked(b"in flight"), AUTH, "Allow: 204"))

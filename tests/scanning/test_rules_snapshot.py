@@ -27,7 +27,7 @@ def worker(rules: Path, store: Path, reactor: SyncReactor, pool: SyncPool) -> Ru
 def test_restart_with_a_broken_file_serves_what_the_running_workers_serve(
     tmp_path: Path, reactor: SyncReactor, pool: SyncPool
 ) -> None:
-    rules, store = tmp_path / "rules", tmp_path / "state" / "rules"
+    rules, store = tmp_path / "rules", tmp_path / "state" / "rules-last-good"
     write_rule(rules, "sub/one.yar", ONE)
     running = worker(rules, store, reactor, pool)
     write_rule(rules, "broken.yar", BROKEN)
