@@ -5,9 +5,10 @@ meanwhile holds a broken file (the running workers refused it and kept their
 rules), compiling the directory fails, and without a fallback the new worker
 would exit and be restarted into a loop, leaving the gateway short of a
 worker.  So each worker, once a set compiled from the directory is in
-service, copies exactly those files to ``<state_dir>/rules-last-good/<version>/`` and
-names that version in ``<state_dir>/rules-last-good/current``; a worker whose
-does not compile loads that copy instead (``RulesManager``, ``fallback``).
+service, copies exactly those files to ``<state_dir>/rules-last-good/<version>/``
+and names that version in ``<state_dir>/rules-last-good/current``; a worker
+whose directory does not compile at start loads that copy instead
+(``RulesManager(snapshot_store=...)``, set for supervised workers).
 A broken set never becomes the snapshot: only a set that compiled and was
 installed is copied, and the copy is kept only if no rule file changed
 while it was made.
