@@ -57,6 +57,8 @@ def _readyz(metrics_port: int) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+    except OSError as e:  # not listening yet
+        return 0, str(e)
 
 
 def _wait_ready(metrics_port: int, timeout: float = 60) -> str:
