@@ -10,9 +10,11 @@ hundred at once, so the first worker to wake took a whole burst of connects
 (measured: 7/1 and 8/0 splits of 8 connections), and Squid's few long-lived
 ICAP connections would all have landed on one core.  Each worker has its own reactor,
 scanning pool, rules and register writer.  The parent only supervises:
-restarts a worker that dies, forwards SIGHUP/SIGUSR1, stops them on
-SIGTERM, and serves /metrics summed over the workers' prometheus_client
-multiprocess files.
+restarts a worker that dies (with a growing delay; a restarted worker next
+to a broken rule file serves the last good set, see gateway.rulesnapshot),
+forwards SIGHUP/SIGUSR1, stops them on SIGTERM (each drains its connections),
+learns on a pipe when each worker is ready (/readyz), and serves /metrics
+summed over the workers' prometheus_client multiprocess files.
 """
 
 from __future__ import annotations
