@@ -114,6 +114,10 @@ class ServerSettings:
         "per-body limit). Bounds body memory per worker whatever the number of uploads",
         kind="size", validate=positive,
     )
+    shutdown_timeout: float = setting(
+        30.0, "Seconds SIGTERM waits for open connections to answer what their peers already sent "
+        "(a scan may take [scan] timeout) before aborting them", kind="duration", validate=positive,
+    )
     service_id: str = setting("yara", "Service-ID advertised in OPTIONS and ISTag prefix")
     early_response_after: int = setting(
         60 * 1024,

@@ -10,6 +10,7 @@ construction through ``GatewayContext``, as Twisted's SMTP asks for an
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ from typing import Protocol as TypingProtocol
 
 from twisted.internet import interfaces
 from twisted.internet.base import DelayedCall
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -196,6 +198,7 @@ class ICAPServerProtocol(Protocol):
         self._counted = False  # this connection is in ctx.connections
         self._peer = ""
         self._over_limit = False
+        self._draining = False  # shutting down: finish what was sent, then close (finish_and_close)
 
     # --- connection lifecycle ---------------------------------------------
 
@@ -209,6 +212,8 @@ class ICAPServerProtocol(Protocol):
         self._over_limit = not self._make_room()
         self.transport.registerProducer(self, True)
         self._arm_timer()
+        if isinstance(self.factory, ICAPFactory):
+            self.factory.protocol_started(self)
 
     def _make_room(self) -> bool:
         """At max_connections (the whole gateway's), close this worker's
@@ -239,6 +244,8 @@ class ICAPServerProtocol(Protocol):
             self.ctx.connection_count.publish(self.ctx.connections)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if isinstance(self.factory, ICAPFactory):
+            self.factory.protocol_ended(self)
         self._release()
         self.ctx.idle_connections.pop(self, None)
         self.ctx.observer.connection_closed()
@@ -434,6 +441,9 @@ class ICAPServerProtocol(Protocol):
         if self.conn.our_state == "MUST_CLOSE" and not self._busy:
             self.transport.loseConnection()
             return
+        if self._draining and self._idle_keep_alive():
+            self.transport.loseConnection()  # shutting down and nothing more was sent
+            return
         self._arm_timer()
 
     def _dispatch(self, event: object) -> None:
@@ -491,6 +501,41 @@ class ICAPServerProtocol(Protocol):
             else:
                 log.failure("internal error after the connection moved on")
 
+    # --- graceful shutdown ----------------------------------------------------
+
+    def finish_and_close(self) -> None:
+        """Shutdown: answer the transaction under way and every request the
+        peer already sent (buffered here or still in the socket), with
+        ``Connection: close`` on the last answer, then close.  An idle
+        connection closes at once."""
+        self._draining = True
+        if not self._busy and self.transport is not None:
+            self._process()
+
+    def _idle_keep_alive(self) -> bool:
+        """Answered at least one request and nothing more was sent.  A fresh
+        connection is not idle: its peer connected to send a request, maybe
+        still on its way (the drain deadline bounds the wait)."""
+        return (self.tx is not None and not self._busy and self.conn.our_state == "IDLE"
+                and not self._input_pending())
+
+    def _input_pending(self) -> bool:
+        """Request bytes beyond what an answer sent now would cover: the rest
+        of the current request, a pipelined request, or bytes in the socket."""
+        conn = self.conn
+        return conn.mid_request or conn.has_buffered_input or self._socket_has_input()
+
+    def _socket_has_input(self) -> bool:
+        if self._paused:
+            return True  # we stopped reading while busy: assume the peer sent more
+        handle = getattr(self.transport, "getHandle", lambda: None)()
+        if not isinstance(handle, socket.socket):
+            return False
+        try:
+            return bool(handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing to read (EAGAIN) or the socket is gone
+            return False
+
     def _protocol_error(self, e: ProtocolError) -> None:
         log.info("ICAP protocol error from {peer}: {status} {reason}", peer=self._peer,
                  status=e.status, reason=e.reason)
@@ -499,6 +544,10 @@ class ICAPServerProtocol(Protocol):
         self.transport.loseConnection()
 
     def _common_headers(self) -> list[tuple[str, str]]:
+        # Called right before every answer: while shutting down, the answer
+        # after which the peer has sent nothing more is the connection's last.
+        if self._draining and not self._input_pending():
+            self.conn.close_after_response()
         return [("ISTag", self.ctx.istag()), ("Server", "icap-gateway")]
 
     # --- transaction steps --------------------------------------------------
@@ -875,12 +924,64 @@ def _violations(rules: Sequence[str], url: str) -> str:
 
 
 class ICAPFactory(Factory):
+    """Builds the connections and, for a graceful shutdown, knows them all."""
+
     protocol = ICAPServerProtocol  # type: ignore[assignment]
 
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
+        self.protocols: set[ICAPServerProtocol] = set()
+        self.draining = False
+        self._drained: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> ICAPServerProtocol:
         p = ICAPServerProtocol(self.ctx)
         p.factory = self
         return p
+
+    def protocol_started(self, proto: ICAPServerProtocol) -> None:
+        self.protocols.add(proto)
+        if self.draining:  # accepted from the backlog after the shutdown began
+            proto.finish_and_close()
+
+    def protocol_ended(self, proto: ICAPServerProtocol) -> None:
+        self.protocols.discard(proto)
+        if self.draining and not self.protocols:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self, timeout: float) -> Deferred[int]:
+        """Every connection finishes what its peer sent, then closes (see
+        ``ICAPServerProtocol.finish_and_close``).  Fires with the number of
+        connections still open after ``timeout`` seconds, which are aborted
+        then (0 when all finished in time).  Stop accepting first."""
+        self.draining = True
+        for proto in list(self.protocols):
+            proto.finish_and_close()
+        if not self.protocols:
+            return succeed(0)
+        done: Deferred[None] = Deferred()
+        self._drained.append(done)
+        result: Deferred[int] = Deferred()
+
+        def timed_out() -> None:
+            left = list(self.protocols)
+            log.warn("shutdown: {count} connections still busy after {timeout}s: aborting them",
+                     count=len(left), timeout=timeout)
+            for proto in left:
+                if proto.transport is not None:
+                    proto.transport.abortConnection()
+            if not result.called:
+                result.callback(len(left))
+
+        timer = self.ctx.clock.callLater(timeout, timed_out)
+
+        def finished(_: None) -> None:
+            if timer.active():
+                timer.cancel()
+            if not result.called:
+                result.callback(0)
+
+        done.addCallback(finished)
+        return result

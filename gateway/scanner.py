@@ -79,6 +79,7 @@ from twisted.python.threadpool import ThreadPool
 
 from gateway.decoding import KNOWN_CODINGS, MAX_CODINGS, DecodeResult, DecodeTimeout, decode_into, parse_encodings
 from gateway.interfaces import ScanContext, UnscannableReason, Verdict
+from gateway.rulesnapshot import last_good_snapshot, save_snapshot
 from gateway.scancache import VerdictCache, body_digest, mentioned_externals
 from gateway.spool import BodySpool, purge_stale
 
@@ -305,8 +306,14 @@ class RulesManager:
         interval: float,
         on_loaded: Callable[[bool, int, str], None] | None = None,
         compiler: Callable[[Path], CompiledRules] | None = None,
+        snapshot_store: Path | None = None,
     ) -> None:
         self.directory = Path(directory)
+        # Where the last good set is copied (gateway.rulesnapshot), and what
+        # ``load_now`` falls back to when the directory does not compile:
+        # set for supervised workers, whose restarts must not crash-loop.
+        self.snapshot_store = snapshot_store
+        self.loaded_from = self.directory  # the snapshot's copy after a fallback
         # The engine switch: ``compile_directory`` (yara-python) unless an engine
         # gives its own, e.g. ``YaraXEngine.compile_directory`` (gateway.engine_yarax),
         # whose CompiledRules.rules then matches with the same match() call.
@@ -335,14 +342,50 @@ class RulesManager:
         self._observers.append(callback)
 
     def load_now(self) -> None:
-        """The first load, synchronously (startup).  Raises RulesError."""
+        """The first load, synchronously (startup).  Raises RulesError.
+
+        With a ``snapshot_store``, a directory that does not compile loads the
+        last good set instead (what the running workers serve); the error
+        stays in ``last_error`` and the directory is compiled again when its
+        files change."""
         try:
             compiled = self._compiler(self.directory)
         except RulesError as e:
             self._attempted = e.snapshot
             self._failed(e)
-            raise
+            fallback = self._load_last_good()
+            if fallback is None:
+                raise
+            self._install(fallback)
+            self._attempted, self.last_error = e.snapshot, e  # the directory is still broken
+            return
         self._install(compiled)
+        self._save_snapshot(compiled, in_thread=False)
+
+    def _load_last_good(self) -> CompiledRules | None:
+        path = last_good_snapshot(self.snapshot_store) if self.snapshot_store is not None else None
+        if path is None:
+            return None
+        compiled = self._compiler(path)  # a RulesError here propagates: nothing good to serve
+        self.loaded_from = path
+        log.warn("rules directory {directory} does not compile: serving the last good set, version "
+                 "{version}, from {path}", directory=str(self.directory), version=compiled.version,
+                 path=str(path))
+        return compiled
+
+    def _save_snapshot(self, compiled: CompiledRules, *, in_thread: bool) -> None:
+        """Keep a copy of a set compiled from the directory (gateway.rulesnapshot)."""
+        if self.snapshot_store is None:
+            return
+        args = (self.directory, self.snapshot_store, compiled.version, compiled.snapshot)
+        if not in_thread:
+            try:
+                save_snapshot(*args)
+            except OSError as e:
+                log.warn("cannot keep a copy of the rules: {error}", error=str(e))
+            return
+        d = deferToThreadPool(self._reactor, self._pool, save_snapshot, *args)
+        d.addErrback(lambda f: log.warn("cannot keep a copy of the rules: {error}", error=str(f.value)))
 
     def reload(self) -> Deferred[bool]:
         """Recompile in the pool; fires True when the new set is in service,
@@ -362,6 +405,8 @@ class RulesManager:
         def done(result: CompiledRules | Failure) -> None:
             if isinstance(result, CompiledRules):
                 self._install(result)
+                self.loaded_from = self.directory
+                self._save_snapshot(result, in_thread=True)
                 ok = True
             else:
                 error = result.value

@@ -33,6 +33,8 @@ def add_commands(subparsers: Any) -> None:
                        help="worker processes sharing the listener, 0: one per core (replaces [server] workers)")
     # Set by a supervising parent for its workers: inherited listening sockets.
     serve.add_argument("--worker-fds", metavar="FD:FAMILY,...", help=argparse.SUPPRESS)
+    # Set by a supervising parent: a pipe on which the worker says it is ready.
+    serve.add_argument("--ready-fd", metavar="FD", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=run_serve)
 
 
@@ -114,9 +116,12 @@ def run_serve(args: argparse.Namespace) -> int:
             exit_code[0] = 1
             reactor.stop()  # type: ignore[attr-defined]
             return
+        # What was really bound or adopted: a worker's inherited socket, port 0's number.
         log.info("icap-gateway serving on {listen}, rules {rules} ({count} rules, version {version})",
-                 listen=", ".join(config.server.listen), rules=str(gateway.rules.directory),
+                 listen=", ".join(gateway.service.listening()), rules=str(gateway.rules.loaded_from),
                  count=gateway.rules.rule_count, version=gateway.rules.version)
+        if args.ready_fd is not None:
+            tell_supervisor_ready(args.ready_fd, gateway.rules.version)
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", gateway.service.stopService)  # type: ignore[attr-defined]
@@ -128,6 +133,17 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(gateway.reopen_logs))  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return exit_code[0]
+
+
+def tell_supervisor_ready(fd: int, version: str) -> None:
+    """One line on the ready pipe: rules loaded, accepting (gateway.workers)."""
+    import os
+
+    try:
+        os.write(fd, b"ready " + version.encode("ascii", "replace") + b"\n")
+        os.close(fd)
+    except OSError as e:  # the supervisor is gone: it will not count us anyway
+        log.warn("cannot tell the supervisor we are ready: {error}", error=str(e))
 
 
 def run_supervisor(args: argparse.Namespace, config: Any, count: int) -> int:
@@ -171,7 +187,7 @@ def run_supervisor(args: argparse.Namespace, config: Any, count: int) -> int:
             reactor.stop()  # type: ignore[attr-defined]
             return
         log.info("icap-gateway supervising {count} workers on {listen}", count=count,
-                 listen=", ".join(config.server.listen))
+                 listen=", ".join(supervisor.listening()))
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]

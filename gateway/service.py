@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
 from gateway.blockpage import BlockPage
@@ -26,7 +26,7 @@ from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.scancache import VerdictCache
 from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
 from gateway.spool import BodySpool, MemoryBudget, purge_stale
-from gateway.workers import AdoptedListenerService
+from gateway.workers import AdoptedListenerService, accept_backlog, describe_address
 from monitoring.service import build_monitoring
 from register.auth import credentials_from_headers
 from register.service import build_register
@@ -76,11 +76,69 @@ class EngineService(Service):
         self.engine.close()
 
 
+class ListenerService(StreamServerEndpointService):
+    """A listener from ``[server] listen`` that, when stopped, first accepts
+    the connections the kernel already queued (see ``accept_backlog``)."""
+
+    port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        return port
+
+    def address(self) -> str:
+        return describe_address(self.port.getHost()) if self.port is not None else str(self.endpoint)
+
+    def stopService(self) -> Any:
+        if self.port is not None:
+            accept_backlog(self.port)
+        return super().stopService()
+
+
+class GatewayService(MultiService):
+    """The whole gateway; it stops in order (SIGTERM): the listeners stop
+    accepting, every open connection answers what its peer already sent
+    (``ICAPFactory.drain``, at most ``[server] shutdown_timeout``), then the
+    other services stop, the register's writer flushing the queue last."""
+
+    def __init__(self, shutdown_timeout: float) -> None:
+        super().__init__()
+        self.factory: ICAPFactory | None = None  # set once the context is built
+        self.shutdown_timeout = shutdown_timeout
+        # The ICAP listeners; parented last (build_gateway), so they start
+        # accepting only once everything else runs.
+        self.listeners = MultiService()
+
+    def listening(self) -> list[str]:
+        """The endpoints actually accepted on (an adopted socket's, port 0's number)."""
+        return [listener.address() for listener in self.listeners]  # type: ignore[attr-defined]
+
+    def stopService(self) -> defer.Deferred[Any]:
+        Service.stopService(self)
+        d = defer.maybeDeferred(self.listeners.stopService)
+        d.addCallback(lambda _: self.factory.drain(self.shutdown_timeout) if self.factory else 0)
+        d.addCallback(self._drained)
+        return d
+
+    def _drained(self, aborted: int) -> defer.Deferred[Any]:
+        if aborted:
+            log.warn("shutdown: {count} connections aborted at the {timeout}s deadline", count=aborted,
+                     timeout=self.shutdown_timeout)
+        else:
+            log.info("shutdown: every connection finished")
+        rest = [s for s in reversed(list(self)) if s is not self.listeners]
+        return defer.DeferredList([defer.maybeDeferred(s.stopService) for s in rest])
+
+
 @dataclass
 class Gateway:
     """What ``makeService`` built, for ``serve`` (signals) and tests."""
 
-    service: MultiService
+    service: GatewayService
     context: GatewayContext
     rules: RulesManager
     reopen_logs: Any
@@ -113,7 +171,8 @@ def build_gateway(
     spool_dir.mkdir(exist_ok=True)
     purge_stale(spool_dir)  # temp files a crashed run left behind
 
-    top = MultiService()
+    server = config.server
+    top = GatewayService(server.shutdown_timeout)
     compiler = None
     if config.scan.engine == "yara-x":
         from gateway.engine_yarax import YaraXEngine
@@ -124,11 +183,16 @@ def build_gateway(
     pool = make_scan_pool(config.scan)
     ThreadPoolService(pool).setServiceParent(top)
 
+    # A supervised worker falls back to the last good rules when the directory
+    # does not compile (a restart next to a broken file: gateway.rulesnapshot).
+    last_good = state_dir / "rules-last-good" if adopted is not None else None
     rules = RulesManager(resolve_path(config.scan.rules, config), reactor, pool, config.scan.reload_interval,
-                         compiler=compiler)
+                         compiler=compiler, snapshot_store=last_good)
     register = build_register(config, reactor)
 
     def ready() -> tuple[bool, str]:
+        if top.factory is not None and top.factory.draining:
+            return False, "shutting down"
         if rules.current is None:
             return False, "no rules loaded"
         if not register.healthy():
@@ -146,7 +210,6 @@ def build_gateway(
     cache = VerdictCache(config.scan.cache_entries) if config.scan.cache_entries else None
     scanner = YaraScanner(rules, reactor, pool, config.scan, spool_dir, cache=cache)
     block_page = BlockPage(resolve_path(config.scan.block_page, config) if config.scan.block_page else None)
-    server = config.server
     context = GatewayContext(
         scanner=scanner,
         authenticator=register.authenticator,
@@ -178,20 +241,21 @@ def build_gateway(
         early_response_after=server.early_response_after,
         skip_types=list(config.scan.skip_types),
     )
-    factory = ICAPFactory(context)
-    # The register first: it stops last, after the listeners, so its writer
-    # flushes what the final transactions recorded.
+    top.factory = factory = ICAPFactory(context)
+    # The register first: it stops last, after the connections drained, so
+    # its writer flushes what the final transactions recorded.
     register.service.setServiceParent(top)
     monitoring.service.setServiceParent(top)
     if adopted is not None:
         for fd, family in adopted:
-            AdoptedListenerService(reactor, fd, family, factory).setServiceParent(top)
+            AdoptedListenerService(reactor, fd, family, factory).setServiceParent(top.listeners)
     else:
         for description in server.listen:
             endpoint = endpoints.serverFromString(reactor, description)
-            listener = StreamServerEndpointService(endpoint, factory)
+            listener = ListenerService(endpoint, factory)
             listener._raiseSynchronously = True  # a port in use fails the start, loudly
-            listener.setServiceParent(top)
+            listener.setServiceParent(top.listeners)
+    top.listeners.setServiceParent(top)
     return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring)
 
 
@@ -199,7 +263,7 @@ def _credentials(headers: Any, peer: str, *, settings: Any) -> Any:
     return credentials_from_headers(headers, peer, settings)
 
 
-def makeService(config: GatewayConfig, reactor: Any) -> MultiService:
+def makeService(config: GatewayConfig, reactor: Any) -> GatewayService:
     return build_gateway(config, reactor).service
 
 

@@ -8,7 +8,7 @@ protocol reports to, the Service that serves /metrics, /healthz and /readyz
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -191,7 +191,8 @@ def build_monitoring(
 
 
 def build_metrics_service(
-    config: GatewayConfig, reactor: Any, *, ready: ReadyCheck, multiprocess_dir: str
+    config: GatewayConfig, reactor: Any, *, ready: ReadyCheck, multiprocess_dir: str,
+    collectors: Sequence[Any] = (),
 ) -> MonitoringService:
     """The monitoring listener of a supervising parent in multi-worker mode.
 
@@ -202,6 +203,8 @@ def build_metrics_service(
     serve_http=False)``.  Call ``prepare_multiprocess_dir`` first.
     """
     registry = MultiProcessRegistry(multiprocess_dir)
+    for collector in collectors:  # the parent's own figures (worker restarts), read at each scrape
+        registry.register(collector)
     site = QuietSite(build_root(registry, ready))
     return MonitoringService(reactor, config.monitoring.metrics_listen, site)
 

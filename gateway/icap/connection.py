@@ -401,6 +401,12 @@ class ServerConnection:
     def keep_alive(self) -> bool:
         return not self._close_after
 
+    def close_after_response(self) -> None:
+        """The response under way (or about to start) is the connection's last:
+        it carries ``Connection: close`` if its head is not out yet, and the
+        connection closes once both sides are done (graceful shutdown)."""
+        self._close_after = True
+
     def send_continue(self) -> bytes:
         if self.their_state != PREVIEW_WAIT or self.our_state != SEND_RESPONSE:
             raise LocalProtocolError("100 Continue only after a preview, before the answer")

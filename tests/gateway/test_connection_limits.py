@@ -277,6 +277,9 @@ class _FakeReactor:
     def callLater(self, delay: float, f: object, *args: object) -> None:
         pass
 
+    def seconds(self) -> float:
+        return 0.0
+
 
 def test_supervisor_gives_each_worker_a_slot_and_clears_a_dead_ones(tmp_path: Path) -> None:
     from twisted.python.failure import Failure

@@ -13,12 +13,14 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.interfaces import TransactionRecord, Verdict
+from gateway.workers import SupervisorCollector
 from monitoring.metrics import GatewayMetrics, metrics_registry
 from monitoring.observer import MonitoringObserver
 
@@ -53,6 +55,9 @@ def populated_registry() -> CollectorRegistry:
     observer.scan_finished(Verdict("blocked", rules=("ns.r",), scanned_bytes=10, duration=0.001), "response")
     observer.auth_failed("unknown-key")
     observer.rules_loaded(True, 3, "v1")
+    # The supervisor's own figures, on its /metrics in multi-worker mode.
+    supervisor = SimpleNamespace(restarts=1, ready_workers=lambda: 2)
+    registry.register(SupervisorCollector(supervisor))  # type: ignore[arg-type]
     return registry
 
 
