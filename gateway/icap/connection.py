@@ -83,6 +83,15 @@ SEND_BODY: Final = "SEND_BODY"
 MUST_CLOSE: Final = "MUST_CLOSE"
 
 
+_ASCII_DIGITS: Final = frozenset("0123456789")
+
+
+def is_decimal(value: str, max_digits: int) -> bool:
+    """1 to ``max_digits`` ASCII digits.  Not ``str.isdigit``: it accepts
+    "\xb2" (superscript two), on which ``int()`` then raises ValueError."""
+    return 0 < len(value) <= max_digits and _ASCII_DIGITS.issuperset(value)
+
+
 def parse_encapsulated(value: str | None, method: str) -> list[tuple[str, int]]:
     """Parse and check an ``Encapsulated`` header for ``method``."""
     if value is None:
@@ -95,7 +104,7 @@ def parse_encapsulated(value: str | None, method: str) -> list[tuple[str, int]]:
         name, sep, offset = item.strip().partition("=")
         name = name.strip().lower()
         offset = offset.strip()
-        if not sep or not offset.isdigit() or len(offset) > 12:
+        if not sep or not is_decimal(offset, 12):
             raise ProtocolError(400, f"malformed Encapsulated entry {item.strip()[:40]!r}")
         entries.append((name, int(offset)))
     *head_entries, (body_name, body_offset) = entries
@@ -290,7 +299,7 @@ class ServerConnection:
         preview_value = headers.get("Preview")
         if preview_value is not None:
             preview_value = preview_value.strip()
-            if not preview_value.isdigit() or len(preview_value) > 12:
+            if not is_decimal(preview_value, 12):
                 raise ProtocolError(400, "Preview must be a number of bytes")
             preview = int(preview_value)
         body: BodyKind = body_name  # type: ignore[assignment]

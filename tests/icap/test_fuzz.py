@@ -114,7 +114,7 @@ def mutated_message(draw: st.DrawFn) -> bytes:
     data = bytearray(draw(st.sampled_from(sorted(REAL_MESSAGES.values()))))
     hostile = st.sampled_from([b"\x00", b"\r", b"\n", b"\r\n", b"\r\n\r\n", b":", b";", b",", b" ", b"\t",
                                b"=", b"0", b"ffffffffffffffff", b"-1", b"[", b"%", b"\"", b"'", b"\xff",
-                               b"filename*=", b"ieof", b"Preview: 99\r\n", b"Encapsulated: req-body=0\r\n"])
+                               b"filename*=", b"ieof", b"\xb2", b"Preview: 99\r\n", b"Encapsulated: req-body=0\r\n"])
     for _ in range(draw(st.integers(1, 4))):
         if not data:
             break
@@ -220,7 +220,8 @@ def test_content_disposition_structured(value: str) -> None:
 
 @given(value=st.one_of(st.none(), _TEXT, st.lists(st.sampled_from(
     ["req-hdr=0", "res-hdr=10", "req-body=20", "res-body=30", "null-body=0", "opt-body=5", "x=1", "=", "",
-     "res-body=-1", "null-body=999999999999999", "req-hdr=00"]), max_size=5).map(", ".join)),
+     "res-body=-1", "null-body=999999999999999", "req-hdr=00", "null-body=\xb2", "res-body=\u0663"]),
+    max_size=5).map(", ".join)),
        method=st.sampled_from(sorted(METHODS)))
 def test_parse_encapsulated_any_value(value: str | None, method: str) -> None:
     try:

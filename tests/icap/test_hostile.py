@@ -212,6 +212,22 @@ def test_control_character_in_header_name_is_400_and_reason_has_none() -> None:
     assert "\r" not in info.value.reason and "\x00" not in info.value.reason
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        icap("RESPMOD", "res-hdr=0, res-body=\xb2"),  # superscript two: str.isdigit() but not int()
+        icap("RESPMOD", f"req-hdr=0, res-hdr={len(REQ_HDR)}, res-body={len(REQ_HDR) + len(RES_HDR)}",
+             "Preview: \xb9") + REQ_HDR + RES_HDR,
+    ],
+    ids=["Encapsulated", "Preview"],
+)
+def test_non_ascii_digits_are_400_not_a_crash(data: bytes) -> None:
+    data = data.decode().encode("latin-1")
+    with pytest.raises(ProtocolError) as info:
+        feed(data, bytewise=False)
+    assert info.value.status == 400
+
+
 # --- request URLs ---------------------------------------------------------
 
 BAD_URL_HEADS = {

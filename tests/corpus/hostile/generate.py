@@ -80,6 +80,8 @@ CASES: dict[str, bytes] = {
     "preview-negative.bin": respmod(b"0\r\n\r\n", "Allow: 204", "Preview: -1"),
     "preview-garbage.bin": respmod(b"0\r\n\r\n", "Allow: 204", "Preview: 1e3"),
     "preview-huge.bin": respmod(b"0\r\n\r\n", "Allow: 204", "Preview: 99999999999999999"),
+    "preview-superscript-digit.bin": respmod(b"0\r\n\r\n", "Allow: 204", "Preview: \xb9"),
+    "encapsulated-superscript-digit.bin": icap("REQMOD", "reqmod", encapsulated="req-hdr=0, null-body=\xb2"),
     "preview-overrun.bin": respmod(b"8\r\nabcdefgh\r\n0\r\n\r\n", "Allow: 204", "Preview: 4"),
     # Floods and sizes.
     "icap-header-flood.bin": icap("OPTIONS", "respmod", *(f"X-{i}: y" for i in range(101))),
