@@ -24,12 +24,13 @@ class HTTPRequestHead:
 
     @property
     def url(self) -> str:
-        """The absolute URL, rebuilt from Host when the target is a path."""
-        if "://" in self.target:
+        """The absolute URL, rebuilt from Host when the target is a path
+        (origin-form).  Decided on the leading "/", not on "://" anywhere:
+        ``/x?u=http://a`` is a path whose host is in Host, and taking it for
+        an absolute URL left the host empty (host rules evaded)."""
+        if self.method == "CONNECT" or not self.target.startswith("/"):
             return self.target
         host = self.headers.get("Host", "")
-        if self.method == "CONNECT":
-            return self.target
         return f"http://{host}{self.target}" if host else self.target
 
 
@@ -59,6 +60,10 @@ def parse_request_head(raw: bytes) -> HTTPRequestHead:
     if len(parts) != 3 or not is_token(parts[0]) or not parts[1] or not parts[2].startswith(b"HTTP/"):
         raise ProtocolError(400, "malformed encapsulated HTTP request line")
     headers = parse_header_lines(lines, limits.MAX_HTTP_HEADERS, "HTTP")
+    if len(headers.get_all("Host")) > 1:
+        # RFC 9112 section 3.2: more than one Host is answered 400; which
+        # one a rule saw and which one the origin uses must not differ.
+        raise ProtocolError(400, "more than one Host header in the encapsulated HTTP request")
     head = HTTPRequestHead(
         method=parts[0].decode("latin-1"),
         target=parts[1].decode("latin-1"),

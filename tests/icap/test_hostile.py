@@ -240,6 +240,7 @@ BAD_URL_HEADS = {
     "Host making the URL too long": b"GET /x HTTP/1.1\r\nHost: " + b"h" * limits.MAX_URL_LENGTH + b"\r\n\r\n",
     "empty target": b"GET  HTTP/1.1\r\n\r\n",
     "method not a token": b"G(T / HTTP/1.1\r\n\r\n",
+    "two Host headers": b"GET /x HTTP/1.1\r\nHost: good.test\r\nHost: evil.test\r\n\r\n",
 }
 
 
@@ -257,6 +258,8 @@ def test_bad_request_url_is_400(name: str) -> None:
         (b"GET /x HTTP/1.1\r\nHost: Example.COM:81\r\n\r\n", "example.com"),
         (b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", ""),
         (b"OPTIONS * HTTP/1.1\r\n\r\n", ""),
+        # "://" in the query of a path: the host still comes from Host
+        (b"GET /r?to=http://other.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n", "evil.test"),
         (b"GET http://e.com/" + b"a" * (limits.MAX_URL_LENGTH - 16) + b" HTTP/1.1\r\n\r\n", "e.com"),
     ],
 )
