@@ -56,6 +56,8 @@ CASES: dict[str, bytes] = {
     "url-port-out-of-range.bin": reqmod(b"GET http://o.test:99999/ HTTP/1.1\r\n\r\n", "Allow: 204"),
     "url-host-header-unclosed-ipv6.bin": reqmod(b"GET /x HTTP/1.1\r\nHost: [::1\r\n\r\n", "Allow: 204"),
     "url-too-long.bin": reqmod(b"GET http://o.test/" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", "Allow: 204"),
+    "http-two-host-headers.bin": reqmod(
+        b"GET /x HTTP/1.1\r\nHost: good.test\r\nHost: evil.test\r\n\r\n", "Allow: 204"),
     # Smuggling through Encapsulated offsets and names.
     "encapsulated-offset-inside-block.bin": icap(
         "REQMOD", "reqmod", encapsulated=f"req-hdr=0, null-body={len(GET) - 10}") + GET,
