@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -76,7 +77,8 @@ def test_worst_case_heads_finish_under_cpu_watchdog() -> None:
         "import resource\n"
         "resource.setrlimit(resource.RLIMIT_CPU, (8, 8))\n" + _WORST_CASES
     )
-    result = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])  # the repository: gateway importable
     assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr[-500:]
 
 
