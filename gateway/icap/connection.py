@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import string
 from collections import deque
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Final
 
@@ -37,7 +38,7 @@ from gateway.icap.events import (
     Request,
     _Sentinel,
 )
-from gateway.icap.headers import parse_header_lines
+from gateway.icap.headers import Headers, has_control, parse_header_lines
 
 METHODS: Final = frozenset({"OPTIONS", "REQMOD", "RESPMOD"})
 
@@ -82,6 +83,15 @@ SEND_BODY: Final = "SEND_BODY"
 MUST_CLOSE: Final = "MUST_CLOSE"
 
 
+_ASCII_DIGITS: Final = frozenset("0123456789")
+
+
+def is_decimal(value: str, max_digits: int) -> bool:
+    """1 to ``max_digits`` ASCII digits.  Not ``str.isdigit``: it accepts
+    "\xb2" (superscript two), on which ``int()`` then raises ValueError."""
+    return 0 < len(value) <= max_digits and _ASCII_DIGITS.issuperset(value)
+
+
 def parse_encapsulated(value: str | None, method: str) -> list[tuple[str, int]]:
     """Parse and check an ``Encapsulated`` header for ``method``."""
     if value is None:
@@ -94,7 +104,7 @@ def parse_encapsulated(value: str | None, method: str) -> list[tuple[str, int]]:
         name, sep, offset = item.strip().partition("=")
         name = name.strip().lower()
         offset = offset.strip()
-        if not sep or not offset.isdigit() or len(offset) > 12:
+        if not sep or not is_decimal(offset, 12):
             raise ProtocolError(400, f"malformed Encapsulated entry {item.strip()[:40]!r}")
         entries.append((name, int(offset)))
     *head_entries, (body_name, body_offset) = entries
@@ -125,6 +135,17 @@ def service_of(uri: str) -> str:
     return rest.split("?", 1)[0].strip("/")
 
 
+@dataclass(slots=True)
+class _PendingHead:
+    """An ICAP request head parsed, its encapsulated blocks not yet all in."""
+
+    method: str
+    uri: str
+    headers: Headers
+    entries: list[tuple[str, int]]
+    head_len: int  # request line, headers and the empty line
+
+
 class ServerConnection:
     """One ICAP connection seen from the server."""
 
@@ -142,6 +163,13 @@ class ServerConnection:
         self._ended_in_preview = False
         self._trailer_size = 0
         self._close_after = False
+        # Where the next search for a line end starts: bytes before it were
+        # already searched, so feeding a head byte by byte costs O(n) in
+        # all, not O(n**2).  Reset whenever the front of _buf is consumed.
+        self._scanned = 0
+        # A request head already parsed while its encapsulated HTTP header
+        # blocks are still arriving, so it is parsed once, not per read.
+        self._pending: _PendingHead | None = None
         self.requests_seen = 0  # completed cycles, for tests and logs
 
     # --- input -------------------------------------------------------------
@@ -169,7 +197,7 @@ class ServerConnection:
         """A request has started arriving but is not complete: a read stall
         now is a timeout (408), not an idle keep-alive connection."""
         if self.their_state == IDLE:
-            return bool(self._buf.strip(b"\r\n"))
+            return not self._idle_input_is_blank()
         return self.their_state in (CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER)
 
     def next_event(self) -> Event | _Sentinel:
@@ -197,7 +225,7 @@ class ServerConnection:
                         return self._need_data()
                     if self._buf[:2] != b"\r\n":
                         raise ProtocolError(400, "chunk data not followed by CRLF")
-                    del self._buf[:2]
+                    self._consume(2)
                     self.their_state = CHUNK_SIZE
                 elif state == TRAILER:
                     if not self._read_trailer():
@@ -211,47 +239,72 @@ class ServerConnection:
     def _need_data(self) -> _Sentinel:
         if not self._eof:
             return NEED_DATA
-        if self.their_state == IDLE and not self._buf.strip(b"\r\n"):
+        if self.their_state == IDLE and self._idle_input_is_blank():
             self.their_state = CLOSED
-            self._buf.clear()
+            self._consume(len(self._buf))
             return ConnectionClosed()  # type: ignore[return-value]
         raise ProtocolError(400, "connection closed in the middle of a request")
+
+    def _idle_input_is_blank(self) -> bool:
+        """Only blank-line bytes wait in IDLE.  ``_read_head`` drops the
+        blank lines before a request line, so blank input left over is at
+        most a lone CR or LF: checking two bytes replaces copying the
+        buffer (``strip``) on every read."""
+        buf = self._buf
+        return len(buf) <= 2 and not buf.strip(b"\r\n")
+
+    def _find_line_end(self, terminator: bytes, limit: int) -> int:
+        """The offset of ``terminator`` in the buffer, or -1.  The search
+        resumes where the last one stopped and looks at most ``limit`` bytes
+        plus the terminator, so each byte is searched a bounded number of
+        times however the input is split."""
+        start = max(0, self._scanned - len(terminator) + 1)
+        end = self._buf.find(terminator, start, limit + len(terminator))
+        self._scanned = len(self._buf) if end < 0 else 0
+        return end
+
+    def _consume(self, n: int) -> None:
+        del self._buf[:n]
+        self._scanned = 0
 
     def _read_head(self) -> bool:
         buf = self._buf
         if not buf:
             return False
-        # RFC 9112 section 2.2: ignore empty lines before a request line.
-        while buf[:2] == b"\r\n":
-            del buf[:2]
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > limits.MAX_ICAP_HEAD_SIZE:
-                raise ProtocolError(400, f"ICAP head larger than {limits.MAX_ICAP_HEAD_SIZE} bytes")
-            return False
-        if end > limits.MAX_ICAP_HEAD_SIZE:
-            raise ProtocolError(400, f"ICAP head larger than {limits.MAX_ICAP_HEAD_SIZE} bytes")
-        lines = bytes(buf[:end]).split(b"\r\n")
-        head_len = end + 4
-        method, uri = self._parse_request_line(lines[0])
-        headers = parse_header_lines(lines[1:], limits.MAX_ICAP_HEADERS, "ICAP")
-        entries = parse_encapsulated(headers.get("Encapsulated"), method)
+        pending = self._pending
+        if pending is None:
+            # RFC 9112 section 2.2: ignore empty lines before a request line.
+            while buf[:2] == b"\r\n":
+                self._consume(2)
+            end = self._find_line_end(b"\r\n\r\n", limits.MAX_ICAP_HEAD_SIZE)
+            if end < 0:
+                if len(buf) > limits.MAX_ICAP_HEAD_SIZE:
+                    raise ProtocolError(400, f"ICAP head larger than {limits.MAX_ICAP_HEAD_SIZE} bytes")
+                return False
+            lines = bytes(buf[:end]).split(b"\r\n")
+            method, uri = self._parse_request_line(lines[0])
+            headers = parse_header_lines(lines[1:], limits.MAX_ICAP_HEADERS, "ICAP")
+            entries = parse_encapsulated(headers.get("Encapsulated"), method)
+            pending = self._pending = _PendingHead(method, uri, headers, entries, end + 4)
+        method, uri, headers, entries, head_len = (
+            pending.method, pending.uri, pending.headers, pending.entries, pending.head_len)
         body_name, body_offset = entries[-1]
         if len(buf) < head_len + body_offset:
             return False  # wait for the encapsulated header blocks
+        self._pending = None
         sections: dict[str, bytes] = {}
         for (name, start), (_, stop) in pairwise(entries):
             block = bytes(buf[head_len + start : head_len + stop])
             if not block.endswith(b"\r\n\r\n"):
                 raise ProtocolError(400, f"encapsulated {name} does not end with an empty line")
             sections[name] = block
-        del buf[: head_len + body_offset]
+        self._consume(head_len + body_offset)
 
         preview: int | None = None
         preview_value = headers.get("Preview")
         if preview_value is not None:
             preview_value = preview_value.strip()
-            if not preview_value.isdigit() or len(preview_value) > 12:
+            if not is_decimal(preview_value, 12):
                 raise ProtocolError(400, "Preview must be a number of bytes")
             preview = int(preview_value)
         body: BodyKind = body_name  # type: ignore[assignment]
@@ -283,6 +336,8 @@ class ServerConnection:
 
     @staticmethod
     def _parse_request_line(line: bytes) -> tuple[str, str]:
+        if has_control(line):
+            raise ProtocolError(400, "control character (NUL, CR, LF...) in the ICAP request line")
         parts = line.split(b" ")
         if len(parts) != 3 or not all(parts):
             raise ProtocolError(400, "malformed ICAP request line")
@@ -304,13 +359,13 @@ class ServerConnection:
 
     def _read_chunk_size(self) -> bool:
         buf = self._buf
-        end = buf.find(b"\r\n", 0, limits.MAX_CHUNK_SIZE_LINE + 2)
+        end = self._find_line_end(b"\r\n", limits.MAX_CHUNK_SIZE_LINE)
         if end < 0:
             if len(buf) > limits.MAX_CHUNK_SIZE_LINE:
                 raise ProtocolError(400, f"chunk-size line longer than {limits.MAX_CHUNK_SIZE_LINE} bytes")
             return False
         line = bytes(buf[:end])
-        del buf[: end + 2]
+        self._consume(end + 2)
         size_part, _, extensions = line.partition(b";")
         size_part = size_part.strip(b" \t")
         if not size_part or len(size_part) > 16 or not _HEXDIGITS.issuperset(size_part):
@@ -338,10 +393,10 @@ class ServerConnection:
         n = min(self._chunk_left, len(buf))
         if n == len(buf):
             data = bytes(buf)
-            buf.clear()
+            self._consume(n)
         else:
             data = bytes(buf[:n])
-            del buf[:n]
+            self._consume(n)
         self._chunk_left -= n
         if self._chunk_left == 0:
             self.their_state = CHUNK_CRLF
@@ -352,12 +407,12 @@ class ServerConnection:
     def _read_trailer(self) -> bool:
         buf = self._buf
         while True:
-            end = buf.find(b"\r\n")
+            end = self._find_line_end(b"\r\n", limits.MAX_TRAILER_SIZE)
             if end < 0:
                 if self._trailer_size + len(buf) > limits.MAX_TRAILER_SIZE:
                     raise ProtocolError(400, "chunked trailer too large")
                 return False
-            del buf[: end + 2]
+            self._consume(end + 2)
             if end == 0:
                 break
             self._trailer_size += end + 2

@@ -7,13 +7,12 @@ back.  Like the core it does no I/O.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from gateway.icap import limits
 from gateway.icap.errors import ProtocolError
-from gateway.icap.headers import Headers, parse_header_lines
+from gateway.icap.headers import Headers, has_control, is_token, parse_header_lines
 
 
 @dataclass(slots=True)
@@ -25,12 +24,13 @@ class HTTPRequestHead:
 
     @property
     def url(self) -> str:
-        """The absolute URL, rebuilt from Host when the target is a path."""
-        if "://" in self.target:
+        """The absolute URL, rebuilt from Host when the target is a path
+        (origin-form).  Decided on the leading "/", not on "://" anywhere:
+        ``/x?u=http://a`` is a path whose host is in Host, and taking it for
+        an absolute URL left the host empty (host rules evaded)."""
+        if self.method == "CONNECT" or not self.target.startswith("/"):
             return self.target
         host = self.headers.get("Host", "")
-        if self.method == "CONNECT":
-            return self.target
         return f"http://{host}{self.target}" if host else self.target
 
 
@@ -50,21 +50,53 @@ def _split_head(raw: bytes, what: str) -> tuple[bytes, list[bytes]]:
 
 
 def parse_request_head(raw: bytes) -> HTTPRequestHead:
+    """Parse an encapsulated request head.  Raises ProtocolError(400) for a
+    malformed line or header, and for a URL that cannot be split into a host
+    and port or is longer than ``limits.MAX_URL_LENGTH``."""
     start, lines = _split_head(raw, "request")
+    if has_control(start):
+        raise ProtocolError(400, "control character (NUL, CR, LF...) in the encapsulated HTTP request line")
     parts = start.split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+    if len(parts) != 3 or not is_token(parts[0]) or not parts[1] or not parts[2].startswith(b"HTTP/"):
         raise ProtocolError(400, "malformed encapsulated HTTP request line")
     headers = parse_header_lines(lines, limits.MAX_HTTP_HEADERS, "HTTP")
-    return HTTPRequestHead(
+    if len(headers.get_all("Host")) > 1:
+        # RFC 9112 section 3.2: more than one Host is answered 400; which
+        # one a rule saw and which one the origin uses must not differ.
+        raise ProtocolError(400, "more than one Host header in the encapsulated HTTP request")
+    head = HTTPRequestHead(
         method=parts[0].decode("latin-1"),
         target=parts[1].decode("latin-1"),
         version=parts[2].decode("latin-1"),
         headers=headers,
     )
+    _check_url(head)
+    return head
+
+
+def _check_url(head: HTTPRequestHead) -> None:
+    """Refuse a URL the scanner's context cannot be built from: what
+    ``urlsplit`` or its ``hostname``/``port`` would raise on later (``[::1``,
+    a port of 99999) is a 400 now, not a dropped connection mid-scan."""
+    url = head.url
+    if len(url) > limits.MAX_URL_LENGTH:
+        raise ProtocolError(400, f"encapsulated HTTP URL longer than {limits.MAX_URL_LENGTH} bytes")
+    if head.method == "CONNECT" or "://" not in url:
+        # authority-form ("host:443"), asterisk-form ("*") or a bare path
+        # without Host: split it as a network location.
+        url = url if url.startswith("/") or url == "*" else "//" + url
+    try:
+        parts = urlsplit(url)
+        parts.hostname  # noqa: B018 - evaluated for the ValueError it raises
+        parts.port  # noqa: B018
+    except ValueError:
+        raise ProtocolError(400, "malformed encapsulated HTTP URL") from None
 
 
 def parse_response_head(raw: bytes) -> HTTPResponseHead:
     start, lines = _split_head(raw, "response")
+    if has_control(start):
+        raise ProtocolError(400, "control character (NUL, CR, LF...) in the encapsulated HTTP status line")
     version, _, rest = start.partition(b" ")
     code, _, reason = rest.partition(b" ")
     if not version.startswith(b"HTTP/") or len(code) != 3 or not code.isdigit():
@@ -87,24 +119,82 @@ def build_response_head(
     return "".join(lines).encode("latin-1")
 
 
-_FILENAME_STAR = re.compile(r"filename\*\s*=\s*([^']*)'[^']*'([^;]+)", re.IGNORECASE)
-_FILENAME = re.compile(r'filename\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))', re.IGNORECASE)
+# RFC 8187 section 3.2.1: recipients must support these two charsets in an
+# extended value; any other name falls back to UTF-8 (never a codec lookup
+# of a peer's string: "rot13" or "hex" name codecs that are not charsets).
+_EXT_CHARSETS = {"utf-8": "utf-8", "iso-8859-1": "latin-1"}
 
 
 def content_disposition_filename(value: str | None) -> str | None:
-    """The filename a Content-Disposition names (RFC 6266), ``filename*`` first."""
+    """The filename a Content-Disposition names (RFC 6266), ``filename*`` first.
+
+    A single left-to-right pass over the parameters (no regex: a search
+    for ``filename*=`` with no quote after it was quadratic)."""
     if not value:
         return None
-    m = _FILENAME_STAR.search(value)
-    if m:
-        try:
-            return unquote(m.group(2).strip(), encoding=m.group(1) or "utf-8", errors="replace")
-        except LookupError:
-            return unquote(m.group(2).strip())
-    m = _FILENAME.search(value)
-    if m:
-        return (m.group(1) or m.group(2) or "").replace('\\"', '"')
-    return None
+    plain: str | None = None
+    for name, param in _disposition_params(value):
+        if name == "filename*":
+            charset, quote1, rest = param.partition("'")
+            _, quote2, encoded = rest.partition("'")
+            if quote1 and quote2 and encoded.strip():
+                encoding = _EXT_CHARSETS.get(charset.strip().lower(), "utf-8")
+                return unquote(encoded.strip(), encoding=encoding, errors="replace")
+        elif name == "filename" and plain is None:
+            plain = param
+    return plain
+
+
+def _disposition_params(value: str) -> list[tuple[str, str]]:
+    """``(lower-cased name, value)`` of each ``name=value`` parameter after
+    the disposition type; quoted values unescaped.  Linear: every ``find``
+    is bounded by the parameter it is in, or moves past what it scanned."""
+    params: list[tuple[str, str]] = []
+    n = len(value)
+    pos = value.find(";")
+    while 0 <= pos < n:
+        pos += 1
+        semi = value.find(";", pos)
+        stop = n if semi < 0 else semi
+        eq = value.find("=", pos, stop)
+        if eq < 0:
+            pos = semi
+            continue
+        name = value[pos:eq].strip(" \t").lower()
+        start = eq + 1
+        while start < n and value[start] in " \t":
+            start += 1
+        if start < n and value[start] == '"':
+            param, pos = _quoted_string(value, start + 1)
+            params.append((name, param))
+            pos = value.find(";", pos)
+        else:
+            params.append((name, value[start:stop].strip(" \t")))
+            pos = semi
+    return params
+
+
+def _quoted_string(value: str, start: int) -> tuple[str, int]:
+    """The unescaped quoted-string starting after its opening quote, and
+    the offset after its closing quote (the end for an unclosed one).  The
+    closing quote is searched for again only after an escape passed it, so
+    the whole is linear in the string however many backslashes it holds."""
+    out: list[str] = []
+    n = len(value)
+    quote = value.find('"', start)
+    pos = start
+    while True:
+        if quote < 0:
+            quote = n
+        slash = value.find("\\", pos, quote)
+        if slash < 0:
+            out.append(value[pos:quote])
+            return "".join(out), min(quote + 1, n)
+        out.append(value[pos:slash])
+        out.append(value[slash + 1 : slash + 2])
+        pos = slash + 2
+        if pos > quote:
+            quote = value.find('"', pos)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +216,15 @@ def message_facts(
     """URL, host, path and filename of the message whose body is scanned (the
     response's when there is one, else the request's)."""
     url = request.url if request else ""
-    parts = urlsplit(url) if url else None
-    host = (parts.hostname or "") if parts else ""
-    path = unquote(parts.path) if parts else ""
+    host = path = ""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        path = unquote(parts.path)
+    except ValueError:
+        # parse_request_head refuses such URLs; a head built another way
+        # still gets facts (an empty host) rather than an exception.
+        pass
     body_headers = response.headers if response else (request.headers if request else Headers())
     filename = content_disposition_filename(body_headers.get("Content-Disposition"))
     if not filename:

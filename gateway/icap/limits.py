@@ -34,3 +34,10 @@ MAX_TRAILER_SIZE = 16 * 1024
 # Largest chunk size we accept: 2**62 fits a Python int trivially, but a
 # size that overflows a C off_t in the peer is a sign of a broken stream.
 MAX_CHUNK_SIZE = 2**62
+
+# The URL of an encapsulated HTTP request (its target, or Host plus path).
+# Common proxies and servers refuse longer ones (Squid's default request
+# line limit is near 8 KiB, nginx's large_client_header_buffers 8 KiB), and
+# the URL is copied into scan contexts, logs and the register: past this it
+# is refused with 400 rather than carried around.
+MAX_URL_LENGTH = 8 * 1024
