@@ -134,3 +134,12 @@ def test_ci_installs_the_tools() -> None:
     ci = (REPO / ".ci" / "run").read_text()
     apt = next(line for line in ci.splitlines() if "apt-get install" in line)
     assert {"haproxy", "systemd", "prometheus"} <= set(apt.split())
+
+
+def test_licence_is_an_spdx_string_not_the_deprecated_table() -> None:
+    """setuptools deprecates ``license = { text = ... }`` and said so on every
+    install; the SPDX string form needs setuptools 77 or later."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "LicenseRef-Proprietary"
+    assert project["project"]["requires-python"] == ">=3.11"
+    assert "setuptools>=77" in project["build-system"]["requires"]

@@ -203,3 +203,17 @@ def test_worker_fds_carry_the_proxy_flag() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_supervisor_binds_a_haproxy_listener_and_marks_it() -> None:
+    from gateway.workers import bind_listener
+
+    listener = bind_listener("haproxy:tcp:0:interface=127.0.0.1")
+    try:
+        assert listener.proxy_protocol and listener.family == socket.AF_INET
+        assert listener.sock.getsockname()[0] == "127.0.0.1"
+        assert worker_fds_argument([listener]).endswith(":proxy")
+    finally:
+        listener.sock.close()
+    with pytest.raises(ValueError, match="haproxy:"):
+        bind_listener("haproxy:ssl:1344")
