@@ -23,10 +23,11 @@ from gateway.blockpage import BlockPage
 from gateway.config import PROJECT_ROOT, GatewayConfig
 from gateway.connections import count_from_environment
 from gateway.protocol import GatewayContext, ICAPFactory
+from gateway.proxyprotocol import inner_endpoint, listener_factory
 from gateway.scancache import VerdictCache
 from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
 from gateway.spool import BodySpool, MemoryBudget, purge_stale
-from gateway.workers import AdoptedListenerService, accept_backlog, describe_address
+from gateway.workers import AdoptedListenerService, AdoptedSocket, accept_backlog, describe_address
 from monitoring.service import build_monitoring
 from register.auth import credentials_from_headers
 from register.service import build_register
@@ -156,7 +157,7 @@ def resolve_path(value: str, config: GatewayConfig) -> Path:
 
 
 def build_gateway(
-    config: GatewayConfig, reactor: Any, *, adopted: list[tuple[int, int]] | None = None
+    config: GatewayConfig, reactor: Any, *, adopted: list[AdoptedSocket] | None = None
 ) -> Gateway:
     """Build every part; raises RulesError, ConfigErrors or the register's
     SchemaError with a message fit for an admin.
@@ -247,12 +248,13 @@ def build_gateway(
     register.service.setServiceParent(top)
     monitoring.service.setServiceParent(top)
     if adopted is not None:
-        for fd, family in adopted:
-            AdoptedListenerService(reactor, fd, family, factory).setServiceParent(top.listeners)
+        for sock in adopted:
+            AdoptedListenerService(reactor, sock.fd, sock.family, factory,
+                                   proxy_protocol=sock.proxy_protocol).setServiceParent(top.listeners)
     else:
         for description in server.listen:
-            endpoint = endpoints.serverFromString(reactor, description)
-            listener = ListenerService(endpoint, factory)
+            endpoint = endpoints.serverFromString(reactor, inner_endpoint(description))
+            listener = ListenerService(endpoint, listener_factory(description, factory, reactor))
             listener._raiseSynchronously = True  # a port in use fails the start, loudly
             listener.setServiceParent(top.listeners)
     top.listeners.setServiceParent(top)

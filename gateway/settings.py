@@ -210,7 +210,12 @@ def endpoint(value: Any) -> str | None:
     """A Twisted server endpoint string such as ``tcp:1344:interface=127.0.0.1``."""
     if not isinstance(value, str) or ":" not in value:
         return "expected a Twisted endpoint string such as \"tcp:1344:interface=127.0.0.1\""
-    kind = value.split(":", 1)[0]
+    kind, _, rest = value.partition(":")
+    if kind == "haproxy":  # PROXY protocol in front of one of the others (gateway/proxyprotocol.py)
+        if rest.partition(":")[0] == "haproxy":
+            return "haproxy: wraps one endpoint, not another haproxy: one"
+        inner = endpoint(rest)
+        return f"haproxy: {inner}" if inner else None
     if kind not in {"tcp", "tcp6", "unix", "ssl", "systemd"}:
-        return f"unsupported endpoint type {kind!r} (use tcp, tcp6, unix, ssl or systemd)"
+        return f"unsupported endpoint type {kind!r} (use tcp, tcp6, unix, ssl or systemd, optionally after haproxy:)"
     return None

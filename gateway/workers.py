@@ -32,6 +32,7 @@ from twisted.internet import defer, protocol, tcp
 from twisted.logger import Logger
 
 from gateway.connections import SLOTS_ENV, clear_slot, create_slots
+from gateway.proxyprotocol import ProxyHeaderFactory, inner_endpoint, is_proxy_endpoint
 
 log = Logger()
 
@@ -70,6 +71,20 @@ class Listener:
     family: int
     description: str
 
+    @property
+    def proxy_protocol(self) -> bool:
+        return is_proxy_endpoint(self.description)
+
+
+@dataclass(frozen=True)
+class AdoptedSocket:
+    """A listening socket a worker inherits: child fd, address family, and
+    whether connections start with a PROXY header (``haproxy:`` listener)."""
+
+    fd: int
+    family: int
+    proxy_protocol: bool = False
+
 
 def _endpoint_args(description: str) -> tuple[str, list[str], dict[str, str]]:
     kind, *rest = description.split(":")
@@ -79,8 +94,10 @@ def _endpoint_args(description: str) -> tuple[str, list[str], dict[str, str]]:
 
 
 def bind_listener(description: str) -> Listener:
-    """Bind a tcp, tcp6 or unix endpoint string; raises ValueError for others."""
-    kind, args, kwargs = _endpoint_args(description)
+    """Bind a tcp, tcp6 or unix endpoint string, each optionally after
+    ``haproxy:`` (the workers then read a PROXY header first); raises
+    ValueError for others."""
+    kind, args, kwargs = _endpoint_args(inner_endpoint(description))
     backlog = int(kwargs.get("backlog", "1024"))
     if kind in ("tcp", "tcp6"):
         family = socket.AF_INET if kind == "tcp" else socket.AF_INET6
@@ -99,22 +116,31 @@ def bind_listener(description: str) -> Listener:
         if "mode" in kwargs:
             os.chmod(path, int(kwargs["mode"], 8))
     else:
-        raise ValueError(f"{description}: with several workers only tcp, tcp6 and unix listeners are supported")
+        raise ValueError(f"{description}: with several workers only tcp, tcp6 and unix listeners "
+                         "(each optionally after haproxy:) are supported")
     sock.listen(backlog)
     sock.setblocking(False)
     return Listener(sock, family, description)
 
 
+# Marks an adopted listener whose connections start with a PROXY header.
+PROXY_FD_FLAG = "proxy"
+
+
 def worker_fds_argument(listeners: Sequence[Listener]) -> str:
-    """``3:2,4:10``: child fd and address family of each adopted listener."""
-    return ",".join(f"{FIRST_LISTENER_FD + i}:{int(lst.family)}" for i, lst in enumerate(listeners))
+    """``3:2,4:10:proxy``: child fd and address family of each adopted
+    listener, and ``proxy`` for a ``haproxy:`` one."""
+    return ",".join(
+        f"{FIRST_LISTENER_FD + i}:{int(lst.family)}" + (f":{PROXY_FD_FLAG}" if lst.proxy_protocol else "")
+        for i, lst in enumerate(listeners)
+    )
 
 
-def parse_worker_fds(value: str) -> list[tuple[int, int]]:
+def parse_worker_fds(value: str) -> list[AdoptedSocket]:
     out = []
     for item in value.split(","):
-        fd, family = item.split(":")
-        out.append((int(fd), int(family)))
+        fd, family, *flags = item.split(":")
+        out.append(AdoptedSocket(int(fd), int(family), proxy_protocol=PROXY_FD_FLAG in flags))
     return out
 
 
@@ -160,11 +186,14 @@ class _OneAcceptPort(tcp.Port):
 class AdoptedListenerService(Service):
     """Accepts on a listening socket inherited from the supervising parent."""
 
-    def __init__(self, reactor: Any, fd: int, family: int, factory: protocol.Factory) -> None:
+    def __init__(self, reactor: Any, fd: int, family: int, factory: protocol.Factory,
+                 proxy_protocol: bool = False) -> None:
         self.reactor = reactor
         self.fd = fd
         self.family = family
-        self.factory = factory
+        # A haproxy: listener: each connection starts with a PROXY header, so
+        # the gateway sees the balancer's client, not the balancer.
+        self.factory = ProxyHeaderFactory(factory, reactor) if proxy_protocol else factory
         self.port: Any = None
 
     def startService(self) -> None:
