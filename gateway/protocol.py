@@ -174,7 +174,10 @@ class _Transaction:
     bad_headers: tuple[str, ...] = ()  # identity headers refused (see register.users)
 
 
-@implementer(interfaces.IPushProducer)
+# IHalfCloseableProtocol: a client may send its request and shut down its
+# sending side (``nc -N``, some health checkers); without it Twisted treats
+# that end of input as a full close and the answer is never written.
+@implementer(interfaces.IPushProducer, interfaces.IHalfCloseableProtocol)
 class ICAPServerProtocol(Protocol):
     """One ICAP connection.  It is registered with its transport as a
     streaming producer of everything it writes: when the peer stops reading
@@ -345,7 +348,13 @@ class ICAPServerProtocol(Protocol):
 
     def readConnectionLost(self) -> None:  # half-close: treat as end of input
         self.conn.receive_data(b"")
-        self._process()
+        if not self._busy:  # else the answer under way resumes processing
+            self._process()
+
+    def writeConnectionLost(self) -> None:
+        """The peer no longer reads: nothing we write can arrive."""
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     # --- timers -------------------------------------------------------------
 

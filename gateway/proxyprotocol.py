@@ -35,7 +35,7 @@ from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 from register.users import canonical_ip
 
@@ -119,6 +119,7 @@ def _first_host(addr: Any) -> str:
     return getattr(addr, "host", "") or "unix"
 
 
+@implementer(interfaces.IHalfCloseableProtocol)
 class ProxyHeaderReader(policies.ProtocolWrapper):
     """Reads the PROXY header, then connects the wrapped protocol with
     ``getPeer()`` giving the source the header names."""
@@ -174,6 +175,24 @@ class ProxyHeaderReader(policies.ProtocolWrapper):
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+
+    def readConnectionLost(self) -> None:
+        """A half-close reaches the wrapped protocol as it would unwrapped."""
+        if self._pending is not None:  # ended before its header: nothing to serve
+            self._reject("closed before the header")
+            return
+        half_closeable = interfaces.IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if half_closeable is not None:
+            half_closeable.readConnectionLost()
+        else:
+            self.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        half_closeable = interfaces.IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if half_closeable is not None and self._pending is None:
+            half_closeable.writeConnectionLost()
+        else:
+            self.loseConnection()
 
     def getPeer(self) -> Any:
         return self._source or self.transport.getPeer()

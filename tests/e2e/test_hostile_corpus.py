@@ -76,3 +76,17 @@ def test_hostile_message_gets_its_answer(gateway: GatewayProcess, name: str) -> 
     assert gateway.proc.poll() is None, gateway.log()[-2000:]
     options = b"OPTIONS icap://127.0.0.1/respmod ICAP/1.0\r\nHost: 127.0.0.1\r\nEncapsulated: null-body=0\r\n\r\n"
     assert exchange(gateway.port, options, answers=1, until_close=False)[0] == [200]
+
+
+def test_request_then_half_close_is_answered(gateway: GatewayProcess) -> None:
+    # A client that shuts down its sending side after the request (nc -N,
+    # some health checkers) still gets its answer, then the close.  Was: the
+    # end of input dropped the connection with the answer unsent.
+    options = b"OPTIONS icap://127.0.0.1/respmod ICAP/1.0\r\nHost: 127.0.0.1\r\nEncapsulated: null-body=0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=CASE_DEADLINE) as sock:
+        sock.sendall(options)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert [int(s) for s in _STATUS.findall(received)] == [200]

@@ -26,7 +26,7 @@ from gateway.proxyprotocol import (
 from gateway.settings import endpoint
 from gateway.workers import AdoptedSocket, Listener, parse_worker_fds, worker_fds_argument
 from tests.gateway.fakes import GOOD_KEY, make_harness
-from tests.gateway.test_protocol import options, respmod
+from tests.gateway.test_protocol import chunked, options, respmod
 from tests.icap_responses import parse_responses
 
 BALANCER = IPv4Address("TCP", "10.0.0.1", 40000)
@@ -217,3 +217,28 @@ def test_supervisor_binds_a_haproxy_listener_and_marks_it() -> None:
         listener.sock.close()
     with pytest.raises(ValueError, match="haproxy:"):
         bind_listener("haproxy:ssl:1344")
+
+
+def test_a_half_close_after_the_request_reaches_the_gateway_protocol() -> None:
+    # Without IHalfCloseableProtocol on the wrapper, Twisted turns the peer's
+    # shutdown(SHUT_WR) into a full close and the answer is never written.
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+
+    p = proxied()
+    assert IHalfCloseableProtocol.providedBy(p.wrapper)
+    # A scan still running when the input ends: the answer follows it.
+    scanner = p.harness.scanner  # type: ignore[attr-defined]
+    scanner.hold = True
+    p.send(v1_header("203.0.113.7") + respmod(chunked(b"body"), f"Authorization: Bearer {GOOD_KEY}", "Allow: 204"))
+    p.wrapper.readConnectionLost()  # type: ignore[attr-defined]
+    assert not p.transport.disconnecting
+    scanner.release()
+    assert [r.status for r in parse_responses(p.transport.value())] == [204]
+    assert p.transport.disconnecting  # then closed: the peer sends nothing more
+
+
+def test_a_half_close_before_the_header_closes() -> None:
+    p = proxied()
+    p.send(b"PROXY TCP4 ")
+    p.wrapper.readConnectionLost()  # type: ignore[attr-defined]
+    assert p.transport.disconnecting and p.transport.value() == b""
