@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, insert, select, tuple_, update
+from sqlalchemy import text as sql_text
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from twisted.logger import Logger
@@ -290,6 +291,12 @@ class BatchRecorder:
 
     def _write(self, batch: Batch) -> None:
         with Session(self.engine) as s, s.begin():
+            if batch.sessions and s.bind.dialect.name == "sqlite":  # type: ignore[union-attr]
+                # Python's sqlite3 opens a transaction only at the first write,
+                # so the read of _write_sessions would see no lock at all: take
+                # the database's write lock first (another process on the same
+                # file waits for it, up to the busy timeout).
+                s.execute(sql_text("BEGIN IMMEDIATE"))
             if batch.failures:
                 s.execute(insert(AuthFailureRecord), [
                     # Only our own values (the socket's peer address, a name the
@@ -314,6 +321,7 @@ class BatchRecorder:
         gap = dt.timedelta(seconds=self.idle_gap)
         earliest = _utc(min(spans[0][0] for spans in sessions.values())) - gap
         uids = set(user_ids.values())
+        self._lock_users(s, uids)
         latest: dict[tuple[int, str], tuple[int, dt.datetime, dt.datetime]] = {}
         for rid, uid, ip, login_at, last_seen in s.execute(
             select(LoginRecord.id, LoginRecord.user_id, LoginRecord.client_ip,
@@ -329,9 +337,12 @@ class BatchRecorder:
             first, *rest = spans
             start, last = _utc(first[0]), _utc(first[1])
             prev = latest.get((uid, ip))
-            if prev is not None and start - prev[2] <= gap and last >= prev[1]:
-                if last > prev[2]:
-                    updates.append({"id": prev[0], "last_seen": last})
+            if prev is not None and start - prev[2] <= gap and prev[1] - last <= gap:
+                # The same stretch of activity (another node may have written
+                # part of it first): widen the record instead of adding one.
+                if last > prev[2] or start < prev[1]:
+                    updates.append({"id": prev[0], "login_at": min(start, prev[1]),
+                                    "last_seen": max(last, prev[2])})
             else:
                 inserts.append({"user_id": uid, "client_ip": ip, "login_at": start, "last_seen": last})
             inserts.extend(
@@ -341,6 +352,20 @@ class BatchRecorder:
             s.execute(update(LoginRecord), updates)
         if inserts:
             s.execute(insert(LoginRecord), inserts)
+
+    @staticmethod
+    def _lock_users(s: Session, uids: set[int]) -> None:
+        """Serialise the writers of several gateway nodes per user, so that
+        reading a user's latest login records and then inserting or moving
+        them is one step: without it, two nodes flushing the same user from
+        a new IP at once each insert a record.  PostgreSQL locks the users'
+        rows until commit (in id order: no deadlock between two batches;
+        FOR NO KEY UPDATE still lets login records refer to the row), and
+        the read that follows sees what the other writer committed.  SQLite
+        has no row locks: the whole database is locked by BEGIN IMMEDIATE
+        in ``_write``, and with_for_update() renders nothing there."""
+        s.execute(select(User.id).where(User.id.in_(uids)).order_by(User.id)
+                  .with_for_update(key_share=True))
 
     @staticmethod
     def _user_ids(s: Session, pairs: list[tuple[int, str]]) -> dict[tuple[int, str], int]:
