@@ -91,3 +91,30 @@ def test_a_node_writing_late_an_earlier_part_of_a_stretch_widens_the_record(db_u
     finally:
         engine.dispose()
     assert [(a.timestamp(), b.timestamp()) for a, b in rows] == [(T0, T0 + 60)]
+
+
+def test_a_backlog_of_spans_joins_the_records_other_nodes_wrote(db_url: str) -> None:
+    """Node B was cut off from the database for a while: its backlog holds
+    two stretches of bob, and node A has meanwhile written the later one (and
+    one more after a pause).  B's spans join A's records, never add a second
+    record for a stretch, and a span that bridges two of A's records makes
+    them one."""
+    engine = create_register_engine(db_url)
+    ip = "198.51.100.9"
+    try:
+        tid, _key = add_tenant(engine, "acme")
+        node_a, node_b = BatchRecorder(engine, idle_gap=GAP), BatchRecorder(engine, idle_gap=GAP)
+        node_a.record(UserSeen(tid, "bob", ip, T0 + 5000))
+        node_a.record(UserSeen(tid, "bob", ip, T0 + 8000))  # after more than the gap: a record of its own
+        node_a.flush_all()
+        node_b.record(UserSeen(tid, "bob", ip, T0))
+        node_b.record(UserSeen(tid, "bob", ip, T0 + 4990))
+        node_b.record(UserSeen(tid, "bob", ip, T0 + 6500))  # within the gap of both of A's records
+        assert node_b.queue_depth() == 2  # [T0], [T0+4990, T0+6500]
+        node_b.flush_all()
+        with Session(engine) as s:
+            rows = s.execute(select(LoginRecord.login_at, LoginRecord.last_seen)
+                             .order_by(LoginRecord.login_at)).all()
+    finally:
+        engine.dispose()
+    assert [(a.timestamp() - T0, b.timestamp() - T0) for a, b in rows] == [(0, 0), (4990, 8000)]
