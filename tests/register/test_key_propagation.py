@@ -124,3 +124,20 @@ def test_a_change_made_while_the_link_was_down_is_read_when_it_returns(
     finally:
         stop(parts, reactor)
         listener.join(10)
+
+
+def test_only_this_registers_changes_wake_the_node(db_url: str) -> None:
+    """Registers in other schemas of the same database share the channel:
+    their changes do not reload this node; a NOTIFY sent by hand does."""
+    parts, reactor = start(db_url, **NO_TIMER)
+    listener = listener_of(parts)
+    try:
+        assert wait_for(lambda: listener.listening, reactor, 10.0) is not None
+        with _pg_admin().connect() as c:
+            c.execute(text("SELECT pg_notify('icap_gateway_keys', 'some_other_schema')"))
+            c.execute(text("SELECT pg_notify('icap_gateway_keys', '')"))
+        assert wait_for(lambda: listener.notifications >= 1, reactor, PROPAGATION_LIMIT) is not None
+        assert wait_for(lambda: listener.notifications > 1, reactor, 0.3) is None
+    finally:
+        stop(parts, reactor)
+        listener.join(10)

@@ -171,3 +171,14 @@ def test_a_load_finishing_after_a_later_one_is_not_applied(db_url: str) -> None:
     pending[2].callback(new)
     assert len(pending) == 3
     service.engine.dispose()
+
+
+def test_only_postgresql_registers_are_listened_to(db_url: str) -> None:
+    parts, reactor = start(db_url)
+    try:
+        listener = parts.service.listener  # type: ignore[attr-defined]
+        assert (listener is not None) == db_url.startswith("postgresql")
+    finally:
+        stop(parts, reactor)
+        if listener is not None:
+            listener.join(10)
