@@ -123,7 +123,12 @@ class KeyChangeListener:
             delay = min(self.reconnect_max, delay * 2)
 
     def _listen(self, conn: psycopg.Connection[Any]) -> None:
-        row = conn.execute("SELECT current_schema()").fetchone()
+        # The schema the register's tables are found in through this
+        # connection's search_path, as the gateway's own queries find them:
+        # the payload the trigger of migration 0002 sends for them.
+        row = conn.execute(
+            "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.oid = to_regclass('api_keys')").fetchone()
         schema = row[0] if row else ""
         conn.execute(f"LISTEN {KEY_CHANNEL}")
         self.backend_pid = conn.info.backend_pid

@@ -117,7 +117,9 @@ def test_a_register_at_0001_upgrades_and_then_announces_key_changes(fresh_url: s
             return
         cargs, cparams = engine.dialect.create_connect_args(engine.url)
         with psycopg.Connection.connect(*cargs, **cparams, autocommit=True) as listen:
-            schema = listen.execute("SELECT current_schema()").fetchone()[0]  # type: ignore[index]
+            schema = listen.execute(
+                "SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = to_regclass('api_keys')"
+            ).fetchone()[0]  # type: ignore[index]
             listen.execute(f"LISTEN {KEY_CHANNEL}")
             add_tenant(engine, "acme")
             heard = [n.payload for n in listen.notifies(timeout=5, stop_after=1)]

@@ -141,3 +141,25 @@ def test_only_this_registers_changes_wake_the_node(db_url: str) -> None:
     finally:
         stop(parts, reactor)
         listener.join(10)
+
+
+def test_a_revocation_by_hand_in_psql_is_heard_too(engine: Engine, db_url: str) -> None:
+    """The trigger, not the CLI, announces a change: an admin's UPDATE from a
+    session with another search_path (schema-qualified) reaches the node."""
+    _tid, key = add_tenant(engine, "acme")
+    with engine.connect() as c:
+        schema = c.execute(text("SELECT current_schema()")).scalar()
+    parts, reactor = start(db_url, **NO_TIMER)
+    listener = listener_of(parts)
+    authenticate = parts.authenticator.authenticate
+    try:
+        assert wait_for(lambda: listener.listening, reactor, 10.0) is not None
+        assert isinstance(authenticate(Credentials(key, "192.0.2.1")), Authenticated)
+        with _pg_admin().connect() as c:  # autocommit, search_path "$user", public
+            c.execute(text(f'UPDATE "{schema}".api_keys SET revoked_at = now()'))
+        took = wait_for(lambda: authenticate(Credentials(key, "192.0.2.1")) == Refused(403, "revoked-key"),
+                        reactor, PROPAGATION_LIMIT)
+        assert took is not None
+    finally:
+        stop(parts, reactor)
+        listener.join(10)
