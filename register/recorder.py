@@ -30,7 +30,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, insert, select, tuple_, update
+from sqlalchemy import Engine, delete, insert, select, tuple_, update
+from sqlalchemy import text as sql_text
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from twisted.logger import Logger
@@ -88,6 +89,15 @@ class Batch:
 
     def size(self) -> int:
         return len(self.failures) + sum(len(s) for s in self.sessions.values())
+
+
+@dataclass
+class _Stored:
+    """A login record already in the database, as the writer extends it."""
+
+    id: int
+    login_at: dt.datetime
+    last_seen: dt.datetime
 
 
 class Transient(Exception):
@@ -290,6 +300,12 @@ class BatchRecorder:
 
     def _write(self, batch: Batch) -> None:
         with Session(self.engine) as s, s.begin():
+            if batch.sessions and s.bind.dialect.name == "sqlite":  # type: ignore[union-attr]
+                # Python's sqlite3 opens a transaction only at the first write,
+                # so the read of _write_sessions would see no lock at all: take
+                # the database's write lock first (another process on the same
+                # file waits for it, up to the busy timeout).
+                s.execute(sql_text("BEGIN IMMEDIATE"))
             if batch.failures:
                 s.execute(insert(AuthFailureRecord), [
                     # Only our own values (the socket's peer address, a name the
@@ -314,33 +330,63 @@ class BatchRecorder:
         gap = dt.timedelta(seconds=self.idle_gap)
         earliest = _utc(min(spans[0][0] for spans in sessions.values())) - gap
         uids = set(user_ids.values())
-        latest: dict[tuple[int, str], tuple[int, dt.datetime, dt.datetime]] = {}
+        self._lock_users(s, uids)
+        # Every record a span could continue: one that ends within the gap
+        # before the earliest span, or later.  Other nodes may have written
+        # any of them, before or after the stretch this node saw.
+        known: dict[tuple[int, str], list[_Stored]] = {}
         for rid, uid, ip, login_at, last_seen in s.execute(
             select(LoginRecord.id, LoginRecord.user_id, LoginRecord.client_ip,
                    LoginRecord.login_at, LoginRecord.last_seen)
             .where(LoginRecord.user_id.in_(uids), LoginRecord.last_seen >= earliest)
-            .order_by(LoginRecord.last_seen)
+            .order_by(LoginRecord.login_at)
         ):
-            latest[(uid, ip)] = (rid, login_at, last_seen)  # ordered: the last one wins
+            known.setdefault((uid, ip), []).append(_Stored(rid, login_at, last_seen))
         inserts: list[dict[str, object]] = []
-        updates: list[dict[str, object]] = []
+        widened: dict[int, _Stored] = {}
+        merged_away: list[int] = []
         for (tid, username, ip), spans in sessions.items():
             uid = user_ids[(tid, username)]
-            first, *rest = spans
-            start, last = _utc(first[0]), _utc(first[1])
-            prev = latest.get((uid, ip))
-            if prev is not None and start - prev[2] <= gap and last >= prev[1]:
-                if last > prev[2]:
-                    updates.append({"id": prev[0], "last_seen": last})
-            else:
-                inserts.append({"user_id": uid, "client_ip": ip, "login_at": start, "last_seen": last})
-            inserts.extend(
-                {"user_id": uid, "client_ip": ip, "login_at": _utc(a), "last_seen": _utc(b)}
-                for a, b in rest)
-        if updates:
-            s.execute(update(LoginRecord), updates)
+            records = known.get((uid, ip), [])
+            for a, b in spans:
+                start, last = _utc(a), _utc(b)
+                touching = [r for r in records if start - r.last_seen <= gap and r.login_at - last <= gap]
+                if not touching:
+                    inserts.append({"user_id": uid, "client_ip": ip, "login_at": start, "last_seen": last})
+                    continue
+                # The same stretch of activity: widen the first record it
+                # touches; records it bridges become part of that one.
+                keep, *bridged = touching
+                login_at = min([start, *(r.login_at for r in touching)])
+                last_seen = max([last, *(r.last_seen for r in touching)])
+                if (login_at, last_seen) != (keep.login_at, keep.last_seen):
+                    keep.login_at, keep.last_seen = login_at, last_seen
+                    widened[keep.id] = keep
+                for r in bridged:
+                    records.remove(r)
+                    widened.pop(r.id, None)
+                    merged_away.append(r.id)
+        if merged_away:
+            s.execute(delete(LoginRecord).where(LoginRecord.id.in_(merged_away)))
+        if widened:
+            s.execute(update(LoginRecord), [
+                {"id": r.id, "login_at": r.login_at, "last_seen": r.last_seen} for r in widened.values()])
         if inserts:
             s.execute(insert(LoginRecord), inserts)
+
+    @staticmethod
+    def _lock_users(s: Session, uids: set[int]) -> None:
+        """Serialise the writers of several gateway nodes per user, so that
+        reading a user's latest login records and then inserting or moving
+        them is one step: without it, two nodes flushing the same user from
+        a new IP at once each insert a record.  PostgreSQL locks the users'
+        rows until commit (in id order: no deadlock between two batches;
+        FOR NO KEY UPDATE still lets login records refer to the row), and
+        the read that follows sees what the other writer committed.  SQLite
+        has no row locks: the whole database is locked by BEGIN IMMEDIATE
+        in ``_write``, and with_for_update() renders nothing there."""
+        s.execute(select(User.id).where(User.id.in_(uids)).order_by(User.id)
+                  .with_for_update(key_share=True))
 
     @staticmethod
     def _user_ids(s: Session, pairs: list[tuple[int, str]]) -> dict[tuple[int, str], int]:

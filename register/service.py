@@ -7,6 +7,9 @@ and returns the pieces the protocol and monitoring need plus one Twisted
 service that runs the background parts:
 
 - the key-table refresh every ``[auth] refresh_interval`` (in a thread),
+- on PostgreSQL, a reload as soon as keys or tenants change: the
+  ``register.listener`` thread hears the database's NOTIFY (the timer stays
+  as the fallback while that link is down),
 - the batched writer thread of the Recorder,
 - the retention purge every ``[register] purge_interval`` (in a thread).
 
@@ -31,6 +34,7 @@ from gateway.interfaces import Authenticator, Credentials, Identity, Recorder
 from register import auth, users
 from register.db import database_url, open_register, redacted
 from register.gdpr import purge_engine
+from register.listener import KeyChangeListener
 from register.recorder import BatchRecorder
 
 if TYPE_CHECKING:
@@ -81,12 +85,23 @@ class RegisterService(Service):
         self.keys_ok = True
         self.last_purge: dict[str, int] | None = None
         self._loops: list[LoopingCall] = []
+        self.listener: KeyChangeListener | None = None
+        # Key-table loads are numbered as they start; a load that finishes
+        # after a later one is not applied, so a slow timer load that read
+        # the table before a revocation cannot undo the reload it caused.
+        self._loads_started = 0
+        self._load_applied = 0
+        self._change_reload: defer.Deferred[Any] | None = None
+        self._change_again = False
 
     def startService(self) -> None:
         super().startService()
         self.recorder.start()
         if self.authenticator is not None:
             self._every(self.config.auth.refresh_interval, self.refresh_keys)
+            if self.engine.dialect.name == "postgresql":
+                self.listener = KeyChangeListener(self.engine, self._heard_change)
+                self.listener.start()
         if self.config.register.purge_interval > 0:
             self._every(self.config.register.purge_interval, self.purge)
 
@@ -97,11 +112,40 @@ class RegisterService(Service):
         loop.start(interval, now=False)
         self._loops.append(loop)
 
+    def _heard_change(self) -> None:
+        """In the listener's thread: the reload runs on the reactor."""
+        self.clock.callFromThread(self.keys_changed)
+
+    def keys_changed(self) -> None:
+        """Reload the key table now.  A burst of changes costs at most one
+        reload running and one more after it (which reads them all)."""
+        if not self.running:
+            return  # heard after stopService: nobody authenticates any more
+        if self._change_reload is not None:
+            self._change_again = True
+            return
+        self._change_again = False
+
+        def done(result: Any) -> Any:
+            self._change_reload = None
+            if self._change_again and self.running:
+                self.keys_changed()
+            return result
+
+        d = self.refresh_keys()
+        self._change_reload = d
+        d.addBoth(done)
+
     def refresh_keys(self) -> defer.Deferred[Any]:
         assert self.authenticator is not None
         authenticator = self.authenticator
+        self._loads_started += 1
+        load = self._loads_started
 
         def loaded(table: auth.KeyTable) -> None:
+            if load < self._load_applied:
+                return  # a later load (started after a change) is already in use
+            self._load_applied = load
             authenticator.replace_table(table)
             if not self.keys_ok:
                 log.info("register: key table reloaded again ({n} keys)", n=len(table.by_hash))
@@ -134,6 +178,8 @@ class RegisterService(Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        if self.listener is not None:
+            self.listener.stop()
         for loop in self._loops:
             if loop.running:
                 loop.stop()

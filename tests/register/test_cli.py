@@ -10,6 +10,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from gateway.cli import main
+from register.db import head_revision
 from register.models import AuditRecord
 
 
@@ -175,5 +176,5 @@ def test_status_and_upgrade(fresh_url: str, capsys: pytest.CaptureFixture[str]) 
     assert main(["register", "status", "--database", fresh_url, "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["revision"] is None
     assert main(["register", "upgrade", "--database", fresh_url, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["to"] == "0001"
+    assert json.loads(capsys.readouterr().out)["to"] == head_revision()
     assert main(["register", "status", "--database", fresh_url]) == 0

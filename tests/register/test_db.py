@@ -90,3 +90,43 @@ def test_sqlite_file_is_private(tmp_path) -> None:  # type: ignore[no-untyped-de
     engine.dispose()
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_register_at_0001_upgrades_and_then_announces_key_changes(fresh_url: str) -> None:
+    """Existing registers get migration 0002; on PostgreSQL a change of keys
+    or tenants is then NOTIFYed to the gateways when it commits."""
+    import psycopg
+    from alembic import command
+    from sqlalchemy.orm import Session
+
+    from register.db import alembic_config
+    from register.listener import KEY_CHANNEL
+    from tests.register.helpers import add_tenant
+
+    engine = create_register_engine(fresh_url)
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    engine.dispose()
+    engine = open_register(fresh_url, upgrade=True)
+    try:
+        assert current_revision(engine) == head_revision()
+        if engine.dialect.name != "postgresql":
+            add_tenant(engine, "acme")  # SQLite: no trigger, and nothing breaks
+            return
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        with psycopg.Connection.connect(*cargs, **cparams, autocommit=True) as listen:
+            schema = listen.execute(
+                "SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = to_regclass('api_keys')"
+            ).fetchone()[0]  # type: ignore[index]
+            listen.execute(f"LISTEN {KEY_CHANNEL}")
+            add_tenant(engine, "acme")
+            heard = [n.payload for n in listen.notifies(timeout=5, stop_after=1)]
+            assert heard == [schema]
+            with Session(engine) as s, s.begin():  # rolled back: nothing is announced
+                s.execute(text("UPDATE tenants SET status = 'disabled'"))
+                s.rollback()
+            assert [n.payload for n in listen.notifies(timeout=0.3)] == []
+    finally:
+        engine.dispose()

@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from gateway.config import GatewayConfig, with_overrides
 from gateway.interfaces import Authenticated, AuthFailure, Credentials, Refused, Tenant, UserSeen
 from register import ops
+from register.auth import KeyTable
 from register.db import SchemaError, create_register_engine
 from register.models import AuthFailureRecord, LoginRecord
 from register.service import RegisterComponents, build_register
@@ -141,3 +142,43 @@ def test_refuses_to_start_on_an_old_schema(fresh_url: str) -> None:
     config = with_overrides(GatewayConfig(), register__database=fresh_url, register__auto_upgrade=False)
     with pytest.raises(SchemaError, match="register upgrade"):
         build_register(config, FakeReactor(), defer_to_thread=sync_thread)
+
+
+def test_a_load_finishing_after_a_later_one_is_not_applied(db_url: str) -> None:
+    """A timer load that read the table before a revocation, and finishes
+    after the reload the revocation's NOTIFY caused, must not undo it."""
+    pending: list[defer.Deferred[Any]] = []
+
+    def held(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        pending.append(d)
+        return d
+
+    reactor = FakeReactor()
+    parts = build_register(config_for(db_url, refresh_interval=3600.0), reactor, defer_to_thread=held)
+    service: Any = parts.service
+    service.running = True  # the timers and threads are not wanted here
+    old, new = KeyTable(tenant_names=frozenset({"old"})), KeyTable(tenant_names=frozenset({"new"}))
+    service.refresh_keys()  # the timer's load, started first
+    service.keys_changed()  # the change's load
+    service.keys_changed()  # more changes meanwhile: one more load, after this one
+    service.keys_changed()
+    assert len(pending) == 2
+    pending[1].callback(new)
+    assert len(pending) == 3  # the one more load has started
+    pending[0].callback(old)
+    assert parts.authenticator.table is new  # type: ignore[attr-defined]
+    pending[2].callback(new)
+    assert len(pending) == 3
+    service.engine.dispose()
+
+
+def test_only_postgresql_registers_are_listened_to(db_url: str) -> None:
+    parts, reactor = start(db_url)
+    try:
+        listener = parts.service.listener  # type: ignore[attr-defined]
+        assert (listener is not None) == db_url.startswith("postgresql")
+    finally:
+        stop(parts, reactor)
+        if listener is not None:
+            listener.join(10)
