@@ -38,7 +38,7 @@ from gateway.icap.events import (
     Request,
     _Sentinel,
 )
-from gateway.icap.headers import Headers, has_control, parse_header_lines
+from gateway.icap.headers import Headers, has_control, is_token, parse_header_lines
 
 METHODS: Final = frozenset({"OPTIONS", "REQMOD", "RESPMOD"})
 
@@ -490,7 +490,15 @@ class ServerConnection:
         if close:
             self._close_after = True
         out = [f"ICAP/1.0 {status} {REASONS.get(status, 'Unknown')}\r\n".encode()]
-        out.extend(f"{n}: {v}\r\n".encode("latin-1") for n, v in headers)
+        for name, value in headers:
+            field = f"{name}: {value}\r\n".encode("latin-1")
+            # The last guard against response-header injection: whatever
+            # built the value, it cannot start a header of its own (a CRLF is
+            # allowed only as a fold, which X-Violations-Found uses).
+            line = field[:-2].replace(b"\r\n\t", b"\t").replace(b"\r\n ", b" ")
+            if has_control(line) or not is_token(name.encode("latin-1")):
+                raise LocalProtocolError(f"unsafe response header {name[:40]!r}")
+            out.append(field)
         if self._close_after:
             out.append(b"Connection: close\r\n")
         entries = []

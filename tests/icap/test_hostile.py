@@ -17,7 +17,7 @@ from gateway.icap import headers as headers_module
 from gateway.icap import http as http_module
 from gateway.icap import limits
 from gateway.icap.connection import ServerConnection
-from gateway.icap.errors import ProtocolError
+from gateway.icap.errors import LocalProtocolError, ProtocolError
 from gateway.icap.events import NEED_DATA, PAUSED, EndOfMessage, Request
 from gateway.icap.headers import parse_header_lines
 from gateway.icap.http import (
@@ -310,3 +310,23 @@ def test_bad_url_inside_a_reqmod_reaches_the_http_layer_as_400() -> None:
 )
 def test_content_disposition_filename(value: str, filename: str | None) -> None:
     assert content_disposition_filename(value) == filename
+
+
+@pytest.mark.parametrize("value", ["x\r\nX-Evil: 1", "x\nX-Evil: 1", "x\rX-Evil: 1", "x\x00y"])
+def test_a_response_header_value_that_could_start_a_header_is_never_written(value: str) -> None:
+    # Whatever code above the core built the value, the core refuses to
+    # serialise it (a bug of ours, LocalProtocolError), so a URL or rule name
+    # that slipped past sanitising can never inject a header.
+    conn = ServerConnection()
+    conn.receive_data(b"OPTIONS icap://gw/respmod ICAP/1.0\r\nHost: gw\r\nEncapsulated: null-body=0\r\n\r\n")
+    conn.next_event()
+    with pytest.raises(LocalProtocolError):
+        conn.send_response(200, [("X-Violations-Found", value)])
+
+
+def test_folded_response_header_values_are_written() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"OPTIONS icap://gw/respmod ICAP/1.0\r\nHost: gw\r\nEncapsulated: null-body=0\r\n\r\n")
+    conn.next_event()
+    out = conn.send_response(200, [("X-Violations-Found", "1\r\n\thttp://x/\r\n\tr\r\n\tr\r\n\t2")])
+    assert b"X-Violations-Found: 1\r\n\thttp://x/\r\n\tr" in out
