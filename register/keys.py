@@ -14,12 +14,12 @@ import re
 import secrets
 
 KEY_SCHEME = "icgw"
-TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # whole string: fullmatch (a "$" lets "acme\n" in)
 _SHOWN_SECRET_CHARS = 6  # the start of the secret shown in `key list` to tell keys apart
 
 
 def valid_tenant_name(name: str) -> bool:
-    return bool(TENANT_NAME.match(name))
+    return TENANT_NAME.fullmatch(name) is not None
 
 
 def generate_key(tenant_name: str) -> str:

@@ -19,7 +19,7 @@ from register.auth import (
     credentials_from_headers,
     load_key_table,
 )
-from register.keys import bearer_key, claimed_tenant, generate_key, hash_key
+from register.keys import bearer_key, claimed_tenant, generate_key, hash_key, valid_tenant_name
 from register.settings import AuthSettings
 from tests.register.helpers import ADMIN, T0, ListRecorder, add_tenant, utc
 
@@ -200,3 +200,14 @@ def test_rate_limit_counts_a_v4_mapped_peer_as_its_ipv4_address() -> None:
     for peer in ("192.0.2.1", "::ffff:192.0.2.1"):
         a.authenticate(credentials_from_headers({}, peer, a.settings))
     assert a.authenticate(credentials_from_headers({}, "::ffff:192.0.2.1", a.settings)) == Refused(403, "rate-limited")
+
+
+@pytest.mark.parametrize("name", ["acme\n", "acme\r", "Acme", "-acme", "", "a" * 64, "ac me"])
+def test_tenant_names_are_checked_whole(name: str) -> None:
+    # "^...$" with re.match let a trailing newline through ("acme\n").
+    assert not valid_tenant_name(name)
+    assert claimed_tenant(f"icgw.{name}.secret") is None
+
+
+def test_good_tenant_names() -> None:
+    assert valid_tenant_name("acme") and valid_tenant_name("a" * 63) and valid_tenant_name("acme-oy_2")
