@@ -74,7 +74,8 @@ def plot_throughput(report: dict[str, Any], path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     rulesets = sorted(data, key=lambda n: (n == "-", n))
-    fig, axes = plt.subplots(2, len(rulesets), figsize=(5.2 * len(rulesets), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(rulesets), figsize=(max(7.0, 5.2 * len(rulesets)), 8.5),
+                             squeeze=False)
     sizes = sorted({p[0] for by in data.values() for pts in by.values() for p in pts})
     for col, ruleset in enumerate(rulesets):
         for row, (index, unit) in enumerate(((1, "requests/s"), (2, "MB/s (body on the wire)"))):
@@ -99,7 +100,7 @@ def plot_throughput(report: dict[str, Any], path: str | Path) -> Path | None:
             ax.legend(fontsize="small")
     m = report.get("machine", {})
     opts = report.get("options", {})
-    fig.suptitle(f"Throughput against body size, one run: {m.get('cores', '?')} cores, "
+    fig.suptitle(f"Throughput against body size, one run\n{m.get('cores', '?')} cores, "
                  f"{opts.get('concurrency', '?')} connections, commit {m.get('commit', '?')}, "
                  f"{m.get('date', '')}", fontsize="medium")
     fig.tight_layout()

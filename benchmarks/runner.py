@@ -424,7 +424,8 @@ class Suite:
             rawx = paired_x.get((r["target"], r["ruleset"], r["scenario"])) \
                 or paired_x.get(("", r["ruleset"], r["scenario"]))
             cicap = index.get(("cicap", "-", r["scenario"], r["preview"]))
-            pyicap = index.get(("pyicap", r["ruleset"], r["scenario"], r["preview"]))
+            pyicap = index.get(("pyicap", r["ruleset"], r["scenario"], r["preview"])) \
+                if r["target"] == "gateway" else None
             out.append({
                 "target": r["target"], "ruleset": r["ruleset"], "scenario": r["scenario"],
                 "preview": r["preview"],
