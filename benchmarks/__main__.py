@@ -24,7 +24,8 @@ from benchmarks.runner import (
 from benchmarks.scenarios import SCENARIOS
 from benchmarks.servers import parse_option
 
-DEFAULT_PLOT = "benchmarks/results/throughput.png"
+# git-ignored, like every run's output; README links it and a committed snapshot
+DEFAULT_PLOT = str(Path(__file__).resolve().parent / "results" / "throughput.png")
 
 
 def _list(text: str) -> list[str]:
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance", type=_list, default=None,
                    help="connection counts of the worker-balance rows (4,8; none skips)")
     p.add_argument("--plot", metavar="FILE", default=DEFAULT_PLOT,
-                   help=f"PNG of throughput against body size ({DEFAULT_PLOT}; none skips)")
+                   help="PNG of throughput against body size (benchmarks/results/throughput.png; "
+                        "none skips)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--markdown", metavar="FILE", help="also write the results as Markdown tables")
     p.add_argument("--from-json", metavar="FILE",

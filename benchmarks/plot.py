@@ -73,7 +73,9 @@ def plot_throughput(report: dict[str, Any], path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rulesets = sorted(data, key=lambda n: (n == "-", n))
+    # in the order the run took them (signature-base first by default)
+    order = [*report.get("options", {}).get("rulesets", []), *sorted(data)]
+    rulesets = sorted(data, key=order.index)
     fig, axes = plt.subplots(2, len(rulesets), figsize=(max(7.0, 5.2 * len(rulesets)), 8.5),
                              squeeze=False)
     sizes = sorted({p[0] for by in data.values() for pts in by.values() for p in pts})

@@ -444,8 +444,9 @@ class Suite:
                 "raw_threads": raw.get("threads") if raw else None,
                 # the server's CPU per request over pyicap's, same rules and body
                 "cpu_vs_pyicap": _div(r.get("cpu_ms_per_req"), pyicap and pyicap.get("cpu_ms_per_req")),
-                "cicap_cpu_ms": cicap.get("cpu_ms_per_req") if cicap else None,
-                "completed": r.get("completed"),
+                "cpu_seconds": _cpu_seconds(r),
+                "pyicap_cpu_seconds": _cpu_seconds(pyicap),
+                "cicap_cpu_seconds": _cpu_seconds(cicap),
                 "body_bytes": r.get("body_bytes"),
                 # cores busy with work neither the server nor the generator did,
                 # in this row and in the c-icap row it is compared with
@@ -504,9 +505,28 @@ class Suite:
 # a row's "other" cores (busy - server - generator) above this: something else ran
 # on the machine (loopback kernel work alone stays under ~0.1 core here)
 CONTENDED_CORES = 0.35
-MIN_REQUESTS = 50  # fewer completed requests than this: no ratio is worth a verdict
+MIN_REQUESTS = 50  # fewer requests traced to workers than this: no balance verdict
+# CPU is counted in clock ticks (10 ms): a row whose server used less CPU than
+# this in its window gives a CPU-per-request figure too coarse for a verdict
+MIN_CPU_SECONDS = 0.25
 BALANCE_SHARE = 0.6
 KEY_SIZE = 64 * 1024  # signature-base: under this 0.75 x raw YARA, from this 0.9 x
+
+
+def _cpu_seconds(row: Row | None) -> float | None:
+    """The server CPU seconds a row's window measured."""
+    if not row or not row.get("cpu_ms_per_req") or not row.get("completed"):
+        return None
+    return float(row["cpu_ms_per_req"]) * int(row["completed"]) / 1e3
+
+
+def _too_little_cpu(x: Row, other: str) -> str | None:
+    """Why a CPU-per-request ratio of the gateway and ``other`` is too coarse, if it is."""
+    for name, seconds in (("gateway", x.get("cpu_seconds")), (other, x.get(f"{other}_cpu_seconds"))):
+        if seconds is not None and seconds < MIN_CPU_SECONDS:
+            return (f"the {name} row measured only {seconds:.2f} s of server CPU "
+                    f"(clock ticks of 10 ms): longer rows (--duration)")
+    return None
 
 
 def _other_cores(row: Row | None) -> float | None:
@@ -525,8 +545,9 @@ def _cpu_vs_pyicap_target(x: Row) -> list[Row]:
         return []
     t: Row = {"target": f"gateway CPU/transaction <= pyicap's, {_scenario_label(x)}",
               "value": value, "goal": 1.0, "met": value <= 1.0}
-    if (x.get("completed") or 0) < MIN_REQUESTS:
-        t["met"], t["why"] = None, f"only {x.get('completed')} requests completed"
+    why = _too_little_cpu(x, "pyicap")
+    if why:
+        t["met"], t["why"] = None, why
     return [t]
 
 
@@ -562,8 +583,9 @@ def _cicap_targets(x: Row) -> list[Row]:
         times = 1 / ratio
         t = {"target": "gateway empty ruleset 1 KiB server CPU/transaction <= 3 x c-icap's",
              "value": times, "goal": 3.0, "met": times <= 3.0}
-        if (x.get("completed") or 0) < MIN_REQUESTS:
-            t["met"], t["why"] = None, f"only {x.get('completed')} requests completed"
+        why = _too_little_cpu(x, "cicap")
+        if why:
+            t["met"], t["why"] = None, why
         out.append(t)
     return out
 

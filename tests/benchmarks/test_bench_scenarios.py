@@ -252,8 +252,11 @@ def test_req_per_s_targets_are_unsure_when_other_work_took_the_cores() -> None:
         _row("gateway", "signature-base", "64k", 1000, 1.6, machine_cores=2.0,
              server_cores=1.0, generator_cores=0.1),
         _row("gateway", "empty", "1k", 3000, 0.1),
+        _row("pyicap", "empty", "20m", 2, 150.0),
+        _row("gateway", "empty", "20m", 0.4, 200.0),  # 1 request: 0.2 s of CPU, ticks of 10 ms
     ])
     v = _verdicts(report)
+    assert v["gateway CPU/transaction <= pyicap's, empty 20m"] is None
     assert v["gateway empty ruleset 1 KiB >= 0.4 x c-icap echo req/s"] is None
     assert v["gateway >= 0.9 x raw YARA req/s, signature-base 64k"] is None
     # CPU per transaction holds up under contention: still decided
