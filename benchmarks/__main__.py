@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help=f"scenarios {','.join(QUICK_SCENARIOS)}, signature-base and empty rules "
                         "(bundled for the block path), 2 s each, 2,000 idle connections "
-                        "(about 4 minutes)")
+                        "(5-6 minutes)")
     p.add_argument("--scenarios", type=_list,
                    help=f"body scenarios, from {','.join([*SCENARIOS, 'file'])}, or none "
                         f"(default {','.join(ALL_SCENARIOS)})")
