@@ -7,19 +7,25 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.bodies import SCENARIOS, parse_size
+from benchmarks.bodies import parse_size
+from benchmarks.plot import plot_throughput
 from benchmarks.runner import (
     ALL_RULESETS,
     ALL_SCENARIOS,
     ALL_TARGETS,
     KNOWN_TARGETS,
+    QUICK_SCENARIOS,
     Options,
     Suite,
     markdown,
     table,
     write_json,
 )
+from benchmarks.scenarios import SCENARIOS
 from benchmarks.servers import parse_option
+
+# git-ignored, like every run's output; README links it and a committed snapshot
+DEFAULT_PLOT = str(Path(__file__).resolve().parent / "results" / "throughput.png")
 
 
 def _list(text: str) -> list[str]:
@@ -31,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks",
         description="ICAP gateway benchmarks against raw YARA, pyicap and c-icap baselines.")
     p.add_argument("--quick", action="store_true",
-                   help="1 KiB and 1 MiB bodies, signature-base and empty rules, 2 s each, "
-                        "2,000 idle connections (about a minute)")
+                   help=f"scenarios {','.join(QUICK_SCENARIOS)}, signature-base and empty rules "
+                        "(bundled for the block path), 2 s each, 2,000 idle connections "
+                        "(5-6 minutes)")
     p.add_argument("--scenarios", type=_list,
                    help=f"body scenarios, from {','.join([*SCENARIOS, 'file'])}, or none "
                         f"(default {','.join(ALL_SCENARIOS)})")
@@ -70,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sampling slows it a little: do not quote those rows' figures)")
     p.add_argument("--profile-targets", type=_list, default=None,
                    help="servers to profile with --profile (gateway)")
+    p.add_argument("--balance", type=_list, default=None,
+                   help="connection counts of the worker-balance rows (4,8; none skips)")
+    p.add_argument("--plot", metavar="FILE", default=DEFAULT_PLOT,
+                   help="PNG of throughput against body size (benchmarks/results/throughput.png; "
+                        "none skips)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--markdown", metavar="FILE", help="also write the results as Markdown tables")
     p.add_argument("--from-json", metavar="FILE",
@@ -80,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from(args: argparse.Namespace) -> Options:
     o = Options()
     if args.quick:
-        o.scenarios = ["1k", "1m"]
+        o.scenarios = list(QUICK_SCENARIOS)
         o.rulesets = ["signature-base", "empty"]
         o.warmup, o.duration, o.idle = 0.5, 2.0, 2000
     if args.body_file and not args.scenarios:
@@ -111,6 +123,8 @@ def options_from(args: argparse.Namespace) -> Options:
         o.gateway_options.setdefault(section, {})[key] = value
     o.gateway_service = args.gateway_service
     o.pause = args.pause
+    if args.balance is not None:
+        o.balance = [] if args.balance == ["none"] else [int(n) for n in args.balance]
     o.profile = args.profile
     if args.profile_targets:
         o.profile_targets = args.profile_targets
@@ -134,8 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         report["targets"] = suite.targets(report["ratios"])
     else:
         report = Suite(options_from(args)).run()
+    plotted = None
+    if args.plot and args.plot != "none":
+        try:
+            plotted = plot_throughput(report, args.plot)
+        except ImportError as e:  # matplotlib comes with the bench extra
+            report.setdefault("notes", []).append(f"no plot: {e}")
     print()
     print(table(report))
+    if plotted is not None:
+        print(f"\nthroughput against body size: {plotted}")
     if args.json and not args.from_json:
         write_json(report, args.json)
         print(f"\nJSON written to {args.json}")

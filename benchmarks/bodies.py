@@ -49,6 +49,7 @@ class Body:
     prefix: bytes  # wire bytes before the per-request tail
     decoded_prefix_len: int
     _crc: int = field(default=0, repr=False)
+    content_type: str = "application/octet-stream"
 
     @property
     def length(self) -> int:
@@ -78,10 +79,33 @@ class Body:
         return self.prefix + self.tail(tok)
 
 
-def random_body(size: int, seed: int = 1) -> Body:
+def random_body(size: int, seed: int = 1, content_type: str = "application/octet-stream") -> Body:
     """``size`` bytes on the wire: random bytes, the last 32 the unique token."""
     base = random.Random(seed).randbytes(max(0, size - TOKEN_LEN))
-    return Body(_size_name(size), None, base, len(base))
+    return Body(_size_name(size), None, base, len(base), content_type=content_type)
+
+
+def text_body(size: int, seed: int = 2, content_type: str = "text/plain") -> Body:
+    """``size`` bytes of English-like text on the wire (no Content-Encoding), token included."""
+    base = text(max(0, size - TOKEN_LEN), seed)
+    return Body(f"text-{_size_name(size)}", None, base, len(base), content_type=content_type)
+
+
+# The EICAR test string, written as bytes built from hex so that this file is
+# not itself flagged by a scanner reading the repository (rules/eicar.yar does the same).
+EICAR = bytes.fromhex(
+    "58354f2150254041505b345c505a58353428505e2937434329377d24"
+    "45494341522d5354414e444152442d414e544956495255532d54455354"
+    "2d46494c452124482b482a")
+
+
+def block_body(size: int, seed: int = 5) -> Body:
+    """``size`` bytes of random data with the EICAR test string inside: the bundled
+    rules (rules/eicar.yar) match it anywhere, so a scanning server answers its block page."""
+    base = bytearray(random.Random(seed).randbytes(max(0, size - TOKEN_LEN)))
+    at = max(0, min(len(base) - len(EICAR), len(base) // 2))
+    base[at : at + len(EICAR)] = EICAR
+    return Body(f"eicar-{_size_name(size)}", None, bytes(base[: max(0, size - TOKEN_LEN)]), len(base))
 
 
 def text(size: int, seed: int = 2) -> bytes:
@@ -93,7 +117,8 @@ def text(size: int, seed: int = 2) -> bytes:
     return b"\n".join(lines)[:size]
 
 
-def gzip_body(decoded_size: int, seed: int = 3) -> Body:
+def gzip_body(decoded_size: int, seed: int = 3, content_type: str = "application/octet-stream"
+              ) -> Body:
     """English-like text of ``decoded_size`` bytes (with the token), gzip-encoded."""
     raw = text(max(0, decoded_size - TOKEN_LEN), seed)
     comp = zlib.compressobj(6, zlib.DEFLATED, -15)
@@ -101,7 +126,7 @@ def gzip_body(decoded_size: int, seed: int = 3) -> Body:
     # 10-byte gzip header: magic, deflate, no flags, mtime 0, xfl 0, OS unknown
     header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
     return Body(f"gzip-{_size_name(decoded_size)}", "gzip", header + deflated, len(raw),
-                _crc=zlib.crc32(raw))
+                _crc=zlib.crc32(raw), content_type=content_type)
 
 
 def file_body(path: str | Path) -> Body:
@@ -122,43 +147,6 @@ def _size_name(size: int) -> str:
         if size >= n and size % n == 0:
             return f"{size // n}{unit}"
     return f"{size}B"
-
-
-# The named body scenarios of the suite (decoded/wire sizes as in the issue).
-SCENARIOS: dict[str, tuple[str, int]] = {
-    "1k": ("random", KiB),
-    "64k": ("random", 64 * KiB),
-    "1m": ("random", MiB),
-    "20m": ("random", 20 * MiB),
-    "gzip": ("gzip", MiB),
-}
-
-
-MAX_FILES = 1000
-
-
-def make_bodies(scenario: str, body_file: str | None = None) -> list[Body]:
-    """The bodies of a scenario; requests take them in turn.
-
-    ``file`` with ``--body-file``: that file, or every non-empty file under a
-    directory (sorted, at most MAX_FILES), each sent as is plus the token.
-    """
-    if scenario == "file":
-        if not body_file:
-            raise ValueError("scenario 'file' needs --body-file")
-        path = Path(body_file)
-        if path.is_dir():
-            files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.stat().st_size]
-            if not files:
-                raise ValueError(f"{body_file}: no non-empty files")
-            return [file_body(p) for p in files[:MAX_FILES]]
-        return [file_body(path)]
-    kind, size = SCENARIOS[scenario]
-    return [gzip_body(size) if kind == "gzip" else random_body(size)]
-
-
-def make_body(scenario: str, body_file: str | None = None) -> Body:
-    return make_bodies(scenario, body_file)[0]
 
 
 def mean_lengths(bodies: list[Body]) -> tuple[float, float]:

@@ -50,6 +50,8 @@ class RequestTemplate:
 
     The body's wire bytes are ``body.segments(token)``: a shared prefix and a
     small per-request tail, so every request scans different bytes.
+    ``RESPMOD`` encapsulates a GET and the 200 response carrying the body (a
+    download); ``REQMOD`` a POST carrying it (an upload).
     """
 
     host: str
@@ -58,36 +60,50 @@ class RequestTemplate:
     body: BodyLike
     preview: int | None = None  # None: no Preview header
     method: str = "RESPMOD"
+    authorization: str | None = None  # the ICAP Authorization header's value, e.g. "Bearer KEY"
 
     @property
     def body_length(self) -> int:
         return self.body.length
 
+    def _entity_lines(self) -> list[bytes]:
+        lines = [
+            b"Content-Type: " + getattr(self.body, "content_type", "application/octet-stream").encode(),
+            b"Content-Length: %d" % self.body_length,
+        ]
+        if self.body.encoding:
+            lines.append(b"Content-Encoding: " + self.body.encoding.encode())
+        return lines
+
     @cached_property
     def _head_parts(self) -> tuple[bytes, bytes]:
         # the sequence number is fixed-width so the Encapsulated offsets are
         # constant: a request's head is then two slices and a number
-        req_hdr = b"GET /bench/%s HTTP/1.1\r\nHost: bench.invalid\r\n\r\n" % (b"0" * 12)
-        res_lines = [
-            b"HTTP/1.1 200 OK",
-            b"Content-Type: application/octet-stream",
-            b"Content-Length: %d" % self.body_length,
-        ]
-        if self.body.encoding:
-            res_lines.append(b"Content-Encoding: " + self.body.encoding.encode())
-        res_hdr = CRLF.join(res_lines) + CRLF + CRLF
+        if self.method == "REQMOD":
+            req_hdr = CRLF.join([b"POST /bench/%s HTTP/1.1" % (b"0" * 12), b"Host: bench.invalid",
+                                 *self._entity_lines()]) + CRLF + CRLF
+            encapsulated = b"req-hdr=0, req-body=%d" % len(req_hdr)
+            http = req_hdr
+        else:
+            req_hdr = b"GET /bench/%s HTTP/1.1\r\nHost: bench.invalid\r\n\r\n" % (b"0" * 12)
+            res_hdr = CRLF.join([b"HTTP/1.1 200 OK", *self._entity_lines()]) + CRLF + CRLF
+            encapsulated = b"req-hdr=0, res-hdr=%d, res-body=%d" % (
+                len(req_hdr), len(req_hdr) + len(res_hdr))
+            http = req_hdr + res_hdr
         icap = [
             b"%s icap://%s:%d/%s ICAP/1.0" % (
                 self.method.encode(), self.host.encode(), self.port, self.service.encode()),
             b"Host: %s:%d" % (self.host.encode(), self.port),
             b"Allow: 204",
         ]
+        if self.authorization is not None:
+            icap.append(b"Authorization: " + self.authorization.encode())
         if self.preview is not None:
             icap.append(b"Preview: %d" % self.preview)
-        icap.append(b"Encapsulated: req-hdr=0, res-hdr=%d, res-body=%d" % (
-            len(req_hdr), len(req_hdr) + len(res_hdr)))
-        head = CRLF.join(icap) + CRLF + CRLF + req_hdr + res_hdr
-        cut = head.index(b"GET /bench/") + len(b"GET /bench/")
+        icap.append(b"Encapsulated: " + encapsulated)
+        head = CRLF.join(icap) + CRLF + CRLF + http
+        marker = b" /bench/"
+        cut = head.index(marker) + len(marker)
         return head[:cut], head[cut + 12 :]
 
     def head(self, seq: int) -> bytes:
@@ -151,12 +167,14 @@ def options_request(host: str, port: int, service: str) -> bytes:
 class Response:
     """A parsed ICAP response head; headers are parsed only when asked for."""
 
-    __slots__ = ("_headers", "body_bytes", "head", "status")
+    __slots__ = ("_headers", "body_bytes", "head", "http_status", "status")
 
     def __init__(self, status: int, head: bytes = b"", body_bytes: int = 0) -> None:
         self.status = status
         self.head = head
         self.body_bytes = body_bytes  # encapsulated body bytes received (echo/200 responses)
+        # the status of an encapsulated HTTP response (403: a block page), else None
+        self.http_status: int | None = None
         self._headers: dict[bytes, bytes] | None = None
 
     @property
@@ -227,6 +245,8 @@ class ResponseParser:
             elif st == self.ENC_HEAD:
                 if len(buf) < self._need:
                     return
+                assert self._cur is not None
+                self._cur.http_status = http_status(bytes(buf[: min(self._need, 16)]))
                 del buf[: self._need]
                 if self._has_body:
                     self._state = self.CHUNK_SIZE
@@ -291,6 +311,8 @@ def _whole_response(data: bytes) -> Response | None:
     except ProtocolError:
         return None  # let the incremental parser raise it
     pos = end + 4 + skip
+    if skip:
+        resp.http_status = http_status(data[end + 4 : end + 4 + min(skip, 16)])
     if not has_body:
         return resp if pos == len(data) else None
     n = len(data)
@@ -314,6 +336,14 @@ def _whole_response(data: bytes) -> Response | None:
         return None
     resp.body_bytes = body
     return resp
+
+
+def http_status(enc_head: bytes) -> int | None:
+    """The status code of an encapsulated HTTP response head's first bytes
+    (``HTTP/1.1 403 ...``); None for a request head or anything else."""
+    if not enc_head.startswith(b"HTTP/1.") or len(enc_head) < 12 or not enc_head[9:12].isdigit():
+        return None
+    return int(enc_head[9:12])
 
 
 _ENCAPSULATED = re.compile(rb"\r\nencapsulated[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from benchmarks.bodies import Body, bodies_name, make_bodies, mean_lengths
+from benchmarks.bodies import Body, bodies_name, mean_lengths
 from benchmarks.icapwire import (
     ProtocolError,
     RequestTemplate,
@@ -37,6 +37,7 @@ from benchmarks.icapwire import (
     options_request,
     token,
 )
+from benchmarks.scenarios import make_bodies, method
 
 SEND_IOV = 64  # buffers per sendmsg call
 RECV_SIZE = 256 * 1024
@@ -55,6 +56,7 @@ class LoadSpec:
     duration: float = 5.0
     drain: float = 10.0  # at most this long to finish requests in flight after the window
     body_file: str | None = None
+    authorization: str | None = None  # ICAP Authorization value ("Bearer KEY"), None: none sent
 
 
 @dataclass
@@ -66,6 +68,10 @@ class WorkerResult:
     latencies: bytes = b""  # array('d') of seconds, requests completed in the window
     cpu: float = 0.0  # CPU seconds this process used inside the window
     reconnects: int = 0
+    blocked: int = 0  # completed answers carrying an HTTP 403 (a block page)
+    # requests completed in the window on each connection, by its local port: the
+    # server side of the port tells which worker process served them
+    per_port: dict[int, int] = field(default_factory=dict)
 
 
 class Rates:
@@ -105,7 +111,8 @@ class LoadResult(Rates):
     p99_ms: float | None
     generator_cpu: float  # CPU seconds of all generator processes in the window
     reconnects: int
-
+    blocked: int = 0
+    per_port: dict[int, int] = field(default_factory=dict)
 
     @property
     def generator_cores(self) -> float:
@@ -127,13 +134,14 @@ class _Conn:
     """One persistent connection with at most one request in flight."""
 
     __slots__ = (
-        "after", "client", "inflight", "out", "parser", "sock", "started",
+        "after", "client", "inflight", "out", "parser", "port", "sock", "started",
         "waiting_continue", "writing",
     )
 
     def __init__(self, client: _Client) -> None:
         self.client = client
         self.sock = client.connect()
+        self.port = int(self.sock.getsockname()[1])
         self.parser = ResponseParser()
         self.out: deque[memoryview] = deque()
         self.after: list[bytes | memoryview] = []
@@ -220,7 +228,8 @@ class _Client:
     def __init__(self, spec: LoadSpec, index: int, bodies: list[Body]) -> None:
         self.spec = spec
         self.index = index
-        self.templates = [RequestTemplate(spec.host, spec.port, spec.service, b, spec.preview)
+        self.templates = [RequestTemplate(spec.host, spec.port, spec.service, b, spec.preview,
+                                          method(spec.scenario), spec.authorization)
                           for b in bodies]
         self.template = self.templates[0]
         self.small = self.template.body_length <= 64 * 1024
@@ -286,6 +295,9 @@ class _Client:
             if resp.status in (200, 204):
                 self.result.completed += 1
                 self.latencies.append(now - conn.started)
+                self.result.per_port[conn.port] = self.result.per_port.get(conn.port, 0) + 1
+                if resp.http_status == 403:
+                    self.result.blocked += 1
             else:
                 self.record_error(f"ICAP status {resp.status}")
             self.result.statuses[resp.status] = self.result.statuses.get(resp.status, 0) + 1
@@ -401,6 +413,9 @@ def run_load(spec: LoadSpec, during: Callable[[float, float], None] | None = Non
             statuses[k] = statuses.get(k, 0) + v
         samples.extend(r.error_samples)
     lat.sort()
+    per_port: dict[int, int] = {}
+    for r in results:
+        per_port.update(r.per_port)  # ports of one host's connections are distinct
     bodies = make_bodies(spec.scenario, spec.body_file)
     length, decoded = mean_lengths(bodies)
     p50, p99 = percentile(lat, 0.50), percentile(lat, 0.99)
@@ -418,6 +433,8 @@ def run_load(spec: LoadSpec, during: Callable[[float, float], None] | None = Non
         p99_ms=p99 * 1e3 if p99 is not None else None,
         generator_cpu=sum(r.cpu for r in results),
         reconnects=sum(r.reconnects for r in results),
+        blocked=sum(r.blocked for r in results),
+        per_port=per_port,
     )
 
 

@@ -106,12 +106,14 @@ def machine_busy_seconds() -> float:
     return busy / CLK_TCK
 
 
-def connections_per_process(pid: int, port: int) -> dict[int, int]:
-    """Established TCP connections on local ``port`` held by each process of the tree.
+def connection_owners(pid: int, port: int) -> tuple[dict[int, int], list[int]]:
+    """Which process of the tree holds each established connection on local ``port``.
 
-    Shows whether a multi-process server spreads its clients over its workers.
+    Returns (peer port -> process id, every process of the tree): from the
+    peer's (the generator's) side of a connection this names the worker that
+    serves it.  A socket held by two processes (inherited) goes to the last seen.
     """
-    inodes: set[str] = set()
+    peer_of: dict[str, int] = {}  # socket inode -> the peer's port
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -119,24 +121,54 @@ def connections_per_process(pid: int, port: int) -> dict[int, int]:
             continue
         for line in lines:
             f = line.split()
-            # local address "HEX_IP:HEX_PORT", state 01 = ESTABLISHED, inode field 9
+            # local and remote "HEX_IP:HEX_PORT", state 01 = ESTABLISHED, inode field 9
             if len(f) > 9 and f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f[9])
-    out: dict[int, int] = {}
-    for p in tree(pid):
-        n = 0
+                peer_of[f[9]] = int(f[2].rsplit(":", 1)[1], 16)
+    owners: dict[int, int] = {}
+    processes = tree(pid)
+    for p in processes:
         try:
             for fd in Path(f"/proc/{p}/fd").iterdir():
                 try:
                     target = os.readlink(fd)
                 except OSError:
                     continue
-                if target.startswith("socket:[") and target[8:-1] in inodes:
-                    n += 1
+                if target.startswith("socket:[") and target[8:-1] in peer_of:
+                    owners[peer_of[target[8:-1]]] = p
         except OSError:
             continue
-        out[p] = n
+    return owners, processes
+
+
+def connections_per_process(pid: int, port: int) -> dict[int, int]:
+    """Established TCP connections on local ``port`` held by each process of the tree.
+
+    Shows whether a multi-process server spreads its clients over its workers.
+    """
+    return count_per_process(*connection_owners(pid, port))
+
+
+def count_per_process(owners: dict[int, int], processes: list[int]) -> dict[int, int]:
+    """Connections per process (every process of the tree, 0 for those without)."""
+    out = dict.fromkeys(processes, 0)
+    for p in owners.values():
+        out[p] = out.get(p, 0) + 1
     return out
+
+
+def requests_per_process(owners: dict[int, int], per_port: dict[int, int]) -> tuple[dict[int, int], int]:
+    """Requests each server process served, from the requests completed on each
+    client port and the process holding that connection; and how many requests
+    went over connections no process was seen holding (opened after the sample)."""
+    out: dict[int, int] = {}
+    unknown = 0
+    for client_port, n in per_port.items():
+        p = owners.get(client_port)
+        if p is None:
+            unknown += n
+        else:
+            out[p] = out.get(p, 0) + n
+    return out, unknown
 
 
 @dataclass
@@ -148,6 +180,7 @@ class TreeUsage:
     cpu: float = 0.0  # CPU seconds of the tree inside the measurement window
     machine_cpu: float = 0.0  # CPU seconds the whole machine was busy inside the window
     connections: dict[int, int] | None = None  # per process, sampled mid-window
+    owners: dict[int, int] | None = None  # client port -> server process, sampled mid-window
 
     @property
     def peak_mib(self) -> float:
@@ -188,7 +221,9 @@ class Sampler:
             if now >= hi:
                 break
             if self.port and self.usage.connections is None and now >= (lo + hi) / 2:
-                self.usage.connections = connections_per_process(self.pid, self.port)
+                owners, processes = connection_owners(self.pid, self.port)
+                self.usage.owners = owners
+                self.usage.connections = count_per_process(owners, processes)
             self.usage.rss_peak_kib = max(self.usage.rss_peak_kib, rss_kib(self.pid))
             time.sleep(min(self.interval, max(0.0, hi - now)))
         self.usage.cpu = cpu_seconds(self.pid) - (cpu0 or 0.0)

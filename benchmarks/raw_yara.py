@@ -16,11 +16,12 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.bodies import Body, decode, make_bodies, mean_lengths
+from benchmarks.bodies import Body, decode, mean_lengths
 from benchmarks.icapwire import token
 from benchmarks.loadgen import Rates, percentile
 from benchmarks.procinfo import machine_busy_seconds
 from benchmarks.rulesets import compile_yara
+from benchmarks.scenarios import make_bodies
 
 
 @dataclass

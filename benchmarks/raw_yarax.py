@@ -16,11 +16,12 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bodies import decode, make_bodies, mean_lengths
+from benchmarks.bodies import decode, mean_lengths
 from benchmarks.icapwire import token
 from benchmarks.loadgen import percentile
 from benchmarks.raw_yara import RawResult
 from benchmarks.rulesets import EXTERNALS, rule_files
+from benchmarks.scenarios import make_bodies
 
 
 def compile_yarax(path: Path) -> bytes:

@@ -4,14 +4,17 @@
   ceiling for an ICAP server on this machine.
 - ``pyicap``: ``benchmarks/baseline_pyicap.py``, pyicap with yara-python in
   threads: the naive Python design.
-- ``gateway``: ``icap-gateway serve`` with a generated config
-  (``[auth] required = false``), the thing being measured.
+- ``gateway``: ``icap-gateway serve`` with a generated config, the thing
+  being measured, run as users run it: a tenant created with the CLI in its
+  state directory, whose key every request carries (``Authorization:
+  Bearer``), and its access log written to a file.
 
 Each runs in its own process group so that stopping it stops its children.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -51,6 +54,12 @@ class Server:
     options: Response | None = None
     log: Path | None = None
     info: dict[str, str] = field(default_factory=dict)
+    authorization: str | None = None  # what requests send as ICAP Authorization
+    reqmod_service: str | None = None  # the REQMOD service path when not ``service``
+
+    def service_for(self, method: str) -> str:
+        """The service path a request of ``method`` goes to."""
+        return (self.reqmod_service or self.service) if method == "REQMOD" else self.service
 
     @property
     def host(self) -> str:
@@ -217,16 +226,19 @@ def gateway_command() -> list[str] | None:
     return [found] if found else None
 
 
-def gateway_config(workdir: Path, extra: dict[str, dict[str, object]] | None = None) -> Path:
-    """A config for benchmarking: no tenant key, state in a temp dir."""
+def gateway_config(workdir: Path, extra: dict[str, dict[str, object]] | None = None,
+                   tenant: bool = True) -> Path:
+    """A config for benchmarking, state in a temp dir; without ``tenant`` no key is
+    required (``[auth] required = false``, for the hostile-peer scenarios)."""
     # a free metrics port so runs never collide; the access log goes to a
     # file as in a deployment (its cost is part of the gateway's)
     sections: dict[str, dict[str, object]] = {
         "server": {"state_dir": str(workdir / "state"), "max_connections": 20000},
-        "auth": {"required": False},
         "monitoring": {"metrics_listen": f"tcp:{free_port()}:interface={HOST}",
                        "access_log": str(workdir / "access.log")},
     }
+    if not tenant:
+        sections["auth"] = {"required": False}
     for section, values in (extra or {}).items():
         sections.setdefault(section, {}).update(values)
     lines: list[str] = []
@@ -261,20 +273,53 @@ def parse_option(text: str) -> tuple[str, str, object]:
     return section, key.strip(), value
 
 
+BENCH_OPERATOR = "bench"
+BENCH_TENANT = "bench"
+
+
+def create_tenant(cmd: list[str], config: Path) -> str:
+    """Create the benchmark's operator and tenant with the CLI, as an admin
+    would (README, "Connecting Squid"); returns the tenant's key."""
+    env = {**os.environ, "ICAP_GATEWAY_OPERATOR": BENCH_OPERATOR}
+    steps = [["operator", "add", BENCH_OPERATOR, "--role", "admin", "--config", str(config)],
+             ["tenant", "add", BENCH_TENANT, "--company", "Benchmark Oy", "--config", str(config),
+              "--json"]]
+    out = ""
+    for step in steps:
+        done = subprocess.run([*cmd, *step], capture_output=True, text=True, env=env,
+                              cwd=REPO, timeout=120, check=False)
+        if done.returncode != 0:
+            raise ServerUnavailable(f"icap-gateway {' '.join(step[:2])} failed: "
+                                    f"{done.stderr.strip()[-500:]}")
+        out = done.stdout
+    try:
+        return str(json.loads(out)["key"])
+    except (ValueError, KeyError, TypeError):
+        raise ServerUnavailable("icap-gateway tenant add --json printed no key") from None
+
+
 def start_gateway(rules: Path, extra: dict[str, dict[str, object]] | None = None,
-                  service: str = "respmod", timeout: float = 120) -> Server:
+                  service: str = "respmod", timeout: float = 120, tenant: bool = True) -> Server:
+    """``icap-gateway serve`` on a free port; with ``tenant`` (the default) a tenant
+    is created first and the returned server's requests carry its key."""
     cmd = gateway_command()
     if cmd is None:
         raise ServerUnavailable("icap-gateway is not installed in this environment")
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     (workdir / "state").mkdir()
-    config = gateway_config(workdir, extra)
+    config = gateway_config(workdir, extra, tenant=tenant)
+    try:
+        key = create_tenant(cmd, config) if tenant else None
+    except (ServerUnavailable, OSError, subprocess.TimeoutExpired) as e:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise ServerUnavailable(str(e)) from None
     port = free_port()
     log = workdir / "gateway.log"
     proc = _spawn([*cmd, "serve", "--config", str(config),
                    "--listen", f"tcp:{port}:interface={HOST}", "--rules", str(rules)],
                   REPO, log)
-    server = Server("gateway", service, port, proc, workdir, log=log)
+    server = Server("gateway", service, port, proc, workdir, log=log,
+                    authorization=f"Bearer {key}" if key else None, reqmod_service="reqmod")
     # the gateway may refuse to start for a plain reason (bad option): say it fast
     time.sleep(0.2)
     if proc.poll() is not None:

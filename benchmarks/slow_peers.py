@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         section, key, value = parse_option(text)
         extra.setdefault(section, {})[key] = value
     head_timeout = float(extra["server"].get("head_timeout", 30.0))  # type: ignore[arg-type]
-    server = start_gateway(Path(REPO / "rules"), extra, service="respmod")
+    server = start_gateway(Path(REPO / "rules"), extra, service="respmod", tenant=False)
     try:
         print(f"{args.scenario}: gateway settings {extra}")
         if args.scenario == "slowloris":

@@ -67,8 +67,8 @@ class HugeResult:
 
 
 def run_huge(host: str, port: int, service: str, server_pid: int, size: int,
-             timeout: float = 600.0) -> HugeResult:
-    head_tpl = RequestTemplate(host, port, service, _Sized(size))
+             timeout: float = 600.0, authorization: str | None = None) -> HugeResult:
+    head_tpl = RequestTemplate(host, port, service, _Sized(size), authorization=authorization)
     block = random.Random(4).randbytes(MiB)
     got: list[Response] = []
     error: list[str] = []

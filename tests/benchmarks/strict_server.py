@@ -4,7 +4,7 @@ It parses every request completely (head, Encapsulated offsets, chunked
 body, preview and ieof), checks that the body length matches the
 encapsulated Content-Length, records a digest of every (decoded) body so a
 test can check that no two were alike, and answers as told: 204, a 200 echo
-of the body, or an error status.
+of the body, a block page (an HTTP 403 in an ICAP 200), or an error status.
 """
 
 from __future__ import annotations
@@ -139,9 +139,17 @@ class Handler(socketserver.StreamRequestHandler):
                                  b"Allow: 204\r\nEncapsulated: null-body=0\r\n\r\n")
                 self.wfile.flush()
                 continue
+            with srv.seen.lock:
+                srv.methods.append(headers[b":method"])
+                if b"authorization" in headers:
+                    srv.authorizations.add(headers[b"authorization"])
             self.check(http_heads, body, complete=not answered_early)
             if srv.mode in ("204", "204-after-preview"):
                 self.wfile.write(b"ICAP/1.0 204 No Content\r\nEncapsulated: null-body=0\r\n\r\n")
+            elif srv.mode == "block":  # a block page: an HTTP 403 in an ICAP 200
+                page = b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\n\r\n"
+                self.wfile.write(b"ICAP/1.0 200 OK\r\nEncapsulated: res-hdr=0, res-body=%d\r\n\r\n"
+                                 % len(page) + page + b"7\r\nblocked\r\n0\r\n\r\n")
             elif srv.mode == "echo":
                 res_hdr = http_heads.split(b"\r\n\r\n", 1)[1] if http_heads.count(b"\r\n\r\n") > 1 \
                     else http_heads
@@ -188,6 +196,8 @@ class StrictServer(socketserver.ThreadingTCPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.mode = mode
         self.seen = Seen()
+        self.methods: list[bytes] = []  # the method of every request (OPTIONS aside)
+        self.authorizations: set[bytes] = set()  # every Authorization header value seen
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     @property
