@@ -100,3 +100,27 @@ def test_unauthenticated_peer_cannot_hold_a_connection_by_draining() -> None:
         h.send(chunk)
         h.clock.advance(30)
     assert h.transport.disconnecting
+
+
+def test_options_body_is_bounded() -> None:
+    """OPTIONS is answered at the end of its body, to anyone: an endless
+    opt-body sent at the minimum body rate kept the connection for ever
+    without a single answer.  Past limits.MAX_OPTIONS_BODY it is a 400."""
+    h = make_harness()
+    h.send(b"OPTIONS icap://gw/respmod ICAP/1.0\r\nHost: gw\r\nEncapsulated: opt-body=0\r\n\r\n")
+    chunk = b"2000\r\n" + b"a" * 0x2000 + b"\r\n"
+    for _ in range(40):
+        if h.transport.disconnecting:
+            break
+        h.send(chunk)
+        h.clock.advance(30)
+    assert h.output().startswith(b"ICAP/1.0 400 ")
+    assert h.transport.disconnecting
+
+
+def test_small_options_body_is_still_answered() -> None:
+    h = make_harness()
+    h.send(b"OPTIONS icap://gw/respmod ICAP/1.0\r\nHost: gw\r\nEncapsulated: opt-body=0\r\n\r\n"
+           b"5\r\nhello\r\n0\r\n\r\n")
+    assert h.output().startswith(b"ICAP/1.0 200 ")
+    assert not h.transport.disconnecting
