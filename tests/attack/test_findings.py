@@ -124,3 +124,20 @@ def test_small_options_body_is_still_answered() -> None:
            b"5\r\nhello\r\n0\r\n\r\n")
     assert h.output().startswith(b"ICAP/1.0 200 ")
     assert not h.transport.disconnecting
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "gateway/protocol.py _on_body: past max_scan_size the body is known unscannable, but "
+    "under oversize_policy=block (or with no 204 allowed) every further byte is still "
+    "spooled, to disk past memory_threshold, with no cap: one authenticated upload of "
+    "any size fills the spool directory before the verdict 'too-large'. Fix: under block, "
+    "answer the block page as soon as body_bytes passes max_scan_size (the rest is then "
+    "read and dropped); for an echo without 204, cap the spool (e.g. refuse with 400/500 "
+    "past a [scan] max_spool_size)."))
+def test_body_past_max_scan_size_is_not_spooled_under_block_policy() -> None:
+    h = make_harness(max_scan_size=10_000, oversize_policy="block")
+    h.send(_respmod_head("Authorization: Bearer good-key", "Allow: 204"))
+    chunk = b"1000\r\n" + b"a" * 0x1000 + b"\r\n"
+    for _ in range(100):  # 400 KiB, 40 times max_scan_size
+        h.send(chunk)
+    assert h.spools[0].size <= 10_000 + 0x1000
