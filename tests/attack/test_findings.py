@@ -141,3 +141,22 @@ def test_body_past_max_scan_size_is_not_spooled_under_block_policy() -> None:
     for _ in range(100):  # 400 KiB, 40 times max_scan_size
         h.send(chunk)
     assert h.spools[0].size <= 10_000 + 0x1000
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "gateway/protocol.py _maybe_commit: it skips only PREVIEW_WAIT, so a preview longer than "
+    "early_response_after (the client picks Preview: 70000; or preview_size >= "
+    "early_response_after in the config, which nothing forbids) commits the 200 head inside "
+    "the preview; at the preview's end send_continue raises LocalProtocolError: an internal "
+    "error with a traceback in the log and an aborted connection, per request, at will. Fix: "
+    "no commit while the preview lasts (ServerConnection to expose `_in_preview or "
+    "their_state == PREVIEW_WAIT` as a property), and config check preview_size < "
+    "early_response_after."))
+def test_long_preview_is_continued_not_an_internal_error() -> None:
+    h = make_harness()
+    h.send(_respmod_head("Authorization: Bearer good-key", "Preview: 70000"))
+    preview = b"a" * 70_000
+    h.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(preview), preview))
+    assert b"ICAP/1.0 100 Continue\r\n" in h.output()
+    h.send(b"5\r\nhello\r\n0\r\n\r\n")
+    assert [r.detail for r in h.observer.records if "internal-error" in r.detail] == []
