@@ -7,12 +7,17 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import zstandard
 
 from gateway.decoding import decode_into
+from gateway.interfaces import TransactionRecord
+from gateway.protocol import SERVICES
 from gateway.scanner import YaraScanner
+from monitoring.metrics import MAX_SERVICE_LABELS, SERVED_SERVICES, GatewayMetrics, metrics_registry
+from monitoring.observer import MonitoringObserver
 from tests.gateway.fakes import make_harness
 from tests.gateway.test_protocol import REQ_HDR, RES_HDR
 from tests.scanning.conftest import EICAR, scan
@@ -160,3 +165,26 @@ def test_long_preview_is_continued_not_an_internal_error() -> None:
     assert b"ICAP/1.0 100 Continue\r\n" in h.output()
     h.send(b"5\r\nhello\r\n0\r\n\r\n")
     assert [r.detail for r in h.observer.records if "internal-error" in r.detail] == []
+
+
+# --- metrics -------------------------------------------------------------------
+
+
+def test_made_up_services_cannot_push_the_real_ones_into_other() -> None:
+    """The service label is the ICAP URI's path, capped at 16 values per
+    process.  16 OPTIONS to made-up services (no key needed) used the cap up,
+    and from then on every reqmod and respmod request was counted as
+    service="other": dashboards and alerts on the real services went blind."""
+    registry = metrics_registry(None)
+    observer = MonitoringObserver(GatewayMetrics(registry), None, clock=lambda: 0.0)
+    base = TransactionRecord(started=0.0, duration=0.001, method="OPTIONS", service="", icap_status=404,
+                             client_ip="10.0.0.1", peer="10.0.0.1", tenant="", outcome="error")
+    for i in range(MAX_SERVICE_LABELS + 4):
+        observer.transaction_finished(replace(base, service=f"junk{i}"))
+    for service in SERVICES:
+        observer.transaction_finished(replace(base, method=SERVICES[service], service=service,
+                                              icap_status=204, tenant="acme", outcome="clean"))
+    for service, method in SERVICES.items():
+        labels = {"method": method, "service": service, "tenant": "acme", "outcome": "clean"}
+        assert registry.get_sample_value("icap_gateway_requests_total", labels) == 1
+    assert set(SERVED_SERVICES) == set(SERVICES)
