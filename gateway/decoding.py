@@ -49,6 +49,17 @@ KNOWN_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# RFC 8878 section 3.1.2: a skippable frame's magic is 0x184D2A5? (little
+# endian).  Decoders skip it and go on with the next frame, so it is a frame
+# too, not the start of trailing data: taking it for one left a zstd frame
+# after it undecoded (a payload a browser decodes, scanned compressed).
+_ZSTD_SKIPPABLE_MAGIC_TAIL = b"\x2a\x4d\x18"
+
+
+def _starts_zstd_frame(data: bytes) -> bool:
+    """Whether ``data`` starts a zstd frame, data or skippable."""
+    return data.startswith(_ZSTD_MAGIC) or (
+        len(data) >= 4 and data[0] & 0xF0 == 0x50 and data[1:4] == _ZSTD_SKIPPABLE_MAGIC_TAIL)
 
 
 class DecodeError(Exception):
@@ -186,6 +197,17 @@ class _ZlibDecoder(_Decoder):
         else:
             data = self._more()
             if not data:
+                # Inflate may have read all its input and still hold output
+                # it had no room for (the rest of a match): a raw deflate
+                # stream has no trailer left unread to show it.  Ask for it
+                # before calling the stream truncated (a valid body blocked).
+                try:
+                    out = obj.decompress(b"", n)
+                except zlib.error as e:
+                    self._done = True
+                    raise DecodeError(f"{self.name}: {e}") from None
+                if out or obj.eof:
+                    return out
                 self._done = True
                 raise DecodeError(f"{self.name}: truncated stream")
         try:
@@ -261,7 +283,7 @@ class _ZstdDecoder(_Decoder):
             if not self._pending:
                 self._done = True  # a clean end
                 return b""
-            if obj is not None and not self._pending.startswith(_ZSTD_MAGIC):
+            if obj is not None and not _starts_zstd_frame(self._pending):
                 rest, self._pending = self._pending, b""
                 return self._begin_tail(rest)  # not another frame: trailing data
             obj = self._obj = self._dctx.decompressobj()

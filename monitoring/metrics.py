@@ -50,6 +50,10 @@ SCAN_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.
                 2.5, 5.0, 10.0, 30.0)
 
 MAX_SERVICE_LABELS = 16  # the service is the ICAP URI path: a client may send anything
+# The services the gateway serves (gateway.protocol.SERVICES) always have
+# their own label: else 16 made-up service names, sent by anyone before the
+# first real request, left reqmod and respmod counted as "other" for good.
+SERVED_SERVICES = ("reqmod", "respmod")
 MAX_REASON_LABELS = 32  # auth failure reasons are a small fixed set; the cap is a seatbelt
 # A label value longer than this, or holding a control character, is counted
 # as "other": services and rule namespaces are the peer's and the rule
@@ -347,7 +351,7 @@ class GatewayMetrics:
         # Label caps and pre-resolved children.
         self.tenant_label = LabelCap(max_tenants, fixed=(NONE,))
         self.rule_label = LabelCap(max_rules)
-        self.service_label = LabelCap(MAX_SERVICE_LABELS)
+        self.service_label = LabelCap(MAX_SERVICE_LABELS, fixed=SERVED_SERVICES)
         self.reason_label = LabelCap(MAX_REASON_LABELS)
         self._requests_children: dict[tuple[str, str, str, str], Counter] = {}
         self._requests_by_raw: dict[tuple[str, str, str, str | None], tuple[Counter, Histogram]] = {}

@@ -162,6 +162,7 @@ class ServerConnection:
         self._ieof = False
         self._ended_in_preview = False
         self._trailer_size = 0
+        self._options_body = 0  # opt-body bytes announced so far (limits.MAX_OPTIONS_BODY)
         self._close_after = False
         # Where the next search for a line end starts: bytes before it were
         # already searched, so feeding a head byte by byte costs O(n) in
@@ -331,6 +332,7 @@ class ServerConnection:
         else:
             self._in_preview = preview is not None
             self._preview_left = preview or 0
+            self._options_body = 0
             self.their_state = CHUNK_SIZE
         return True
 
@@ -382,6 +384,10 @@ class ServerConnection:
             if size > self._preview_left:
                 raise ProtocolError(400, "preview body longer than the Preview header says")
             self._preview_left -= size
+        if self.request is not None and self.request.method == "OPTIONS":
+            self._options_body += size
+            if self._options_body > limits.MAX_OPTIONS_BODY:
+                raise ProtocolError(400, f"OPTIONS body larger than {limits.MAX_OPTIONS_BODY} bytes")
         self._chunk_left = size
         self.their_state = CHUNK_DATA
         return True

@@ -41,3 +41,9 @@ MAX_CHUNK_SIZE = 2**62
 # the URL is copied into scan contexts, logs and the register: past this it
 # is refused with 400 rather than carried around.
 MAX_URL_LENGTH = 8 * 1024
+
+# An OPTIONS request's body (opt-body): RFC 3507 leaves its format open and
+# nothing sends one (Squid, c-icap-client do not).  It is read before the
+# answer and by anyone, key or not: without a cap a peer sending one at the
+# minimum body rate held its connection for ever.  Past this: 400.
+MAX_OPTIONS_BODY = 64 * 1024
