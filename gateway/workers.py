@@ -1,8 +1,11 @@
 """Several worker processes sharing the ICAP listeners, to use every core.
 
 The reactor is one thread: with YARA in threads the protocol work of one
-process still tops out at one core.  The parent binds each listener once and
-hands the listening sockets to N workers (``childFDs``), which adopt them
+process still tops out at one core.  The parent binds each listener once.
+By default (``[server] worker_balance = "least-loaded"``) it accepts on them
+itself and hands each connection to the worker holding the fewest
+(``gateway.handoff``, which states the costs).  With ``"kernel"`` it hands
+the listening sockets to N workers (``childFDs``), which adopt them
 (``IReactorSocket.adoptStreamPort``): the kernel spreads new connections
 over the processes blocked in ``accept``.  Each worker accepts one
 connection per wake-up (``_OneAcceptPort``): Twisted's default takes up to a
@@ -31,7 +34,15 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, protocol, tcp
 from twisted.logger import Logger
 
-from gateway.connections import SLOTS_ENV, clear_slot, create_slots
+from gateway.connections import SLOTS_ENV, SlotTable, clear_slot, create_slots
+from gateway.handoff import (
+    Acceptor,
+    HandedListener,
+    dispatch_order,
+    listeners_argument,
+    receive_connection,
+    send_connection,
+)
 from gateway.proxyprotocol import ProxyHeaderFactory, inner_endpoint, is_proxy_endpoint
 
 log = Logger()
@@ -183,6 +194,13 @@ class _OneAcceptPort(tcp.Port):
         pass
 
 
+def wrap_adopted_factory(factory: protocol.Factory, reactor: Any, proxy_protocol: bool) -> protocol.Factory:
+    """The factory for connections of an inherited listener or handed off by
+    the supervisor.  A haproxy: listener: each connection starts with a PROXY
+    header, so the gateway sees the balancer's client, not the balancer."""
+    return ProxyHeaderFactory(factory, reactor) if proxy_protocol else factory
+
+
 class AdoptedListenerService(Service):
     """Accepts on a listening socket inherited from the supervising parent."""
 
@@ -191,9 +209,7 @@ class AdoptedListenerService(Service):
         self.reactor = reactor
         self.fd = fd
         self.family = family
-        # A haproxy: listener: each connection starts with a PROXY header, so
-        # the gateway sees the balancer's client, not the balancer.
-        self.factory = ProxyHeaderFactory(factory, reactor) if proxy_protocol else factory
+        self.factory = wrap_adopted_factory(factory, reactor, proxy_protocol)
         self.port: Any = None
 
     def startService(self) -> None:
@@ -215,6 +231,18 @@ class AdoptedListenerService(Service):
         return defer.maybeDeferred(port.stopListening)
 
 
+def listening_addresses(listeners: Sequence[Listener]) -> list[str]:
+    """The endpoints bound (port 0 resolved)."""
+    out = []
+    for lst in listeners:
+        name = lst.sock.getsockname()
+        if lst.family == socket.AF_UNIX:
+            out.append(f"unix:{name}")
+        else:
+            out.append(f"{'tcp6' if lst.family == socket.AF_INET6 else 'tcp'}:{name[1]}:interface={name[0]}")
+    return out
+
+
 class _WorkerProcess(protocol.ProcessProtocol):
     def __init__(self, supervisor: Supervisor, index: int) -> None:
         self.supervisor = supervisor
@@ -223,6 +251,12 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.ready = False  # wrote its ready line: rules loaded, listening
         self.started = supervisor.reactor.seconds()
         self._ready_buffer = b""
+        # The hand-off (gateway.handoff): our sending end, our copy of the
+        # worker's end (to take back what it never received if it dies), and
+        # the connections sent to it.
+        self.pipe: socket.socket | None = None
+        self.pipe_peer: socket.socket | None = None
+        self.handed = 0
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -231,8 +265,9 @@ class _WorkerProcess(protocol.ProcessProtocol):
         if childFD != self.supervisor.ready_fd:
             return
         self._ready_buffer = (self._ready_buffer + data)[-READY_LINE_LIMIT:]
-        if b"\n" in self._ready_buffer and self._ready_buffer.startswith(READY_LINE):
+        if not self.ready and b"\n" in self._ready_buffer and self._ready_buffer.startswith(READY_LINE):
             self.ready = True
+            self.supervisor._worker_ready()
 
     def processEnded(self, reason: Any) -> None:
         self.supervisor._worker_ended(self, reason)
@@ -240,11 +275,12 @@ class _WorkerProcess(protocol.ProcessProtocol):
 
 class Supervisor(Service):
     """Starts ``count`` workers running ``argv`` with the listeners as fds
-    3, 4, ... and a ready pipe after them, and keeps them running until stopped."""
+    3, 4, ... (``handoff``: its hand-off pipe as fd 3) and a ready pipe after
+    them, and keeps them running until stopped."""
 
     def __init__(self, reactor: Any, count: int, argv: list[str], listeners: Sequence[Listener],
                  env: dict[str, str], on_exit: Any = None, connection_slots: Any = None,
-                 shutdown_timeout: float = 30.0) -> None:
+                 shutdown_timeout: float = 30.0, handoff: bool = False) -> None:
         self.reactor = reactor
         # gateway.connections: one slot per worker, so max_connections holds
         # for the gateway, not per worker (None: no shared count).
@@ -255,7 +291,13 @@ class Supervisor(Service):
         self.env = env
         self.on_exit = on_exit
         self.shutdown_timeout = shutdown_timeout
-        self.ready_fd = FIRST_LISTENER_FD + len(self.listeners)
+        self.handoff = handoff
+        self.ready_fd = FIRST_LISTENER_FD + (1 if handoff else len(self.listeners))
+        self.acceptor: Acceptor | None = None
+        self.slot_table: SlotTable | None = None  # every worker's counts (connection_slots)
+        self.handed_off = 0
+        self.handoffs_dropped = 0
+        self._last_chosen = -1
         self.workers: dict[int, _WorkerProcess] = {}
         self._stopping = False
         self._stopped: defer.Deferred[None] | None = None
@@ -266,6 +308,10 @@ class Supervisor(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.connection_slots is not None:
+            self.slot_table = SlotTable(self.connection_slots)
+        if self.handoff:
+            self.acceptor = Acceptor(self.reactor, [lst.sock for lst in self.listeners], self.hand_off)
         for i in range(self.count):
             self._spawn(i)
 
@@ -273,10 +319,16 @@ class Supervisor(Service):
         if self._stopping:
             return
         child_fds: dict[int, int | str] = {0: 0, 1: 1, 2: 2}
-        for i, lst in enumerate(self.listeners):
-            child_fds[FIRST_LISTENER_FD + i] = lst.sock.fileno()
-        child_fds[self.ready_fd] = "r"
         worker = _WorkerProcess(self, index)
+        if self.handoff:
+            worker.pipe, worker.pipe_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            worker.pipe.setblocking(False)
+            worker.pipe_peer.setblocking(False)
+            child_fds[FIRST_LISTENER_FD] = worker.pipe_peer.fileno()
+        else:
+            for i, lst in enumerate(self.listeners):
+                child_fds[FIRST_LISTENER_FD + i] = lst.sock.fileno()
+        child_fds[self.ready_fd] = "r"
         env = self.env
         if self.connection_slots is not None:
             clear_slot(self.connection_slots, index)
@@ -293,6 +345,8 @@ class Supervisor(Service):
             self.on_exit(worker.pid)
         if self.connection_slots is not None:
             clear_slot(self.connection_slots, worker.index)  # its connections died with it
+        if self.handoff:
+            self._take_back(worker)
         if self._stopping:
             if not self.workers and self._stopped is not None and not self._stopped.called:
                 if self._kill_timer is not None and self._kill_timer.active():
@@ -314,6 +368,71 @@ class Supervisor(Service):
         self._delays[worker.index] = min(delay * 2, RESTART_DELAY_MAX)
         return delay
 
+    # --- the hand-off (gateway.handoff) ----------------------------------
+
+    def _worker_ready(self) -> None:
+        if self.acceptor is not None and not self._stopping:
+            self.acceptor.start()
+
+    def load(self, worker: _WorkerProcess) -> int:
+        """Connections the worker holds plus those still in its pipe."""
+        if self.slot_table is None:
+            return worker.handed
+        opened, adopted = self.slot_table.read(worker.index)
+        return opened + max(0, worker.handed - adopted)
+
+    def hand_off(self, conn: socket.socket, listener_index: int) -> None:
+        """Give an accepted connection to the least-loaded ready worker whose
+        pipe takes it; close it when none does."""
+        candidates = {w.index: w for w in self.workers.values() if w.ready and w.pipe is not None}
+        order = dispatch_order([(i, self.load(w)) for i, w in candidates.items()], self._last_chosen, self.count)
+        try:
+            for index in order:
+                worker = candidates[index]
+                if send_connection(worker.pipe, conn, listener_index):  # type: ignore[arg-type]
+                    worker.handed += 1
+                    self.handed_off += 1
+                    self._last_chosen = index
+                    return
+            self.handoffs_dropped += 1
+            log.warn("no worker took a connection ({ready} ready): closed", ready=len(candidates))
+        finally:
+            conn.close()  # the worker has its own descriptor now
+
+    def _take_back(self, worker: _WorkerProcess) -> None:
+        """A worker died: hand what it never received to the others."""
+        pipe, peer = worker.pipe, worker.pipe_peer
+        worker.pipe = worker.pipe_peer = None
+        if pipe is not None:
+            pipe.close()
+        if peer is None:
+            return
+        taken_back = 0
+        try:
+            while True:
+                try:
+                    item = receive_connection(peer)
+                except (EOFError, OSError):
+                    break
+                if item is None:
+                    break
+                fd, listener_index = item
+                taken_back += 1
+                self.hand_off(socket.socket(fileno=fd), listener_index)
+        finally:
+            peer.close()
+        if taken_back:
+            log.info("{count} connections not yet received by worker {index} handed to the others",
+                     count=taken_back, index=worker.index)
+        if self.acceptor is not None and self.ready_workers() == 0:
+            self.acceptor.stop()  # the kernel's backlog holds new ones until a worker is ready
+
+    def worker_connections(self) -> dict[int, int]:
+        """Open connections of each live worker (the shared slot file)."""
+        if self.slot_table is None:
+            return {}
+        return {index: self.slot_table.read(index)[0] for index in sorted(self.workers)}
+
     def signal_workers(self, signum: int) -> None:
         for worker in list(self.workers.values()):
             if worker.pid is not None:
@@ -327,14 +446,7 @@ class Supervisor(Service):
 
     def listening(self) -> list[str]:
         """The endpoints bound (port 0 resolved)."""
-        out = []
-        for lst in self.listeners:
-            name = lst.sock.getsockname()
-            if lst.family == socket.AF_UNIX:
-                out.append(f"unix:{name}")
-            else:
-                out.append(f"{'tcp6' if lst.family == socket.AF_INET6 else 'tcp'}:{name[1]}:interface={name[0]}")
-        return out
+        return listening_addresses(self.listeners)
 
     def ready_workers(self) -> int:
         return sum(1 for w in self.workers.values() if w.ready)
@@ -361,6 +473,11 @@ class Supervisor(Service):
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
         self._stopping = True
+        if self.acceptor is not None:
+            # What the kernel queued goes to the workers before they are told
+            # to stop (they take all of their pipe before draining).
+            self.acceptor.stop()
+            self.acceptor.accept_backlog()
         # Our copies of the listening sockets go first: once the workers close
         # theirs (after accepting what is queued) new peers are refused at
         # once instead of waiting in a backlog no one reads.
@@ -394,6 +511,16 @@ class SupervisorCollector:
                                   value=s.restarts)
         yield GaugeMetricFamily("icap_gateway_workers_ready", "Worker processes with rules loaded, accepting",
                                 value=s.ready_workers())
+        per_worker = GaugeMetricFamily("icap_gateway_worker_connections", "Open ICAP connections of each worker",
+                                       labels=["worker"])
+        for index, connections in s.worker_connections().items():
+            per_worker.add_metric([str(index)], connections)
+        yield per_worker
+        yield CounterMetricFamily("icap_gateway_handoffs", "Connections the supervisor handed to a worker",
+                                  value=s.handed_off)
+        yield CounterMetricFamily("icap_gateway_handoffs_dropped",
+                                  "Connections closed because no worker's hand-off pipe took them",
+                                  value=s.handoffs_dropped)
 
 
 def build_supervisor(config: Any, reactor: Any, argv: list[str], count: int) -> tuple[MultiService, Supervisor]:
@@ -405,13 +532,20 @@ def build_supervisor(config: Any, reactor: Any, argv: list[str], count: int) -> 
     prepare_multiprocess_dir(mp_dir)
     listeners = [bind_listener(d) for d in config.server.listen]
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=mp_dir)
-    worker_argv = [sys.executable, "-m", "gateway", *argv, "--worker-fds", worker_fds_argument(listeners)]
+    handoff = config.server.worker_balance == "least-loaded"
+    if handoff:
+        handed = [HandedListener(lst.family, lst.proxy_protocol, address)
+                  for lst, address in zip(listeners, listening_addresses(listeners), strict=True)]
+        mode = ["--handoff-fd", str(FIRST_LISTENER_FD), "--handoff-listeners", listeners_argument(handed)]
+    else:
+        mode = ["--worker-fds", worker_fds_argument(listeners)]
+    worker_argv = [sys.executable, "-m", "gateway", *argv, *mode]
     top = MultiService()
     slots = config.state_path("connections.slots")
     create_slots(slots, count)
     supervisor = Supervisor(reactor, count, worker_argv, listeners, env,
                             on_exit=lambda pid: worker_exited(pid, mp_dir), connection_slots=slots,
-                            shutdown_timeout=config.server.shutdown_timeout)
+                            shutdown_timeout=config.server.shutdown_timeout, handoff=handoff)
     build_metrics_service(config, reactor, ready=supervisor.readiness, multiprocess_dir=mp_dir,
                           collectors=[SupervisorCollector(supervisor)]).setServiceParent(top)
     supervisor.setServiceParent(top)
