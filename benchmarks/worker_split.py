@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.icapwire import ResponseParser
-from benchmarks.servers import REPO, free_port, start_gateway
+from benchmarks.servers import REPO, ServerUnavailable, free_port, start_gateway
 
 TARGET_SHARE = 0.6
 MODES = ("kernel", "least-loaded")
@@ -115,12 +115,18 @@ class SplitResult:
 
 def measure(mode: str, connection_counts: Sequence[int], runs: int, requests: int,
             rules: Path = REPO / "rules") -> list[SplitResult]:
-    metrics_port = free_port()
-    extra: dict[str, dict[str, object]] = {
-        "server": {"workers": 2, "worker_balance": mode},
-        "monitoring": {"metrics_listen": f"tcp:{metrics_port}:interface=127.0.0.1"},
-    }
-    server = start_gateway(rules, extra)
+    for attempt in range(3):  # a free port may be taken before the gateway binds it
+        metrics_port = free_port()
+        extra: dict[str, dict[str, object]] = {
+            "server": {"workers": 2, "worker_balance": mode},
+            "monitoring": {"metrics_listen": f"tcp:{metrics_port}:interface=127.0.0.1"},
+        }
+        try:
+            server = start_gateway(rules, extra)
+            break
+        except ServerUnavailable:
+            if attempt == 2:
+                raise
     try:
         deadline = time.monotonic() + 60
         while len(worker_connections(metrics_port)) < 2 and time.monotonic() < deadline:
