@@ -26,9 +26,12 @@ The costs, and what keeps them small:
   others); the supervisor does no other work on its reactor but /metrics.
   It reads the listeners only while some worker is ready: otherwise the
   kernel's listen backlog is the bounded queue.  Each pipe is bounded by its
-  socket buffer: a worker that stopped reading (wedged) refuses the send
-  and the connection goes to the next-least-loaded worker; only when every
-  pipe refuses is it closed (``icap_gateway_handoffs_dropped_total``).
+  socket buffer (a few hundred connections): a worker that stopped reading
+  refuses the send and the connection goes to the next-least-loaded worker;
+  when every pipe refuses, the supervisor stops accepting and retries every
+  10 ms, so the kernel's backlog is again the queue.  A connection is
+  closed unserved only when no worker is ready at all
+  (``icap_gateway_handoffs_dropped_total``).
 - A worker that dies with connections still in its pipe: the supervisor
   keeps its own copy of the worker's end, takes back every connection the
   worker never received, and hands them to the others.  None of them had a
@@ -37,7 +40,9 @@ The costs, and what keeps them small:
 - SIGTERM: the supervisor first accepts what the kernel queued and hands it
   out, closes the listeners, and only then signals the workers; each worker
   receives everything left in its pipe before it drains (``stopService``),
-  so a connection accepted before the stop is served like any other.
+  so a connection accepted before the stop is served like any other.  (One
+  gap: connections still waiting for room in a full pipe at that moment
+  are retried until the workers stop, then closed.)
 - One more hop per connection (accept, sendmsg, recvmsg: about 20 us), paid
   once per connection, not per request: nothing for Squid's persistent
   connections.
@@ -189,9 +194,11 @@ class Acceptor:
                 self.reactor.removeReader(reader)
         self.reading = False
 
-    def accept(self, index: int, limit: int = ACCEPTS_PER_WAKEUP) -> None:
+    def accept(self, index: int, limit: int = ACCEPTS_PER_WAKEUP, *, draining: bool = False) -> None:
         sock = self._readers[index].sock
         for _ in range(limit):
+            if not (self.reading or draining):  # hand_off stopped us: every pipe is full
+                return
             try:
                 conn, _addr = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -207,7 +214,7 @@ class Acceptor:
     def accept_backlog(self) -> None:
         """Before the listeners close at shutdown: everything the kernel queued."""
         for index in range(len(self._readers)):
-            self.accept(index, BACKLOG_ACCEPT_LIMIT)
+            self.accept(index, BACKLOG_ACCEPT_LIMIT, draining=True)
 
     def _pause(self, error: OSError) -> None:
         if self._paused is not None:

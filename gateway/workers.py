@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,10 @@ WORKER_EXIT_GRACE = 15.0
 # connect completed; they may have sent a request) before it closes, at most
 # this many (the default listen backlog is 1024).
 BACKLOG_ACCEPT_LIMIT = 4096
+
+# Every worker's hand-off pipe was full: try the connections waiting again
+# after this long (gateway.handoff).
+HANDOFF_RETRY = 0.01
 
 # First child file descriptor used for adopted listeners (0-2 are stdio).
 FIRST_LISTENER_FD = 3
@@ -298,6 +303,11 @@ class Supervisor(Service):
         self.handed_off = 0
         self.handoffs_dropped = 0
         self._last_chosen = -1
+        # Accepted connections no pipe took yet (every worker's was full),
+        # oldest first; at most ACCEPTS_PER_WAKEUP per listener plus what a
+        # dead worker left, as accepting stops while any waits.
+        self._waiting: deque[tuple[socket.socket, int]] = deque()
+        self._retry: Any = None
         self.workers: dict[int, _WorkerProcess] = {}
         self._stopping = False
         self._stopped: defer.Deferred[None] | None = None
@@ -348,6 +358,8 @@ class Supervisor(Service):
         if self.handoff:
             self._take_back(worker)
         if self._stopping:
+            if not self.workers:
+                self._close_waiting()
             if not self.workers and self._stopped is not None and not self._stopped.called:
                 if self._kill_timer is not None and self._kill_timer.active():
                     self._kill_timer.cancel()
@@ -371,7 +383,7 @@ class Supervisor(Service):
     # --- the hand-off (gateway.handoff) ----------------------------------
 
     def _worker_ready(self) -> None:
-        if self.acceptor is not None and not self._stopping:
+        if self.acceptor is not None and not self._stopping and not self._waiting:
             self.acceptor.start()
 
     def load(self, worker: _WorkerProcess) -> int:
@@ -383,21 +395,50 @@ class Supervisor(Service):
 
     def hand_off(self, conn: socket.socket, listener_index: int) -> None:
         """Give an accepted connection to the least-loaded ready worker whose
-        pipe takes it; close it when none does."""
+        pipe takes it.  When every pipe is full it waits (in order) and the
+        listeners are not read meanwhile: the kernel's backlog is the queue."""
+        if self._waiting or not self._send(conn, listener_index):
+            self._waiting.append((conn, listener_index))
+            if self.acceptor is not None:
+                self.acceptor.stop()
+            if self._retry is None:
+                self._retry = self.reactor.callLater(HANDOFF_RETRY, self._send_waiting)
+
+    def _send(self, conn: socket.socket, listener_index: int) -> bool:
+        """False when ready workers exist but none of their pipes took it (the
+        connection is still ours); else it is gone: to a worker, or closed
+        because no worker is ready (at shutdown, or every worker died)."""
         candidates = {w.index: w for w in self.workers.values() if w.ready and w.pipe is not None}
         order = dispatch_order([(i, self.load(w)) for i, w in candidates.items()], self._last_chosen, self.count)
-        try:
-            for index in order:
-                worker = candidates[index]
-                if send_connection(worker.pipe, conn, listener_index):  # type: ignore[arg-type]
-                    worker.handed += 1
-                    self.handed_off += 1
-                    self._last_chosen = index
-                    return
-            self.handoffs_dropped += 1
-            log.warn("no worker took a connection ({ready} ready): closed", ready=len(candidates))
-        finally:
-            conn.close()  # the worker has its own descriptor now
+        for index in order:
+            worker = candidates[index]
+            if send_connection(worker.pipe, conn, listener_index):  # type: ignore[arg-type]
+                worker.handed += 1
+                self.handed_off += 1
+                self._last_chosen = index
+                conn.close()  # the worker has its own descriptor now
+                return True
+        if candidates:
+            return False
+        self._drop(conn)
+        return True
+
+    def _drop(self, conn: socket.socket) -> None:
+        conn.close()
+        self.handoffs_dropped += 1
+        if self.handoffs_dropped & (self.handoffs_dropped - 1) == 0:  # 1, 2, 4, ...: no log flood
+            log.warn("no worker ready to take a connection: closed ({count} so far)", count=self.handoffs_dropped)
+
+    def _send_waiting(self) -> None:
+        self._retry = None
+        while self._waiting:
+            conn, listener_index = self._waiting[0]
+            if not self._send(conn, listener_index):
+                self._retry = self.reactor.callLater(HANDOFF_RETRY, self._send_waiting)
+                return
+            self._waiting.popleft()
+        if self.acceptor is not None and not self._stopping and self.ready_workers():
+            self.acceptor.start()
 
     def _take_back(self, worker: _WorkerProcess) -> None:
         """A worker died: hand what it never received to the others."""
@@ -426,6 +467,14 @@ class Supervisor(Service):
                      count=taken_back, index=worker.index)
         if self.acceptor is not None and self.ready_workers() == 0:
             self.acceptor.stop()  # the kernel's backlog holds new ones until a worker is ready
+
+    def _close_waiting(self) -> None:
+        """The last worker is gone at shutdown: nobody will take these."""
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        while self._waiting:
+            self._drop(self._waiting.popleft()[0])
 
     def worker_connections(self) -> dict[int, int]:
         """Open connections of each live worker (the shared slot file)."""
@@ -478,6 +527,7 @@ class Supervisor(Service):
             # to stop (they take all of their pipe before draining).
             self.acceptor.stop()
             self.acceptor.accept_backlog()
+            self._send_waiting()  # once: a worker drains its pipe before it stops
         # Our copies of the listening sockets go first: once the workers close
         # theirs (after accepting what is queued) new peers are refused at
         # once instead of waiting in a backlog no one reads.

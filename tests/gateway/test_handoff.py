@@ -215,22 +215,52 @@ def test_a_worker_not_ready_gets_nothing(supervisor: Supervisor, listener: Liste
 
 
 def test_a_pipe_that_refuses_sends_the_connection_to_the_next_worker(
-    supervisor: Supervisor, listener: Listener
+    supervisor: Supervisor, listener: Listener, reactor: HandoffReactor
 ) -> None:
     _ready(supervisor, 0)
     _ready(supervisor, 1)
     broken = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    broken.close()  # any send fails, like a full or gone pipe
+    broken.close()  # any send fails, like a full pipe
     supervisor.workers[0].pipe = broken
     _client, accepted = _connection(listener)
     supervisor.hand_off(accepted, 0)
     assert len(_received(supervisor, 1)) == 1
-    supervisor.workers[1].pipe = broken
-    client2, accepted2 = _connection(listener)
-    supervisor.hand_off(accepted2, 0)
-    assert supervisor.handoffs_dropped == 1 and accepted2.fileno() == -1
-    client2.settimeout(5)
-    assert client2.recv(1) == b""  # closed, not left hanging
+
+
+def test_when_every_pipe_is_full_connections_wait_in_order_and_accepting_stops(
+    supervisor: Supervisor, listener: Listener, reactor: HandoffReactor
+) -> None:
+    _ready(supervisor, 0)
+    _ready(supervisor, 1)
+    assert len(reactor.readers) == 1
+    pipes = [supervisor.workers[i].pipe for i in (0, 1)]
+    broken = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    broken.close()
+    for i in (0, 1):
+        supervisor.workers[i].pipe = broken
+    clients = []
+    for _ in range(2):
+        client, accepted = _connection(listener)
+        clients.append(client)
+        supervisor.hand_off(accepted, 0)
+        assert accepted.fileno() != -1  # still ours, not closed
+    assert reactor.readers == set()  # the kernel's backlog holds the next ones
+    reactor.advance(workers_module.HANDOFF_RETRY)  # still full
+    assert reactor.readers == set() and supervisor.handoffs_dropped == 0
+    supervisor.workers[1].pipe = pipes[1]  # worker 1 catches up
+    reactor.advance(workers_module.HANDOFF_RETRY)
+    assert len(_received(supervisor, 1)) == 2 and supervisor.handoffs_dropped == 0
+    assert len(reactor.readers) == 1  # accepting again
+
+
+def test_with_no_worker_ready_a_connection_is_closed_and_counted(
+    supervisor: Supervisor, listener: Listener
+) -> None:
+    client, accepted = _connection(listener)
+    supervisor.hand_off(accepted, 0)
+    assert supervisor.handoffs_dropped == 1 and accepted.fileno() == -1
+    client.settimeout(5)
+    assert client.recv(1) == b""  # closed, not left hanging
 
 
 def test_a_dead_workers_unreceived_connections_go_to_the_others(
@@ -278,6 +308,7 @@ def test_shutdown_hands_out_the_backlog_before_signalling(
 def test_the_accept_loop_takes_at_most_a_bound_per_wakeup(listener: Listener, reactor: HandoffReactor) -> None:
     got: list[socket.socket] = []
     acceptor = Acceptor(reactor, [listener.sock], lambda conn, index: got.append(conn))
+    acceptor.start()
     clients = [socket.create_connection(listener.sock.getsockname()) for _ in range(ACCEPTS_PER_WAKEUP + 3)]
     acceptor.accept(0)
     assert len(got) == ACCEPTS_PER_WAKEUP
