@@ -67,6 +67,11 @@ WORKER_EXIT_GRACE = 15.0
 # this many (the default listen backlog is 1024).
 BACKLOG_ACCEPT_LIMIT = 4096
 
+# At start-up the supervisor hands connections out once every worker is ready,
+# or after this many seconds to whichever are (signature-base compiles in
+# about 1-25 s depending on the machine's load).
+ACCEPT_ALONE_AFTER = 60.0
+
 # Every worker's hand-off pipe was full: try the connections waiting again
 # after this long (gateway.handoff).
 HANDOFF_RETRY = 0.01
@@ -308,6 +313,8 @@ class Supervisor(Service):
         # dead worker left, as accepting stops while any waits.
         self._waiting: deque[tuple[socket.socket, int]] = deque()
         self._retry: Any = None
+        self._start_waited = False  # ACCEPT_ALONE_AFTER passed since the start
+        self._start_timer: Any = None
         self.workers: dict[int, _WorkerProcess] = {}
         self._stopping = False
         self._stopped: defer.Deferred[None] | None = None
@@ -322,6 +329,7 @@ class Supervisor(Service):
             self.slot_table = SlotTable(self.connection_slots)
         if self.handoff:
             self.acceptor = Acceptor(self.reactor, [lst.sock for lst in self.listeners], self.hand_off)
+            self._start_timer = self.reactor.callLater(ACCEPT_ALONE_AFTER, self._start_wait_over)
         for i in range(self.count):
             self._spawn(i)
 
@@ -383,8 +391,26 @@ class Supervisor(Service):
     # --- the hand-off (gateway.handoff) ----------------------------------
 
     def _worker_ready(self) -> None:
-        if self.acceptor is not None and not self._stopping and not self._waiting:
+        if self.ready_workers() >= self.count:
+            self._all_ready_once = True
+        self._maybe_accept()
+
+    def _may_accept(self) -> bool:
+        """Accept once every worker is ready (at start-up, the first one ready
+        would otherwise get every persistent connection for good, measured:
+        8/0 while the other compiled signature-base), or ACCEPT_ALONE_AFTER
+        has passed (a worker that cannot start must not hold the others);
+        then while any worker is ready and no connection waits for room."""
+        started = self._all_ready_once or self._start_waited
+        return not self._stopping and started and not self._waiting and self.ready_workers() > 0
+
+    def _maybe_accept(self) -> None:
+        if self.acceptor is not None and self._may_accept():
             self.acceptor.start()
+
+    def _start_wait_over(self) -> None:
+        self._start_waited = True
+        self._maybe_accept()
 
     def load(self, worker: _WorkerProcess) -> int:
         """Connections the worker holds plus those still in its pipe."""
@@ -437,8 +463,7 @@ class Supervisor(Service):
                 self._retry = self.reactor.callLater(HANDOFF_RETRY, self._send_waiting)
                 return
             self._waiting.popleft()
-        if self.acceptor is not None and not self._stopping and self.ready_workers():
-            self.acceptor.start()
+        self._maybe_accept()
 
     def _take_back(self, worker: _WorkerProcess) -> None:
         """A worker died: hand what it never received to the others."""
@@ -504,8 +529,8 @@ class Supervisor(Service):
         """/readyz of the gateway.  Not before every worker has loaded its
         rules once: a node must not join the pool at part capacity or with a
         start that failed.  After that, one ready worker is enough: a worker
-        being restarted is not in accept(), so the kernel hands connections
-        only to the live ones and every request is still answered; taking
+        being restarted is not handed connections (nor in accept(), with
+        worker_balance = "kernel"), so every request is still answered; taking
         the whole node out of HAProxy for one worker's restart (or for one
         crash-looping worker) would move all its load elsewhere for nothing.
         The restarts are visible in icap_gateway_worker_restarts_total."""
@@ -522,6 +547,8 @@ class Supervisor(Service):
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
         self._stopping = True
+        if self._start_timer is not None and self._start_timer.active():
+            self._start_timer.cancel()
         if self.acceptor is not None:
             # What the kernel queued goes to the workers before they are told
             # to stop (they take all of their pipe before draining).
