@@ -113,8 +113,29 @@ class SplitResult:
                 f"-> {'met' if self.met else 'missed'} (<= {TARGET_SHARE:.0%})")
 
 
+def connection_rate(port: int, seconds: float) -> float:
+    """New connections per second, one at a time, each carrying one OPTIONS:
+    what the hand-off through the supervisor costs a connection."""
+    request = (f"OPTIONS icap://127.0.0.1:{port}/respmod ICAP/1.0\r\nHost: 127.0.0.1:{port}\r\n"
+               "Encapsulated: null-body=0\r\n\r\n").encode()
+    done = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(request)
+            parser = ResponseParser()
+            got: list[object] = []
+            while not got:
+                data = s.recv(65536)
+                if not data:
+                    raise ConnectionError("closed before answering OPTIONS")
+                got.extend(parser.feed(data))
+        done += 1
+    return done / (time.perf_counter() - start)
+
+
 def measure(mode: str, connection_counts: Sequence[int], runs: int, requests: int,
-            rules: Path = REPO / "rules") -> list[SplitResult]:
+            rules: Path = REPO / "rules", rate_seconds: float = 0.0) -> tuple[list[SplitResult], float]:
     for attempt in range(3):  # a free port may be taken before the gateway binds it
         metrics_port = free_port()
         extra: dict[str, dict[str, object]] = {
@@ -140,7 +161,8 @@ def measure(mode: str, connection_counts: Sequence[int], runs: int, requests: in
                 result.splits.append(split)
                 result.answered += answered
             results.append(result)
-        return results
+        rate = connection_rate(server.port, rate_seconds) if rate_seconds else 0.0
+        return results, rate
     finally:
         server.stop()
 
@@ -165,15 +187,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=20, help="runs per connection count and mode (20)")
     parser.add_argument("--requests", type=int, default=5, help="requests per connection per run (5)")
     parser.add_argument("--connections", default="4,8", help="connection counts (4,8)")
+    parser.add_argument("--connect-seconds", type=float, default=3.0,
+                        help="also measure new connections per second for this long (3; 0 skips)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"[server] worker_balance values ({','.join(MODES)})")
     args = parser.parse_args(argv)
     counts = [int(x) for x in args.connections.split(",")]
     all_met = True
     for mode in args.modes.split(","):
-        for result in measure(mode, counts, args.runs, args.requests):
+        results, rate = measure(mode, counts, args.runs, args.requests, rate_seconds=args.connect_seconds)
+        for result in results:
             print(result.summary(), flush=True)
             if mode == "least-loaded":
                 all_met &= result.met
+        if rate:
+            print(f"{mode:>12}  new connections, one OPTIONS each, one at a time: {rate:,.0f}/s", flush=True)
     return 0 if all_met else 1
 
 
