@@ -63,6 +63,7 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
@@ -178,7 +179,7 @@ class Acceptor:
                  hand_off: Callable[[socket.socket, int], None]) -> None:
         self.reactor = reactor
         self.hand_off = hand_off
-        self._readers = [_Readable(sock, lambda i=i: self.accept(i)) for i, sock in enumerate(sockets)]
+        self._readers = [_Readable(sock, partial(self.accept, i)) for i, sock in enumerate(sockets)]
         self.reading = False
         self._paused: Any = None  # the delayed call ending an ACCEPT_PAUSE
 
@@ -237,7 +238,7 @@ class HandoffReceiverService(Service):
     sends, wrapped like an adopted listener's (``wrap_factory``)."""
 
     def __init__(self, reactor: Any, handoff: Handoff, factory: protocol.Factory, count: ConnectionCount,
-                 wrap_factory: Callable[[protocol.Factory, Any, bool], protocol.Factory]) -> None:
+                 wrap_factory: Callable[[protocol.Factory, Any, bool], Any]) -> None:
         self.reactor = reactor
         self.handoff = handoff
         self.count = count

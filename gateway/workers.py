@@ -204,7 +204,7 @@ class _OneAcceptPort(tcp.Port):
         pass
 
 
-def wrap_adopted_factory(factory: protocol.Factory, reactor: Any, proxy_protocol: bool) -> protocol.Factory:
+def wrap_adopted_factory(factory: protocol.Factory, reactor: Any, proxy_protocol: bool) -> Any:
     """The factory for connections of an inherited listener or handed off by
     the supervisor.  A haproxy: listener: each connection starts with a PROXY
     header, so the gateway sees the balancer's client, not the balancer."""
