@@ -68,6 +68,11 @@ class ServerSettings:
     workers: int = setting(
         0, "Worker processes sharing the listeners; 0 means one per core", validate=non_negative
     )
+    worker_balance: Literal["least-loaded", "kernel"] = setting(
+        "least-loaded", "How workers share connections: least-loaded (the supervisor accepts and hands each "
+        "connection to the worker holding the fewest; evens out Squid's few long-lived connections) or "
+        "kernel (every worker accepts on the shared listeners; no hop through the supervisor)",
+    )
     max_connections: int = setting(
         1000, "Connections the whole gateway (all workers together) keeps open, advertised in OPTIONS "
         "as Max-Connections. At the limit a new connection closes the longest-idle keep-alive "

@@ -4,11 +4,14 @@
 promise for the gateway, not for one worker.  With several workers (see
 ``gateway.workers``) the supervisor creates a small file of one 8-byte slot
 per worker, mapped by every worker (``mmap``, shared pages, no disk I/O).
-Each worker writes only its own slot (its open connections) and reads the
-sum when it accepts a connection.  No lock is needed: each slot has one
-writer, and a reader that sees a slot mid-update is off by at most that
-worker's last change, for one decision.  The supervisor zeroes a dead
-worker's slot (its connections died with it) before restarting it.
+Each worker writes only its own slot (its open connections, and how many
+connections it took from the supervisor's hand-off, see ``gateway.handoff``)
+and reads the sum when it accepts a connection.  The supervisor reads every
+slot to hand each new connection to the least-loaded worker.  No lock is
+needed: each field has one writer, and a reader that sees a slot mid-update
+is off by at most that worker's last change, for one decision.  The
+supervisor zeroes a dead worker's slot (its connections died with it)
+before restarting it.
 
 A single process keeps the count in memory (``LocalConnectionCount``).
 """
@@ -25,7 +28,10 @@ from typing import Protocol
 # The worker's slot, given by the supervisor: "<path>:<slot index>".
 SLOTS_ENV = "ICAP_GATEWAY_CONNECTION_SLOTS"
 
-_SLOT = struct.Struct("<q")
+# One slot: open connections, connections adopted from the hand-off (ever).
+_SLOT = struct.Struct("<qq")
+_OPEN = struct.Struct("<q")
+_ADOPTED_OFFSET = _OPEN.size
 
 
 class ConnectionCount(Protocol):
@@ -34,6 +40,9 @@ class ConnectionCount(Protocol):
 
     def total(self, local: int) -> int:
         """Connections held by the whole gateway (this process: ``local``)."""
+
+    def adopted(self) -> None:
+        """This process took one more connection from the supervisor's hand-off."""
 
 
 class LocalConnectionCount:
@@ -44,6 +53,9 @@ class LocalConnectionCount:
 
     def total(self, local: int) -> int:
         return local
+
+    def adopted(self) -> None:
+        pass
 
 
 def create_slots(path: Path, workers: int) -> None:
@@ -58,7 +70,7 @@ def clear_slot(path: Path, slot: int) -> None:
     """A worker died: its connections are gone with it."""
     with open(path, "r+b") as f:
         f.seek(slot * _SLOT.size)
-        f.write(_SLOT.pack(0))
+        f.write(_SLOT.pack(0, 0))
 
 
 class SharedConnectionCount:
@@ -71,16 +83,38 @@ class SharedConnectionCount:
         if not 0 <= slot < self.slots:
             raise ValueError(f"connection slot {slot} outside {path} ({self.slots} slots)")
         self.slot = slot
-        self.publish(0)
+        self._adopted = 0
+        _SLOT.pack_into(self._map, slot * _SLOT.size, 0, 0)
 
     def publish(self, local: int) -> None:
-        _SLOT.pack_into(self._map, self.slot * _SLOT.size, local)
+        _OPEN.pack_into(self._map, self.slot * _SLOT.size, local)
 
     def total(self, local: int) -> int:
         others = sum(
-            max(0, _SLOT.unpack_from(self._map, i * _SLOT.size)[0]) for i in range(self.slots) if i != self.slot
+            max(0, _OPEN.unpack_from(self._map, i * _SLOT.size)[0]) for i in range(self.slots) if i != self.slot
         )
         return others + local
+
+    def adopted(self) -> None:
+        self._adopted += 1
+        _OPEN.pack_into(self._map, self.slot * _SLOT.size + _ADOPTED_OFFSET, self._adopted)
+
+
+class SlotTable:
+    """The supervisor's read-only view of every worker's slot."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.slots = len(self._map) // _SLOT.size
+
+    def read(self, slot: int) -> tuple[int, int]:
+        """(open connections, connections adopted from the hand-off) of one worker."""
+        opened, adopted = _SLOT.unpack_from(self._map, slot * _SLOT.size)
+        return max(0, opened), max(0, adopted)
+
+    def close(self) -> None:
+        self._map.close()
 
 
 def count_from_environment(env: Mapping[str, str]) -> ConnectionCount:

@@ -33,6 +33,10 @@ def add_commands(subparsers: Any) -> None:
                        help="worker processes sharing the listener, 0: one per core (replaces [server] workers)")
     # Set by a supervising parent for its workers: inherited listening sockets.
     serve.add_argument("--worker-fds", metavar="FD:FAMILY,...", help=argparse.SUPPRESS)
+    # Set by a supervising parent for its workers: the pipe connections are
+    # handed down (gateway.handoff), and the listeners they come from (JSON).
+    serve.add_argument("--handoff-fd", metavar="FD", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--handoff-listeners", metavar="JSON", help=argparse.SUPPRESS)
     # Set by a supervising parent: a pipe on which the worker says it is ready.
     serve.add_argument("--ready-fd", metavar="FD", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=run_serve)
@@ -83,16 +87,20 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
 
+    from gateway.handoff import Handoff, parse_listeners_argument
     from gateway.service import build_gateway, worker_count
-
-    count = worker_count(config)
-    if args.worker_fds is None and count > 1:
-        return run_supervisor(args, config, count)
     from gateway.workers import parse_worker_fds
 
+    count = worker_count(config)
+    worker = args.worker_fds is not None or args.handoff_fd is not None
+    if not worker and count > 1:
+        return run_supervisor(args, config, count)
     adopted = parse_worker_fds(args.worker_fds) if args.worker_fds else None
+    handoff = None
+    if args.handoff_fd is not None:
+        handoff = Handoff(args.handoff_fd, parse_listeners_argument(args.handoff_listeners or "[]"))
     try:
-        gateway = build_gateway(config, reactor, adopted=adopted)
+        gateway = build_gateway(config, reactor, adopted=adopted, handoff=handoff)
     except RulesError as e:
         print(f"cannot load rules: {e}", file=sys.stderr)
         return 1
@@ -125,7 +133,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", gateway.service.stopService)  # type: ignore[attr-defined]
-    if adopted is not None:
+    if worker:
         # A worker: the parent owns the terminal; SIGINT goes to the whole
         # process group on Ctrl-C, and the parent stops us with SIGTERM.
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -22,12 +22,19 @@ from twisted.logger import Logger
 from gateway.blockpage import BlockPage
 from gateway.config import PROJECT_ROOT, GatewayConfig
 from gateway.connections import count_from_environment
+from gateway.handoff import Handoff, HandoffReceiverService
 from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.proxyprotocol import inner_endpoint, listener_factory
 from gateway.scancache import VerdictCache
 from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
 from gateway.spool import BodySpool, MemoryBudget, purge_stale
-from gateway.workers import AdoptedListenerService, AdoptedSocket, accept_backlog, describe_address
+from gateway.workers import (
+    AdoptedListenerService,
+    AdoptedSocket,
+    accept_backlog,
+    describe_address,
+    wrap_adopted_factory,
+)
 from monitoring.service import build_monitoring
 from register.auth import credentials_from_headers
 from register.service import build_register
@@ -157,7 +164,8 @@ def resolve_path(value: str, config: GatewayConfig) -> Path:
 
 
 def build_gateway(
-    config: GatewayConfig, reactor: Any, *, adopted: list[AdoptedSocket] | None = None
+    config: GatewayConfig, reactor: Any, *, adopted: list[AdoptedSocket] | None = None,
+    handoff: Handoff | None = None,
 ) -> Gateway:
     """Build every part; raises RulesError, ConfigErrors or the register's
     SchemaError with a message fit for an admin.
@@ -165,7 +173,9 @@ def build_gateway(
     ``adopted``: (fd, address family) of listening sockets inherited from a
     supervising parent (``gateway.workers``); the worker then accepts on
     those instead of binding ``[server] listen``, and leaves /metrics to the
-    parent."""
+    parent.  ``handoff``: the parent accepts and hands connections down this
+    pipe instead (``gateway.handoff``); the worker is a worker all the same."""
+    worker = adopted is not None or handoff is not None
     state_dir = Path(config.server.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     spool_dir = state_dir / "spool"
@@ -186,7 +196,7 @@ def build_gateway(
 
     # A supervised worker falls back to the last good rules when the directory
     # does not compile (a restart next to a broken file: gateway.rulesnapshot).
-    last_good = state_dir / "rules-last-good" if adopted is not None else None
+    last_good = state_dir / "rules-last-good" if worker else None
     rules = RulesManager(resolve_path(config.scan.rules, config), reactor, pool, config.scan.reload_interval,
                          compiler=compiler, snapshot_store=last_good)
     register = build_register(config, reactor)
@@ -202,7 +212,7 @@ def build_gateway(
 
     monitoring = build_monitoring(
         config, reactor, ready=ready, queue_depth=register.queue_depth, write_errors=register.write_errors,
-        serve_http=adopted is None,
+        serve_http=not worker,
     )
     rules.add_observer(monitoring.observer.rules_loaded)
     rules.load_now()
@@ -237,7 +247,7 @@ def build_gateway(
         write_timeout=server.write_timeout,
         max_pipelined_bytes=server.max_pipelined_bytes,
         # A worker of several shares the gateway's count (gateway.workers).
-        connection_count=count_from_environment(os.environ if adopted is not None else {}),
+        connection_count=count_from_environment(os.environ if worker else {}),
         max_scan_size=config.scan.max_scan_size,
         early_response_after=server.early_response_after,
         skip_types=list(config.scan.skip_types),
@@ -247,7 +257,10 @@ def build_gateway(
     # its writer flushes what the final transactions recorded.
     register.service.setServiceParent(top)
     monitoring.service.setServiceParent(top)
-    if adopted is not None:
+    if handoff is not None:
+        HandoffReceiverService(reactor, handoff, factory, context.connection_count,
+                               wrap_adopted_factory).setServiceParent(top.listeners)
+    elif adopted is not None:
         for sock in adopted:
             AdoptedListenerService(reactor, sock.fd, sock.family, factory,
                                    proxy_protocol=sock.proxy_protocol).setServiceParent(top.listeners)

@@ -1,8 +1,11 @@
 """Several worker processes sharing the ICAP listeners, to use every core.
 
 The reactor is one thread: with YARA in threads the protocol work of one
-process still tops out at one core.  The parent binds each listener once and
-hands the listening sockets to N workers (``childFDs``), which adopt them
+process still tops out at one core.  The parent binds each listener once.
+By default (``[server] worker_balance = "least-loaded"``) it accepts on them
+itself and hands each connection to the worker holding the fewest
+(``gateway.handoff``, which states the costs).  With ``"kernel"`` it hands
+the listening sockets to N workers (``childFDs``), which adopt them
 (``IReactorSocket.adoptStreamPort``): the kernel spreads new connections
 over the processes blocked in ``accept``.  Each worker accepts one
 connection per wake-up (``_OneAcceptPort``): Twisted's default takes up to a
@@ -23,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +35,15 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, protocol, tcp
 from twisted.logger import Logger
 
-from gateway.connections import SLOTS_ENV, clear_slot, create_slots
+from gateway.connections import SLOTS_ENV, SlotTable, clear_slot, create_slots
+from gateway.handoff import (
+    Acceptor,
+    HandedListener,
+    dispatch_order,
+    listeners_argument,
+    receive_connection,
+    send_connection,
+)
 from gateway.proxyprotocol import ProxyHeaderFactory, inner_endpoint, is_proxy_endpoint
 
 log = Logger()
@@ -54,6 +66,15 @@ WORKER_EXIT_GRACE = 15.0
 # connect completed; they may have sent a request) before it closes, at most
 # this many (the default listen backlog is 1024).
 BACKLOG_ACCEPT_LIMIT = 4096
+
+# At start-up the supervisor hands connections out once every worker is ready,
+# or after this many seconds to whichever are (signature-base compiles in
+# about 1-25 s depending on the machine's load).
+ACCEPT_ALONE_AFTER = 60.0
+
+# Every worker's hand-off pipe was full: try the connections waiting again
+# after this long (gateway.handoff).
+HANDOFF_RETRY = 0.01
 
 # First child file descriptor used for adopted listeners (0-2 are stdio).
 FIRST_LISTENER_FD = 3
@@ -183,6 +204,13 @@ class _OneAcceptPort(tcp.Port):
         pass
 
 
+def wrap_adopted_factory(factory: protocol.Factory, reactor: Any, proxy_protocol: bool) -> Any:
+    """The factory for connections of an inherited listener or handed off by
+    the supervisor.  A haproxy: listener: each connection starts with a PROXY
+    header, so the gateway sees the balancer's client, not the balancer."""
+    return ProxyHeaderFactory(factory, reactor) if proxy_protocol else factory
+
+
 class AdoptedListenerService(Service):
     """Accepts on a listening socket inherited from the supervising parent."""
 
@@ -191,9 +219,7 @@ class AdoptedListenerService(Service):
         self.reactor = reactor
         self.fd = fd
         self.family = family
-        # A haproxy: listener: each connection starts with a PROXY header, so
-        # the gateway sees the balancer's client, not the balancer.
-        self.factory = ProxyHeaderFactory(factory, reactor) if proxy_protocol else factory
+        self.factory = wrap_adopted_factory(factory, reactor, proxy_protocol)
         self.port: Any = None
 
     def startService(self) -> None:
@@ -215,6 +241,18 @@ class AdoptedListenerService(Service):
         return defer.maybeDeferred(port.stopListening)
 
 
+def listening_addresses(listeners: Sequence[Listener]) -> list[str]:
+    """The endpoints bound (port 0 resolved)."""
+    out = []
+    for lst in listeners:
+        name = lst.sock.getsockname()
+        if lst.family == socket.AF_UNIX:
+            out.append(f"unix:{name}")
+        else:
+            out.append(f"{'tcp6' if lst.family == socket.AF_INET6 else 'tcp'}:{name[1]}:interface={name[0]}")
+    return out
+
+
 class _WorkerProcess(protocol.ProcessProtocol):
     def __init__(self, supervisor: Supervisor, index: int) -> None:
         self.supervisor = supervisor
@@ -223,6 +261,12 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.ready = False  # wrote its ready line: rules loaded, listening
         self.started = supervisor.reactor.seconds()
         self._ready_buffer = b""
+        # The hand-off (gateway.handoff): our sending end, our copy of the
+        # worker's end (to take back what it never received if it dies), and
+        # the connections sent to it.
+        self.pipe: socket.socket | None = None
+        self.pipe_peer: socket.socket | None = None
+        self.handed = 0
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -231,8 +275,9 @@ class _WorkerProcess(protocol.ProcessProtocol):
         if childFD != self.supervisor.ready_fd:
             return
         self._ready_buffer = (self._ready_buffer + data)[-READY_LINE_LIMIT:]
-        if b"\n" in self._ready_buffer and self._ready_buffer.startswith(READY_LINE):
+        if not self.ready and b"\n" in self._ready_buffer and self._ready_buffer.startswith(READY_LINE):
             self.ready = True
+            self.supervisor._worker_ready()
 
     def processEnded(self, reason: Any) -> None:
         self.supervisor._worker_ended(self, reason)
@@ -240,11 +285,12 @@ class _WorkerProcess(protocol.ProcessProtocol):
 
 class Supervisor(Service):
     """Starts ``count`` workers running ``argv`` with the listeners as fds
-    3, 4, ... and a ready pipe after them, and keeps them running until stopped."""
+    3, 4, ... (``handoff``: its hand-off pipe as fd 3) and a ready pipe after
+    them, and keeps them running until stopped."""
 
     def __init__(self, reactor: Any, count: int, argv: list[str], listeners: Sequence[Listener],
                  env: dict[str, str], on_exit: Any = None, connection_slots: Any = None,
-                 shutdown_timeout: float = 30.0) -> None:
+                 shutdown_timeout: float = 30.0, handoff: bool = False) -> None:
         self.reactor = reactor
         # gateway.connections: one slot per worker, so max_connections holds
         # for the gateway, not per worker (None: no shared count).
@@ -255,7 +301,20 @@ class Supervisor(Service):
         self.env = env
         self.on_exit = on_exit
         self.shutdown_timeout = shutdown_timeout
-        self.ready_fd = FIRST_LISTENER_FD + len(self.listeners)
+        self.handoff = handoff
+        self.ready_fd = FIRST_LISTENER_FD + (1 if handoff else len(self.listeners))
+        self.acceptor: Acceptor | None = None
+        self.slot_table: SlotTable | None = None  # every worker's counts (connection_slots)
+        self.handed_off = 0
+        self.handoffs_dropped = 0
+        self._last_chosen = -1
+        # Accepted connections no pipe took yet (every worker's was full),
+        # oldest first; at most ACCEPTS_PER_WAKEUP per listener plus what a
+        # dead worker left, as accepting stops while any waits.
+        self._waiting: deque[tuple[socket.socket, int]] = deque()
+        self._retry: Any = None
+        self._start_waited = False  # ACCEPT_ALONE_AFTER passed since the start
+        self._start_timer: Any = None
         self.workers: dict[int, _WorkerProcess] = {}
         self._stopping = False
         self._stopped: defer.Deferred[None] | None = None
@@ -266,6 +325,11 @@ class Supervisor(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.connection_slots is not None:
+            self.slot_table = SlotTable(self.connection_slots)
+        if self.handoff:
+            self.acceptor = Acceptor(self.reactor, [lst.sock for lst in self.listeners], self.hand_off)
+            self._start_timer = self.reactor.callLater(ACCEPT_ALONE_AFTER, self._start_wait_over)
         for i in range(self.count):
             self._spawn(i)
 
@@ -273,10 +337,16 @@ class Supervisor(Service):
         if self._stopping:
             return
         child_fds: dict[int, int | str] = {0: 0, 1: 1, 2: 2}
-        for i, lst in enumerate(self.listeners):
-            child_fds[FIRST_LISTENER_FD + i] = lst.sock.fileno()
-        child_fds[self.ready_fd] = "r"
         worker = _WorkerProcess(self, index)
+        if self.handoff:
+            worker.pipe, worker.pipe_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            worker.pipe.setblocking(False)
+            worker.pipe_peer.setblocking(False)
+            child_fds[FIRST_LISTENER_FD] = worker.pipe_peer.fileno()
+        else:
+            for i, lst in enumerate(self.listeners):
+                child_fds[FIRST_LISTENER_FD + i] = lst.sock.fileno()
+        child_fds[self.ready_fd] = "r"
         env = self.env
         if self.connection_slots is not None:
             clear_slot(self.connection_slots, index)
@@ -293,7 +363,11 @@ class Supervisor(Service):
             self.on_exit(worker.pid)
         if self.connection_slots is not None:
             clear_slot(self.connection_slots, worker.index)  # its connections died with it
+        if self.handoff:
+            self._take_back(worker)
         if self._stopping:
+            if not self.workers:
+                self._close_waiting()
             if not self.workers and self._stopped is not None and not self._stopped.called:
                 if self._kill_timer is not None and self._kill_timer.active():
                     self._kill_timer.cancel()
@@ -314,6 +388,125 @@ class Supervisor(Service):
         self._delays[worker.index] = min(delay * 2, RESTART_DELAY_MAX)
         return delay
 
+    # --- the hand-off (gateway.handoff) ----------------------------------
+
+    def _worker_ready(self) -> None:
+        if self.ready_workers() >= self.count:
+            self._all_ready_once = True
+        self._maybe_accept()
+
+    def _may_accept(self) -> bool:
+        """Accept once every worker is ready (at start-up, the first one ready
+        would otherwise get every persistent connection for good, measured:
+        8/0 while the other compiled signature-base), or ACCEPT_ALONE_AFTER
+        has passed (a worker that cannot start must not hold the others);
+        then while any worker is ready and no connection waits for room."""
+        started = self._all_ready_once or self._start_waited
+        return not self._stopping and started and not self._waiting and self.ready_workers() > 0
+
+    def _maybe_accept(self) -> None:
+        if self.acceptor is not None and self._may_accept():
+            self.acceptor.start()
+
+    def _start_wait_over(self) -> None:
+        self._start_waited = True
+        self._maybe_accept()
+
+    def load(self, worker: _WorkerProcess) -> int:
+        """Connections the worker holds plus those still in its pipe."""
+        if self.slot_table is None:
+            return worker.handed
+        opened, adopted = self.slot_table.read(worker.index)
+        return opened + max(0, worker.handed - adopted)
+
+    def hand_off(self, conn: socket.socket, listener_index: int) -> None:
+        """Give an accepted connection to the least-loaded ready worker whose
+        pipe takes it.  When every pipe is full it waits (in order) and the
+        listeners are not read meanwhile: the kernel's backlog is the queue."""
+        if self._waiting or not self._send(conn, listener_index):
+            self._waiting.append((conn, listener_index))
+            if self.acceptor is not None:
+                self.acceptor.stop()
+            if self._retry is None:
+                self._retry = self.reactor.callLater(HANDOFF_RETRY, self._send_waiting)
+
+    def _send(self, conn: socket.socket, listener_index: int) -> bool:
+        """False when ready workers exist but none of their pipes took it (the
+        connection is still ours); else it is gone: to a worker, or closed
+        because no worker is ready (at shutdown, or every worker died)."""
+        candidates = {w.index: w for w in self.workers.values() if w.ready and w.pipe is not None}
+        order = dispatch_order([(i, self.load(w)) for i, w in candidates.items()], self._last_chosen, self.count)
+        for index in order:
+            worker = candidates[index]
+            if send_connection(worker.pipe, conn, listener_index):  # type: ignore[arg-type]
+                worker.handed += 1
+                self.handed_off += 1
+                self._last_chosen = index
+                conn.close()  # the worker has its own descriptor now
+                return True
+        if candidates:
+            return False
+        self._drop(conn)
+        return True
+
+    def _drop(self, conn: socket.socket) -> None:
+        conn.close()
+        self.handoffs_dropped += 1
+        if self.handoffs_dropped & (self.handoffs_dropped - 1) == 0:  # 1, 2, 4, ...: no log flood
+            log.warn("no worker ready to take a connection: closed ({count} so far)", count=self.handoffs_dropped)
+
+    def _send_waiting(self) -> None:
+        self._retry = None
+        while self._waiting:
+            conn, listener_index = self._waiting[0]
+            if not self._send(conn, listener_index):
+                self._retry = self.reactor.callLater(HANDOFF_RETRY, self._send_waiting)
+                return
+            self._waiting.popleft()
+        self._maybe_accept()
+
+    def _take_back(self, worker: _WorkerProcess) -> None:
+        """A worker died: hand what it never received to the others."""
+        pipe, peer = worker.pipe, worker.pipe_peer
+        worker.pipe = worker.pipe_peer = None
+        if pipe is not None:
+            pipe.close()
+        if peer is None:
+            return
+        taken_back = 0
+        try:
+            while True:
+                try:
+                    item = receive_connection(peer)
+                except (EOFError, OSError):
+                    break
+                if item is None:
+                    break
+                fd, listener_index = item
+                taken_back += 1
+                self.hand_off(socket.socket(fileno=fd), listener_index)
+        finally:
+            peer.close()
+        if taken_back:
+            log.info("{count} connections not yet received by worker {index} handed to the others",
+                     count=taken_back, index=worker.index)
+        if self.acceptor is not None and self.ready_workers() == 0:
+            self.acceptor.stop()  # the kernel's backlog holds new ones until a worker is ready
+
+    def _close_waiting(self) -> None:
+        """The last worker is gone at shutdown: nobody will take these."""
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        while self._waiting:
+            self._drop(self._waiting.popleft()[0])
+
+    def worker_connections(self) -> dict[int, int]:
+        """Open connections of each live worker (the shared slot file)."""
+        if self.slot_table is None:
+            return {}
+        return {index: self.slot_table.read(index)[0] for index in sorted(self.workers)}
+
     def signal_workers(self, signum: int) -> None:
         for worker in list(self.workers.values()):
             if worker.pid is not None:
@@ -327,14 +520,7 @@ class Supervisor(Service):
 
     def listening(self) -> list[str]:
         """The endpoints bound (port 0 resolved)."""
-        out = []
-        for lst in self.listeners:
-            name = lst.sock.getsockname()
-            if lst.family == socket.AF_UNIX:
-                out.append(f"unix:{name}")
-            else:
-                out.append(f"{'tcp6' if lst.family == socket.AF_INET6 else 'tcp'}:{name[1]}:interface={name[0]}")
-        return out
+        return listening_addresses(self.listeners)
 
     def ready_workers(self) -> int:
         return sum(1 for w in self.workers.values() if w.ready)
@@ -343,8 +529,8 @@ class Supervisor(Service):
         """/readyz of the gateway.  Not before every worker has loaded its
         rules once: a node must not join the pool at part capacity or with a
         start that failed.  After that, one ready worker is enough: a worker
-        being restarted is not in accept(), so the kernel hands connections
-        only to the live ones and every request is still answered; taking
+        being restarted is not handed connections (nor in accept(), with
+        worker_balance = "kernel"), so every request is still answered; taking
         the whole node out of HAProxy for one worker's restart (or for one
         crash-looping worker) would move all its load elsewhere for nothing.
         The restarts are visible in icap_gateway_worker_restarts_total."""
@@ -361,6 +547,14 @@ class Supervisor(Service):
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
         self._stopping = True
+        if self._start_timer is not None and self._start_timer.active():
+            self._start_timer.cancel()
+        if self.acceptor is not None:
+            # What the kernel queued goes to the workers before they are told
+            # to stop (they take all of their pipe before draining).
+            self.acceptor.stop()
+            self.acceptor.accept_backlog()
+            self._send_waiting()  # once: a worker drains its pipe before it stops
         # Our copies of the listening sockets go first: once the workers close
         # theirs (after accepting what is queued) new peers are refused at
         # once instead of waiting in a backlog no one reads.
@@ -394,6 +588,16 @@ class SupervisorCollector:
                                   value=s.restarts)
         yield GaugeMetricFamily("icap_gateway_workers_ready", "Worker processes with rules loaded, accepting",
                                 value=s.ready_workers())
+        per_worker = GaugeMetricFamily("icap_gateway_worker_connections", "Open ICAP connections of each worker",
+                                       labels=["worker"])
+        for index, connections in s.worker_connections().items():
+            per_worker.add_metric([str(index)], connections)
+        yield per_worker
+        yield CounterMetricFamily("icap_gateway_handoffs", "Connections the supervisor handed to a worker",
+                                  value=s.handed_off)
+        yield CounterMetricFamily("icap_gateway_handoffs_dropped",
+                                  "Connections closed because no worker's hand-off pipe took them",
+                                  value=s.handoffs_dropped)
 
 
 def build_supervisor(config: Any, reactor: Any, argv: list[str], count: int) -> tuple[MultiService, Supervisor]:
@@ -405,13 +609,20 @@ def build_supervisor(config: Any, reactor: Any, argv: list[str], count: int) -> 
     prepare_multiprocess_dir(mp_dir)
     listeners = [bind_listener(d) for d in config.server.listen]
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=mp_dir)
-    worker_argv = [sys.executable, "-m", "gateway", *argv, "--worker-fds", worker_fds_argument(listeners)]
+    handoff = config.server.worker_balance == "least-loaded"
+    if handoff:
+        handed = [HandedListener(lst.family, lst.proxy_protocol, address)
+                  for lst, address in zip(listeners, listening_addresses(listeners), strict=True)]
+        mode = ["--handoff-fd", str(FIRST_LISTENER_FD), "--handoff-listeners", listeners_argument(handed)]
+    else:
+        mode = ["--worker-fds", worker_fds_argument(listeners)]
+    worker_argv = [sys.executable, "-m", "gateway", *argv, *mode]
     top = MultiService()
     slots = config.state_path("connections.slots")
     create_slots(slots, count)
     supervisor = Supervisor(reactor, count, worker_argv, listeners, env,
                             on_exit=lambda pid: worker_exited(pid, mp_dir), connection_slots=slots,
-                            shutdown_timeout=config.server.shutdown_timeout)
+                            shutdown_timeout=config.server.shutdown_timeout, handoff=handoff)
     build_metrics_service(config, reactor, ready=supervisor.readiness, multiprocess_dir=mp_dir,
                           collectors=[SupervisorCollector(supervisor)]).setServiceParent(top)
     supervisor.setServiceParent(top)

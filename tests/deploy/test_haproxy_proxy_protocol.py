@@ -19,6 +19,7 @@ import pytest
 
 from tests.deploy.test_deploy_files import HAPROXY_CFG
 from tests.e2e.test_proxy_protocol import BURST, WRONG_KEY, Proxy, _bootstrap, failures
+from tests.e2e.test_shutdown import _wait_ready
 from tests.peers import (
     GatewayProcess,
     free_port,
@@ -54,6 +55,10 @@ def farm() -> Iterator[tuple[GatewayProcess, int, Path]]:
     with gateway_process(auth_required=True, before_start=_bootstrap, proxy_protocol=True,
                          settings={"server": {"workers": 2},
                                    "auth": {"failure_burst": BURST, "failure_interval": "1h"}}) as gw:
+        # HAProxy counts a server UP before its first check: start it only once
+        # the gateway is ready, or its first checks (503 while the workers
+        # load) mark the node down and cut the test's connections.
+        _wait_ready(gw.metrics_port)
         workdir = Path(tempfile.mkdtemp(prefix="haproxy-"))
         port = free_port()
         stats = workdir / "stats.sock"

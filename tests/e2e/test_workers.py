@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 import urllib.request
@@ -65,3 +66,51 @@ def test_supervisor_refuses_broken_rules_once(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert f"{rules / 'broken.yar'}:1:" in result.stderr
+
+
+@pytest.mark.parametrize("connections", [4, 8])
+def test_persistent_connections_spread_evenly_over_the_workers(connections: int) -> None:
+    """Squid's few long-lived connections: before (each worker accepting on the
+    shared listener) 6/2 splits of 8 and 4/0 of 4 were common; now the
+    supervisor hands each to the worker holding the fewest."""
+    from benchmarks.worker_split import TARGET_SHARE, one_run, worker_connections
+    from tests.e2e.test_shutdown import _wait_ready
+
+    requests = 5
+    with gateway_process(settings={"server": {"workers": 2}}) as gw:
+        assert "2 of 2 workers ready" in _wait_ready(gw.metrics_port)
+        for _ in range(5):
+            split, answered = one_run(gw.port, gw.metrics_port, connections, requests)
+            assert answered == connections * requests
+            assert len(split) == 2 and sum(split) == connections
+            # each connection carried the same requests: a worker's share of
+            # the connections is its share of the requests
+            assert split[0] / connections <= TARGET_SHARE, split
+        assert worker_connections(gw.metrics_port) == {0: 0, 1: 0}
+        text = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
+        handed = re.search(r"^icap_gateway_handoffs_total (\S+)$", text, re.M)
+        # (and the start-up probes' connections)
+        assert handed is not None and float(handed.group(1)) >= 5 * connections
+
+
+def test_unix_listener_connections_are_handed_off(tmp_path: Path) -> None:
+    import socket
+
+    from tests.e2e.test_shutdown import _wait_ready
+    from tests.peers import GatewayProcess
+
+    path = tmp_path / "icap.sock"
+
+    def add_unix_listener(gw: GatewayProcess) -> None:
+        tcp = f'"tcp:{gw.port}:interface=127.0.0.1"'
+        gw.config_path.write_text(gw.config_path.read_text().replace(tcp, f'{tcp}, "unix:{path}"'))
+
+    with gateway_process(settings={"server": {"workers": 2}}, before_start=add_unix_listener) as gw:
+        _wait_ready(gw.metrics_port)
+        for _ in range(4):  # to both workers
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(30)
+                s.connect(str(path))
+                s.sendall(b"OPTIONS icap://localhost/respmod ICAP/1.0\r\nHost: localhost\r\n"
+                          b"Encapsulated: null-body=0\r\n\r\n")
+                assert s.recv(4096).startswith(b"ICAP/1.0 200 ")

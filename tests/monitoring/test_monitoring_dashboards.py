@@ -56,7 +56,8 @@ def populated_registry() -> CollectorRegistry:
     observer.auth_failed("unknown-key")
     observer.rules_loaded(True, 3, "v1")
     # The supervisor's own figures, on its /metrics in multi-worker mode.
-    supervisor = SimpleNamespace(restarts=1, ready_workers=lambda: 2)
+    supervisor = SimpleNamespace(restarts=1, ready_workers=lambda: 2, worker_connections=lambda: {0: 3, 1: 2},
+                                 handed_off=5, handoffs_dropped=0)
     registry.register(SupervisorCollector(supervisor))  # type: ignore[arg-type]
     return registry
 
