@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.farm, pytest.mark.squid, pytest.mark.postgres, pytest.
 KEY_PROPAGATION_LIMIT = 2.0  # seconds (issue 11)
 RETURNING_SHARE = 0.25  # of two nodes' traffic, within RETURN_WINDOW of the restart
 RETURN_WINDOW = 20.0
+THROUGHPUT_WINDOW = 4.0  # seconds of load with two nodes, then with one
 MARKER = "FARM-ROLLING-UPDATE-MARKER-5c1e"
 MARKER_RULE = f'rule farm_marker {{ strings: $m = "{MARKER}" condition: $m }}\n'
 
@@ -188,15 +189,15 @@ def test_two_nodes_against_one(farm: Farm) -> None:
     """Throughput through the whole farm with both nodes, then with node 2
     in maintenance.  Both nodes share this machine's two cores (with Squid,
     HAProxy and the clients): a ratio, reported, not asserted."""
-    two = farm.load(5, clients=8, max_requests=10_000)
+    two = farm.load(THROUGHPUT_WINDOW, clients=8, max_requests=10_000)
     farm.haproxy("set server icap_gateways/node2 state maint")
     farm.haproxy("shutdown sessions server icap_gateways/node2")
     try:
-        one = farm.load(5, clients=8, max_requests=10_000)
+        one = farm.load(THROUGHPUT_WINDOW, clients=8, max_requests=10_000)
     finally:
         farm.haproxy("set server icap_gateways/node2 state ready")
     assert served(two) == {200: len(two)} and served(one) == {200: len(one)}
-    FIGURES["throughput_rps"] = {"two_nodes": len(two) / 5, "one_node": len(one) / 5,
+    FIGURES["throughput_rps"] = {"two_nodes": len(two) / THROUGHPUT_WINDOW, "one_node": len(one) / THROUGHPUT_WINDOW,
                                  "ratio": round(len(two) / max(1, len(one)), 2)}
     farm.wait_up()
 
