@@ -12,6 +12,7 @@ import base64
 import contextlib
 import http.client
 import json
+import random
 import re
 import shutil
 import socket
@@ -122,7 +123,7 @@ class Node:
 class Outcome:
     started: float  # time.monotonic()
     ended: float
-    status: int  # 0: the connection to Squid failed
+    status: int  # HTTP status; 0: no answer, -1: an answer cut short
 
 
 @dataclass
@@ -175,7 +176,9 @@ class Farm:
             response.read()
             status = response.status
         except OSError:
-            status = 0
+            status = 0  # no answer
+        except http.client.HTTPException:
+            status = -1  # an answer cut short (a body streamed while the node died)
         finally:
             conn.close()
         return Outcome(began, time.monotonic(), status)
@@ -188,17 +191,18 @@ class Farm:
                                users=users, source=source)
 
     def load_until(self, deadline: float, *, clients: int = 4, max_requests: int = 20_000,
-                   users: tuple[str, ...] = ("alice",), source: str = "127.0.0.1") -> list[Outcome]:
+                   users: tuple[str, ...] = ("alice",), source: str = "127.0.0.1",
+                   url: str = "", stop: threading.Event | None = None) -> list[Outcome]:
         outcomes: list[Outcome] = []
         lock = threading.Lock()
 
         def client(index: int) -> None:
             user = users[index % len(users)]
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not (stop and stop.is_set()):
                 with lock:
                     if len(outcomes) >= max_requests:
                         return
-                got = self.fetch(self.page, user, source)
+                got = self.fetch(url or self.page, user, source)
                 with lock:
                     outcomes.append(got)
 
@@ -251,10 +255,28 @@ def squid_extra(workdir: Path) -> str:
             + f"icap_log stdio:{workdir}/icap.log farm_istag\n")
 
 
+_TAKEN: set[int] = set()  # handed out by fixed_port in this run
+
+
+def fixed_port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999): a node
+    restarted after kill -9 must bind its ports again, and a port from
+    free_port() may meanwhile be some connection's local port."""
+    for _ in range(200):
+        candidate = random.randrange(20000, 32000)
+        if candidate in _TAKEN:
+            continue
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", candidate))
+            _TAKEN.add(candidate)
+            return candidate
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 def _node(name: str, database: str, rules: Path) -> Node:
     workdir = Path(tempfile.mkdtemp(prefix=f"farm-{name}-"))
     shutil.copytree(rules, workdir / "rules")
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = fixed_port(), fixed_port()
     config = write_gateway_config(workdir, port, metrics_port, rules=workdir / "rules", auth_required=True,
                                   database=database, settings=NODE_SETTINGS, proxy_protocol=True)
     gw = GatewayProcess(None, port, metrics_port, workdir, config,  # type: ignore[arg-type]

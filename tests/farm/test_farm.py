@@ -8,6 +8,7 @@ time, throughput of two nodes against one) are printed at the end (-s)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ from tests.peers import wait_for
 pytestmark = [pytest.mark.farm, pytest.mark.squid, pytest.mark.postgres, pytest.mark.haproxy]
 
 KEY_PROPAGATION_LIMIT = 2.0  # seconds (issue 11)
-RETURNING_SHARE = 0.25  # of two nodes' traffic, within RETURN_WINDOW of the restart
+RETURNING_SHARE = 0.25  # of two nodes' traffic, within RETURN_WINDOW of the node being UP again
 RETURN_WINDOW = 20.0
 THROUGHPUT_WINDOW = 4.0  # seconds of load with two nodes, then with one
 MARKER = "FARM-ROLLING-UPDATE-MARKER-5c1e"
@@ -204,11 +205,13 @@ def test_two_nodes_against_one(farm: Farm) -> None:
 
 def test_node_killed_under_load_fails_only_in_flight_requests_then_returns(farm: Farm) -> None:
     node2 = farm.nodes[1]
+    # 1 MiB bodies: each transaction lasts long enough for the kill to catch some under way.
+    large = farm.origin.add("/large.bin", os.urandom(1 << 20))
     results: list[Outcome] = []
     began = time.monotonic()
     killed_after = 3.0
     end = began + killed_after + DETECTION_WINDOW + 3.0
-    loader = threading.Thread(target=lambda: results.extend(farm.load_until(end, max_requests=5000)))
+    loader = threading.Thread(target=lambda: results.extend(farm.load_until(end, max_requests=5000, url=large)))
     loader.start()
     time.sleep(killed_after)
     killed_at = time.monotonic()
@@ -225,14 +228,25 @@ def test_node_killed_under_load_fails_only_in_flight_requests_then_returns(farm:
         "failed_within_s_of_kill": round(max((o.ended - killed_at for o in failed), default=0.0), 3),
     }
 
-    # The node comes back and, its peers' connections being recycled, takes its share.
+    # The node comes back and, Squid's connections being recycled, takes its
+    # share within RETURN_WINDOW of HAProxy putting it back in the rotation.
     node1 = farm.nodes[0]
     node2.start()
-    restarted = time.monotonic()
-    node1_before = node1.transactions()
-    outcomes = farm.load_until(restarted + RETURN_WINDOW, max_requests=20_000)
+    stop = threading.Event()
+    outcomes: list[Outcome] = []
+    loader = threading.Thread(target=lambda: outcomes.extend(
+        farm.load_until(time.monotonic() + 30 + RETURN_WINDOW, max_requests=20_000, stop=stop)))
+    loader.start()
+    try:
+        farm.wait_up(("node2",))
+        before = [n.transactions() for n in (node1, node2)]
+        time.sleep(RETURN_WINDOW)
+        after = [n.transactions() for n in (node1, node2)]
+    finally:
+        stop.set()
+        loader.join(90)
     assert served(outcomes) == {200: len(outcomes)}
-    node1_served, node2_served = node1.transactions() - node1_before, node2.transactions()
+    node1_served, node2_served = (a - b for a, b in zip(after, before, strict=True))
     share = node2_served / (node1_served + node2_served)
     FIGURES["returning_node_share"] = round(share, 3)
     assert share >= RETURNING_SHARE, (node1_served, node2_served, farm.status())
