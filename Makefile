@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: run test lint bench venv clean
+.PHONY: run test lint bench venv clean diagrams
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,12 @@ test: venv lint
 
 bench: venv
 	$(BIN)/python -m benchmarks $(ARGS)
+
+# The README's pictures, from their text sources (Graphviz: Debian's graphviz).
+diagrams: docs/farm.png
+
+docs/farm.png: docs/farm.dot
+	dot -Tpng -Gdpi=96 $< -o $@
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -123,6 +123,18 @@ class ServerSettings:
         30.0, "Seconds SIGTERM waits for open connections to answer what their peers already sent "
         "(a scan may take [scan] timeout) before aborting them", kind="duration", validate=positive,
     )
+    max_connection_age: float = setting(
+        5.0, "Seconds after which a persistent connection closes at its next transaction boundary "
+        "(the answer carries Connection: close; Squid opens a new one). Behind a load balancer a "
+        "node back from a failure gets new connections only: recycling gives it its share within "
+        "about this long. A reconnect on loopback or a LAN costs far less than a scan (0: never)",
+        kind="duration", validate=non_negative,
+    )
+    max_connection_transactions: int = setting(
+        10000, "Transactions after which a persistent connection closes at the transaction boundary "
+        "(Connection: close), bounding how long one connection stays pinned to one node under "
+        "heavy load whatever its age (0: no limit)", validate=non_negative,
+    )
     service_id: str = setting("yara", "Service-ID advertised in OPTIONS and ISTag prefix")
     early_response_after: int = setting(
         60 * 1024,

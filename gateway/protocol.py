@@ -126,6 +126,9 @@ class GatewayContext:
     read_timeout: float = 30.0
     min_body_rate: int = 256
     idle_timeout: float = 300.0
+    # Recycling (see _recycle_due), 0: off; the service sets [server]'s values.
+    max_connection_age: float = 0.0
+    max_connection_transactions: int = 0
     write_timeout: float = 30.0
     max_pipelined_bytes: int = 256 * 1024
     error_policy: str = "fail-closed"  # or "fail-open"
@@ -202,6 +205,7 @@ class ICAPServerProtocol(Protocol):
         self._peer = ""
         self._over_limit = False
         self._draining = False  # shutting down: finish what was sent, then close (finish_and_close)
+        self._opened_at = ctx.clock.seconds()  # for max_connection_age (see _recycle_due)
 
     # --- connection lifecycle ---------------------------------------------
 
@@ -555,9 +559,19 @@ class ICAPServerProtocol(Protocol):
     def _common_headers(self) -> list[tuple[str, str]]:
         # Called right before every answer: while shutting down, the answer
         # after which the peer has sent nothing more is the connection's last.
-        if self._draining and not self._input_pending():
+        if (self._draining or self._recycle_due()) and not self._input_pending():
             self.conn.close_after_response()
         return [("ISTag", self.ctx.istag()), ("Server", "icap-gateway")]
+
+    def _recycle_due(self) -> bool:
+        """This connection is old enough, or has served enough requests, to
+        close after the answer under way: behind a load balancer, a node back
+        from a failure only gets new connections (RFC 3507 4.1 lets the
+        server close a persistent connection; Squid opens another)."""
+        ctx = self.ctx
+        by_count = 0 < ctx.max_connection_transactions <= self.conn.requests_seen + 1
+        by_age = 0 < ctx.max_connection_age <= ctx.clock.seconds() - self._opened_at
+        return by_count or by_age
 
     # --- transaction steps --------------------------------------------------
 

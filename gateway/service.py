@@ -240,6 +240,8 @@ def build_gateway(
         read_timeout=server.read_timeout,
         min_body_rate=server.min_body_rate,
         idle_timeout=server.idle_timeout,
+        max_connection_age=server.max_connection_age,
+        max_connection_transactions=server.max_connection_transactions,
         # What the transaction decides itself (an oversize body passed before
         # it is all read, a scanner that failed to answer): the same policy.
         error_policy="fail-open" if config.scan.policy_for("engine-error") == "pass" else "fail-closed",

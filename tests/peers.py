@@ -306,6 +306,29 @@ forwarded_for on
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+NCSA = "/usr/lib/squid/basic_ncsa_auth"
+
+
+def squid_basic_auth(users: tuple[str, ...], workdir: Path) -> str:
+    """squid.conf lines making every request authenticate (Basic, Squid's
+    NCSA helper) as one of ``users``, each with password ``secret-<user>``;
+    the password file goes in ``workdir``."""
+    if not Path(NCSA).exists():
+        require_binary("basic_ncsa_auth")
+    openssl = require_binary("openssl")
+    workdir.chmod(0o755)  # Squid's helper runs as Squid's effective user
+    passwd = workdir / "passwd"
+    lines = []
+    for user in users:
+        hashed = subprocess.run([openssl, "passwd", "-apr1", "secret-" + user], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        lines.append(f"{user}:{hashed}")
+    passwd.write_text("\n".join(lines) + "\n")
+    passwd.chmod(0o644)
+    return (f"auth_param basic program {NCSA} {passwd}\nauth_param basic realm test\n"
+            "acl authed proxy_auth REQUIRED\nhttp_access deny !authed\n")
+
+
 @dataclass
 class Fetched:
     status: int

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 import urllib.request
@@ -22,34 +21,20 @@ from tests.peers import (
     TCPForwarder,
     curl,
     gateway_process,
-    require_binary,
+    squid_basic_auth,
     squid_process,
     wait_for,
 )
 from tests.register.conftest import drop_pg_schema, new_pg_schema, pg_url
 
 pytestmark = [pytest.mark.squid, pytest.mark.postgres]
-NCSA = "/usr/lib/squid/basic_ncsa_auth"
 USERS = ("alice", "bob", "carol")
 
 
 @pytest.fixture
-def auth_lines(tmp_path: Path) -> Iterator[str]:
-    if not Path(NCSA).exists():
-        require_binary("basic_ncsa_auth")
-    openssl = require_binary("openssl")
+def auth_lines() -> Iterator[str]:
     tmp = Path(tempfile.mkdtemp(prefix="squid-auth-"))
-    tmp.chmod(0o755)
-    passwd = tmp / "passwd"
-    lines = []
-    for user in USERS:
-        hashed = subprocess.run([openssl, "passwd", "-apr1", "secret-" + user], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        lines.append(f"{user}:{hashed}")
-    passwd.write_text("\n".join(lines) + "\n")
-    passwd.chmod(0o644)
-    yield (f"auth_param basic program {NCSA} {passwd}\nauth_param basic realm test\n"
-           "acl authed proxy_auth REQUIRED\nhttp_access deny !authed\n")
+    yield squid_basic_auth(USERS, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
