@@ -124,10 +124,11 @@ class ServerSettings:
         "(a scan may take [scan] timeout) before aborting them", kind="duration", validate=positive,
     )
     max_connection_age: float = setting(
-        5.0, "Seconds after which a persistent connection closes at its next transaction boundary "
+        60.0, "Seconds after which a persistent connection closes at its next transaction boundary "
         "(the answer carries Connection: close; Squid opens a new one). Behind a load balancer a "
         "node back from a failure gets new connections only: recycling gives it its share within "
-        "about this long. A reconnect on loopback or a LAN costs far less than a scan (0: never)",
+        "about this long, so a farm node sets a few seconds (deploy/gateway.toml: 5 s). A "
+        "reconnect on loopback or a LAN costs far less than a scan, a TLS one a handshake (0: never)",
         kind="duration", validate=non_negative,
     )
     max_connection_transactions: int = setting(

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,8 +53,10 @@ from tests.register.conftest import _pg_admin, drop_pg_schema, new_pg_schema, pg
 USERS = ("alice", "bob", "carol", "dave")
 # Node settings: rules checked often (rolling updates show quickly); the
 # key refresh timer at an hour, so key changes arrive by LISTEN/NOTIFY.
+# Connection recycling as the shipped farm node config sets it.
+_DEPLOY_NODE = tomllib.loads((Path(__file__).resolve().parents[2] / "deploy" / "gateway.toml").read_text())
 NODE_SETTINGS: dict[str, dict[str, object]] = {
-    "server": {"workers": 1},
+    "server": {"workers": 1, "max_connection_age": _DEPLOY_NODE["server"]["max_connection_age"]},
     "scan": {"reload_interval": "200ms", "threads": 1},
     "auth": {"refresh_interval": "1h"},
     "register": {"flush_interval": "200ms"},
