@@ -1,11 +1,20 @@
-"""The Twisted side of ICAP: shuttle bytes between the transport and the
-sans-IO core, and hand each transaction to the policy objects.
+"""The Twisted side of ICAP: it moves bytes, runs the timers and applies
+back-pressure; nothing here decides an answer.
 
-The protocol decides nothing itself: who may use the gateway is the
-``Authenticator``'s call, what a body holds the ``Scanner``'s, what is kept
-the ``Recorder``'s, what is shown the ``Observer``'s.  They are handed in at
-construction through ``GatewayContext``, as Twisted's SMTP asks for an
-``IMessageDelivery``.
+A request passes three layers, each testable without Twisted:
+
+- ``gateway.icap`` (the sans-IO core) turns bytes into events and answers
+  into bytes;
+- ``gateway.transaction.Transaction`` owns one transaction's lifecycle (its
+  spool, the early commit and trickle for Squid bug 5352, its record);
+- ``gateway.decision`` maps routing, the authentication result, the verdict,
+  the policy and what the peer allows to an answer; ``gateway.options``
+  builds OPTIONS and the common headers once per ISTag.
+
+Who may use the gateway is the ``Authenticator``'s call, what a body holds
+the ``Scanner``'s, what is kept the ``Recorder``'s, what is shown the
+``Observer``'s: they are handed in at construction through
+``GatewayContext``, as Twisted's SMTP asks for an ``IMessageDelivery``.
 """
 
 from __future__ import annotations
