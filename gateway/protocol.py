@@ -30,6 +30,7 @@ from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols import policies
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -126,11 +127,14 @@ def _first_ip(peer: Any) -> str:
     return getattr(peer, "host", "") or "unix"
 
 
-def _direct_socket(transport: Any) -> socket.socket | None:
-    """The socket ``_write`` may send on directly: only a plain TCP
-    connection's (TLS, PROXY-protocol and test transports wrap theirs)."""
+def _direct_transport(transport: Any) -> tcp.Connection | None:
+    """The TCP connection ``_write`` may send on directly: a plain one, or
+    the one under a wrapper that only passes writes through (the PROXY
+    protocol's); never under TLS or a test transport."""
+    if isinstance(transport, policies.ProtocolWrapper) and type(transport).write is policies.ProtocolWrapper.write:
+        transport = transport.transport
     if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):
-        return transport.socket  # type: ignore[no-any-return]
+        return transport
     return None
 
 
@@ -162,7 +166,7 @@ class ICAPServerProtocol(Protocol):
         self._peer = ""
         self._over_limit = False
         self._draining = False  # shutting down: finish what was sent, then close (finish_and_close)
-        self._socket: socket.socket | None = None  # a plain TCP transport's socket (see _write)
+        self._direct: tcp.Connection | None = None  # the TCP connection _write may send on
 
     # --- connection lifecycle ---------------------------------------------
 
@@ -172,7 +176,7 @@ class ICAPServerProtocol(Protocol):
         self._counted = True
         ctx.connection_count.publish(ctx.connections)
         self._peer = _first_ip(self.transport.getPeer())
-        self._socket = _direct_socket(self.transport)
+        self._direct = _direct_transport(self.transport)
         ctx.observer.connection_opened()
         self._over_limit = not self._make_room()
         self.transport.registerProducer(self, True)
@@ -247,15 +251,12 @@ class ICAPServerProtocol(Protocol):
         socket with room (always, for a small answer to a peer that reads)
         takes the bytes at once.  What the socket does not take goes the
         usual way, with the transport's back-pressure."""
-        sock = self._socket
-        transport = self.transport
-        if (sock is not None and not transport._tempDataLen  # type: ignore[union-attr]
-                and len(transport.dataBuffer) == transport.offset  # type: ignore[union-attr]
-                and transport.connected and not transport.disconnecting  # type: ignore[union-attr]
-                and not transport._writeDisconnected and not transport._aborting  # type: ignore[union-attr]
-                and not transport.TLS):  # type: ignore[union-attr]
+        direct = self._direct
+        if (direct is not None and not direct._tempDataLen and len(direct.dataBuffer) == direct.offset
+                and direct.connected and not direct.disconnecting and not direct._writeDisconnected
+                and not direct._aborting and not direct.TLS):
             try:
-                sent = sock.send(data)
+                sent = direct.socket.send(data)
             except OSError:
                 sent = 0  # full (EAGAIN) or broken: the transport's path handles and reports it
             if sent == len(data):
@@ -764,7 +765,7 @@ class ICAPServerProtocol(Protocol):
             headers += decision.threat_headers(answer.rules, url)
         conn = self.conn
         self._write(b"".join((conn.send_response(200, headers, res_hdr=head, body=True),
-                                       conn.send_data(body), conn.send_end())))
+                              conn.send_data(body), conn.send_end())))
         self._finish_tx(icap_status=200, outcome=answer.outcome, detail=answer.detail,
                         verdict=verdict, http_status=403, reference=reference)
         tx.release()

@@ -72,7 +72,7 @@ def _answers(n: int) -> Callable[[bytes], bool]:
 async def test_small_answers_need_no_write_registration(start_writing_calls: list[object]) -> None:
     data, server = await _exchange(options() + respmod(chunked(b"clean body"), AUTH, "Allow: 204"), _answers(2))
     assert [r.status for r in parse_responses(data)] == [200, 204]
-    assert server._socket is not None
+    assert server._direct is not None
     assert not [t for t in start_writing_calls if t is server.transport]
 
 
