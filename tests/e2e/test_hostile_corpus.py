@@ -22,7 +22,7 @@ CORPUS = Path(__file__).resolve().parent.parent / "corpus" / "hostile"
 MANIFEST: dict[str, dict[str, object]] = tomllib.loads((CORPUS / "manifest.toml").read_text())
 # Short stall limits, so the truncated files get their 408 and the silent ones
 # their close within a second instead of the production defaults.
-STALL_SETTINGS = {"server": {"read_timeout": "1s", "idle_timeout": "1s"}}
+STALL_SETTINGS = {"server": {"head_timeout": "1s", "read_timeout": "1s", "idle_timeout": "1s"}}
 CASE_DEADLINE = 20.0  # seconds: far above the 1 s stall limits, only a hang reaches it
 _STATUS = re.compile(rb"(?m)^ICAP/1\.0 (\d{3}) ")
 
