@@ -18,6 +18,7 @@ run: venv
 
 lint: venv
 	$(BIN)/ruff check gateway register monitoring tests benchmarks
+	$(BIN)/mypy
 
 test: venv lint
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -1,36 +1,42 @@
-"""The Twisted side of ICAP: shuttle bytes between the transport and the
-sans-IO core, and hand each transaction to the policy objects.
+"""The Twisted side of ICAP: it moves bytes, runs the timers and applies
+back-pressure; nothing here decides an answer.
 
-The protocol decides nothing itself: who may use the gateway is the
-``Authenticator``'s call, what a body holds the ``Scanner``'s, what is kept
-the ``Recorder``'s, what is shown the ``Observer``'s.  They are handed in at
-construction through ``GatewayContext``, as Twisted's SMTP asks for an
-``IMessageDelivery``.
+A request passes three layers, each testable without Twisted:
+
+- ``gateway.icap`` (the sans-IO core) turns bytes into events and answers
+  into bytes;
+- ``gateway.transaction.Transaction`` owns one transaction's lifecycle (its
+  spool, the early commit and trickle for Squid bug 5352, its record);
+- ``gateway.decision`` maps routing, the authentication result, the verdict,
+  the policy and what the peer allows to an answer; ``gateway.options``
+  builds OPTIONS and the common headers once per ISTag.
+
+Who may use the gateway is the ``Authenticator``'s call, what a body holds
+the ``Scanner``'s, what is kept the ``Recorder``'s, what is shown the
+``Observer``'s: they are handed in at construction through
+``GatewayContext``, as Twisted's SMTP asks for an ``IMessageDelivery``.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from email.utils import formatdate
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
-from typing import Protocol as TypingProtocol
 
-from twisted.internet import interfaces
+from twisted.internet import interfaces, tcp
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols import policies
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway import sanitise
+from gateway import decision
 from gateway.blockpage import BlockPage, new_reference
 from gateway.connections import ConnectionCount, LocalConnectionCount
-from gateway.filetypes import SNIFF_BYTES, sniff
-from gateway.filetypes import matches as type_matches
 from gateway.icap.connection import ServerConnection
 from gateway.icap.errors import ProtocolError
 from gateway.icap.events import (
@@ -42,64 +48,33 @@ from gateway.icap.events import (
     PreviewEnd,
     Request,
 )
-from gateway.icap.http import (
-    HTTPRequestHead,
-    HTTPResponseHead,
-    message_facts,
-    parse_request_head,
-    parse_response_head,
-)
+from gateway.icap.http import parse_request_head, parse_response_head
 from gateway.interfaces import (
-    UNSCANNABLE_REASONS,
     Authenticated,
     Authenticator,
     Credentials,
     Direction,
     Identity,
     Observer,
+    Outcome,
     Recorder,
-    Refused,
-    ScanContext,
     Scanner,
-    Tenant,
-    TransactionRecord,
     UserSeen,
     Verdict,
 )
+from gateway.options import AnswerHeaders, istag
+from gateway.transaction import Spool, Transaction
 
 log = Logger()
-
-# The two services and the method each one adapts.
-SERVICES: dict[str, str] = {"reqmod": "REQMOD", "respmod": "RESPMOD"}
 
 # Echoed bodies are read back from the spool in blocks of this size: large
 # enough to keep syscalls few, small enough that memory stays flat.
 ECHO_BLOCK_SIZE = 64 * 1024
 
-# At most this many body bytes trickle out before the verdict (see
-# _maybe_commit): a few bytes of a blocked file, never a usable part of it.
-TRICKLE_PREFIX = 4096
-
 # What the connection's read/idle timer guards (see _arm_timer).
 PHASE_IDLE = "idle"  # between requests: idle_timeout, then a quiet close
 PHASE_HEAD = "head"  # a request head is arriving: one head_timeout deadline
 PHASE_BODY = "body"  # a body is arriving: min_body_rate checked every read_timeout
-
-
-class Spool(TypingProtocol):
-    """Where a body waits while it is scanned (gateway.scanner.BodySpool)."""
-
-    size: int
-
-    def write(self, data: bytes) -> None: ...
-
-    def finish(self) -> None: ...
-
-    def scan_target(self) -> bytes | str: ...
-
-    def iter_chunks(self, block: int = ..., start: int = ...) -> Iterator[bytes]: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -144,37 +119,26 @@ class GatewayContext:
     # ones closed to make room at max_connections (see _make_room).
     idle_connections: dict[ICAPServerProtocol, None] = field(default_factory=dict)
 
+    # The common headers and the OPTIONS answer, built once per ISTag.
+    answer_headers: AnswerHeaders = field(default_factory=AnswerHeaders)
+
     def istag(self) -> str:
-        # RFC 3507 4.7: at most 32 characters, quoted; it changes with the rules
-        # so Squid's cached OPTIONS and adapted responses are invalidated.
-        version = self.scanner.version or "none"
-        return f'"{(self.service_id + "-" + version)[:30]}"'
+        return istag(self.service_id, self.scanner.version)
 
 
 def _first_ip(peer: Any) -> str:
     return getattr(peer, "host", "") or "unix"
 
 
-@dataclass
-class _Transaction:
-    request: Request
-    started: float
-    service: str
-    direction: Direction
-    peer: str
-    client_ip: str
-    tenant: Tenant | None = None
-    user: str | None = None
-    http_request: HTTPRequestHead | None = None
-    http_response: HTTPResponseHead | None = None
-    spool: Spool | None = None
-    body_bytes: int = 0
-    answered: bool = False
-    committed: bool = False  # our 200 head went out before the verdict (see _maybe_commit)
-    prefix: bytearray = field(default_factory=bytearray)  # the body's first bytes, for trickling
-    released: int = 0  # body bytes sent before the verdict
-    finished: bool = False  # its TransactionRecord went out
-    bad_headers: tuple[str, ...] = ()  # identity headers refused (see register.users)
+def _direct_transport(transport: Any) -> tcp.Connection | None:
+    """The TCP connection ``_write`` may send on directly: a plain one, or
+    the one under a wrapper that only passes writes through (the PROXY
+    protocol's); never under TLS or a test transport."""
+    if isinstance(transport, policies.ProtocolWrapper) and type(transport).write is policies.ProtocolWrapper.write:
+        transport = transport.transport
+    if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):
+        return transport
+    return None
 
 
 # IHalfCloseableProtocol: a client may send its request and shut down its
@@ -191,7 +155,7 @@ class ICAPServerProtocol(Protocol):
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
         self.conn = ServerConnection()
-        self.tx: _Transaction | None = None
+        self.tx: Transaction | None = None
         self._busy = False  # a scan or an echo is under way: events wait
         self._timer: DelayedCall | None = None
         self._timer_phase: tuple[str, int] = ("", 0)  # what the running timer guards: (PHASE_*, request)
@@ -206,6 +170,7 @@ class ICAPServerProtocol(Protocol):
         self._over_limit = False
         self._draining = False  # shutting down: finish what was sent, then close (finish_and_close)
         self._opened_at = ctx.clock.seconds()  # for max_connection_age (see _recycle_due)
+        self._direct: tcp.Connection | None = None  # the TCP connection _write may send on
 
     # --- connection lifecycle ---------------------------------------------
 
@@ -215,6 +180,7 @@ class ICAPServerProtocol(Protocol):
         self._counted = True
         ctx.connection_count.publish(ctx.connections)
         self._peer = _first_ip(self.transport.getPeer())
+        self._direct = _direct_transport(self.transport)
         ctx.observer.connection_opened()
         self._over_limit = not self._make_room()
         self.transport.registerProducer(self, True)
@@ -259,9 +225,7 @@ class ICAPServerProtocol(Protocol):
         self._cancel_timer()
         self._cancel_write_timer()
         self._stop_echo()
-        if self.tx and self.tx.spool:
-            self.tx.spool.close()
-            self.tx.spool = None
+        self._close_spool()
 
     def dataReceived(self, data: bytes) -> None:
         self._bytes_in += len(data)
@@ -281,6 +245,28 @@ class ICAPServerProtocol(Protocol):
                 self._drop("pipelined-overflow")
             return
         self._process()
+
+    def _write(self, data: bytes) -> None:
+        """Send ``data``: straight to the socket when nothing of ours waits
+        in the transport's buffer, else through the transport.  Twisted's
+        ``FileDescriptor.write`` only buffers and registers the socket for
+        writing (an epoll change), and once it is written out unregisters it
+        again (another): two syscalls and a reactor turn per answer, where a
+        socket with room (always, for a small answer to a peer that reads)
+        takes the bytes at once.  What the socket does not take goes the
+        usual way, with the transport's back-pressure."""
+        direct = self._direct
+        if (direct is not None and not direct._tempDataLen and len(direct.dataBuffer) == direct.offset
+                and direct.connected and not direct.disconnecting and not direct._writeDisconnected
+                and not direct._aborting and not direct.TLS):
+            try:
+                sent = direct.socket.send(data)
+            except OSError:
+                sent = 0  # full (EAGAIN) or broken: the transport's path handles and reports it
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.transport.write(data)
 
     def _resume_reading(self) -> None:
         if self._paused and not self._write_blocked and self.transport is not None:
@@ -424,7 +410,7 @@ class ICAPServerProtocol(Protocol):
         log.info("ICAP {detail} from {peer}: answering 408", detail=detail, peer=self._peer)
         self.ctx.observer.connection_dropped(detail)
         self._finish_tx(icap_status=408, outcome="error", detail=detail)
-        self.transport.write(self.conn.send_error(408, self._common_headers()))
+        self._write(self.conn.send_error(408, self._common_headers()))
         self.transport.loseConnection()
 
     def _idle_timed_out(self) -> None:
@@ -498,12 +484,12 @@ class ICAPServerProtocol(Protocol):
             except Exception:
                 answer = b""
         if answer:
-            self.transport.write(answer)
+            self._write(answer)
             self.transport.loseConnection()
         else:
             self.transport.abortConnection()
 
-    def _verdict_guarded(self, verdict: Verdict, tx: _Transaction) -> None:
+    def _verdict_guarded(self, verdict: Verdict, tx: Transaction) -> None:
         """``_on_verdict`` behind the safety net: an exception there would
         otherwise vanish into the Deferred and leave the connection busy."""
         try:
@@ -553,7 +539,7 @@ class ICAPServerProtocol(Protocol):
         log.info("ICAP protocol error from {peer}: {status} {reason}", peer=self._peer,
                  status=e.status, reason=e.reason)
         self._finish_tx(icap_status=e.status, outcome="error", detail=e.reason)
-        self.transport.write(self.conn.send_error(e.status, self._common_headers()))
+        self._write(self.conn.send_error(e.status, self._common_headers()))
         self.transport.loseConnection()
 
     def _common_headers(self) -> list[tuple[str, str]]:
@@ -561,7 +547,8 @@ class ICAPServerProtocol(Protocol):
         # after which the peer has sent nothing more is the connection's last.
         if (self._draining or self._recycle_due()) and not self._input_pending():
             self.conn.close_after_response()
-        return [("ISTag", self.ctx.istag()), ("Server", "icap-gateway")]
+        ctx = self.ctx
+        return ctx.answer_headers.common(ctx.service_id, ctx.scanner.version)
 
     def _recycle_due(self) -> bool:
         """This connection is old enough, or has served enough requests, to
@@ -578,295 +565,224 @@ class ICAPServerProtocol(Protocol):
     def _on_request(self, req: Request) -> None:
         ctx = self.ctx
         direction: Direction = "request" if req.method == "REQMOD" else "response"
-        self.tx = tx = _Transaction(
-            request=req, started=ctx.clock.seconds(), service=req.service,
-            direction=direction, peer=self._peer, client_ip=self._peer,
+        self.tx = tx = Transaction(
+            request=req, started=ctx.clock.seconds(), direction=direction, peer=self._peer, client_ip=self._peer,
         )
-        if self._over_limit:
-            self._answer_now(503, outcome="error", detail="too-many-connections", close=True)
+        refusal = decision.route(req.method, req.service, over_limit=self._over_limit)
+        if refusal is not None:
+            self._answer_now(refusal)
             return
         if req.method == "OPTIONS":
             return  # answered at EndOfMessage
-        expected = SERVICES.get(req.service)
-        if expected is None:
-            self._answer_now(404, outcome="error", detail="unknown-service")
-            return
-        if expected != req.method:
-            self._answer_now(405, outcome="error", detail="method-not-allowed-for-service")
-            return
         headers = req.headers.lowered()
         username, tx.client_ip, tx.bad_headers = ctx.identify(headers, self._peer)
         # The authenticator records its own refusals: only it knows which
         # tenant a key claimed and how it rate-limits a source.
-        decision = ctx.authenticator.authenticate(ctx.credentials(headers, self._peer))
-        if isinstance(decision, Refused):
-            ctx.observer.auth_failed(decision.reason)
-            self._answer_now(decision.status, outcome="unauthenticated", detail=decision.reason)
+        result = ctx.authenticator.authenticate(ctx.credentials(headers, self._peer))
+        refusal = decision.authorise(result)
+        if refusal is not None:
+            ctx.observer.auth_failed(refusal.detail)
+            self._answer_now(refusal)
             return
-        assert isinstance(decision, Authenticated)
-        tx.tenant = decision.tenant
+        assert isinstance(result, Authenticated)
+        tx.tenant = result.tenant
         tx.user = username
         if username:
             ctx.recorder.record(UserSeen(
-                tenant_id=decision.tenant.id, username=username, client_ip=tx.client_ip, at=ctx.wall_time()))
+                tenant_id=result.tenant.id, username=username, client_ip=tx.client_ip, at=ctx.wall_time()))
         try:
             if req.req_hdr is not None:
                 tx.http_request = parse_request_head(req.req_hdr)
             if req.res_hdr is not None:
                 tx.http_response = parse_response_head(req.res_hdr)
         except ProtocolError as e:
-            self._answer_now(400, outcome="error", detail=e.reason)
+            self._answer_now(decision.Error(400, "error", e.reason))
             return
         if req.has_body:
             tx.spool = ctx.new_spool()
+
+    def _allows(self, tx: Transaction) -> decision.PeerAllows:
+        return decision.PeerAllows(no_content=self.conn.can_send_204, committed=tx.committed)
 
     def _on_body(self, data: bytes) -> None:
         tx = self.tx
         if tx is None or tx.answered or tx.spool is None:
             return
-        if len(tx.prefix) < TRICKLE_PREFIX:
-            tx.prefix += data[: TRICKLE_PREFIX - len(tx.prefix)]
-        tx.body_bytes += len(data)
-        if (tx.body_bytes > self.ctx.max_scan_size and self.ctx.oversize_policy == "pass"
-                and not tx.committed and self.conn.can_send_204):
+        tx.take(data)
+        ctx = self.ctx
+        if tx.body_bytes > ctx.max_scan_size and decision.oversize_passes_early(
+                tx.body_bytes, self._policy(), self._allows(tx)):
             # It will not be scanned and may pass as it is: say so now, and
             # the rest is read and dropped instead of spooled to disk.
-            self._answer_clean(None, outcome="unscanned", detail="too-large")
+            self._answer(tx, decision.pass_unscanned("too-large", self._allows(tx)))
             return
-        tx.spool.write(data)
-        if not tx.committed and tx.body_bytes >= self.ctx.early_response_after > 0:
-            self._maybe_commit(tx)
-        if tx.committed and tx.released < len(tx.prefix):
-            # One byte per batch received keeps Squid's store moving, which is
-            # what wakes its stalled origin read (bug 5352); see _maybe_commit.
-            self.transport.write(self.conn.send_data(bytes(tx.prefix[tx.released : tx.released + 1])))
-            tx.released += 1
+        out = tx.spool_body(data, self.conn, ctx.early_response_after, self._common_headers)
+        if out:
+            self._write(out)
 
-    def _maybe_commit(self, tx: _Transaction) -> None:
-        """Send our 200 head (the original HTTP response head, no body yet)
-        before the verdict.  Squid before 6.10 (bug 5352) stops reading the
-        origin once its 64 KiB virgin buffer fills and waits for the adapted
-        response to start: without this, any response larger than that buffer
-        would hang until our read timeout.  Before the verdict only single
-        bytes of the body's start follow (one per piece received, at most
-        TRICKLE_PREFIX): enough to keep Squid's store reading, never a usable
-        part of a file.  A block after this point can only abort the response."""
-        req = tx.request
-        if req.method != "RESPMOD" or req.res_hdr is None or req.allow_204:
-            return  # Squid buffers Allow: 204 bodies whole; REQMOD bodies flow
-        if self.conn.their_state == "PREVIEW_WAIT":
-            return
-        tx.committed = True
-        self.transport.write(self.conn.send_response(200, self._common_headers(), res_hdr=req.res_hdr, body=True))
+    def _policy(self) -> decision.Policy:
+        ctx = self.ctx
+        return decision.Policy(error_policy=ctx.error_policy, oversize_policy=ctx.oversize_policy,
+                               max_scan_size=ctx.max_scan_size)
 
     def _on_preview_end(self) -> None:
         tx = self.tx
         if tx is None or tx.answered:
             return
-        kind = self._skipped_type(tx)
+        kind = tx.skipped_type(self.ctx.skip_types)
         if kind:  # decided on the preview alone: the rest never crosses the wire
-            self._answer_clean(None, outcome="unscanned", detail=f"type:{kind}")
+            self._answer(tx, decision.pass_unscanned(f"type:{kind}", self._allows(tx)))
             return
         # The whole body is needed for a verdict: ask for the rest.
-        self.transport.write(self.conn.send_continue())
-
-    def _skipped_type(self, tx: _Transaction) -> str | None:
-        """The body's type by magic bytes, when ``skip_types`` exempts it."""
-        if not self.ctx.skip_types or not tx.prefix:
-            return None
-        facts = message_facts(tx.http_request, tx.http_response)
-        if facts.content_encoding not in ("", "identity"):
-            return None  # the first bytes are compressed: their type says nothing
-        kind = sniff(bytes(tx.prefix[:SNIFF_BYTES]))
-        return kind if type_matches(kind, self.ctx.skip_types) else None
+        self._write(self.conn.send_continue())
 
     def _on_end(self) -> None:
         tx = self.tx
         if tx is None or tx.answered:
             return
-        req = tx.request
-        if req.method == "OPTIONS":
-            self._answer_options(req)
+        if tx.request.method == "OPTIONS":
+            self._answer_options(tx)
             return
         if tx.spool is None:
-            # Nothing to scan (a GET, a HEAD, a 304): pass it as it is.
-            self._answer_clean(None, outcome="clean", detail="no-body")
+            self._answer(tx, decision.pass_without_body(self._allows(tx)))
             return
         tx.spool.finish()
-        kind = None if tx.committed else self._skipped_type(tx)
+        kind = None if tx.committed else tx.skipped_type(self.ctx.skip_types)
         if kind:
-            self._answer_clean(None, outcome="unscanned", detail=f"type:{kind}")
+            self._answer(tx, decision.pass_unscanned(f"type:{kind}", self._allows(tx)))
             return
-        facts = message_facts(tx.http_request, tx.http_response)
-        context = ScanContext(
-            direction=tx.direction,
-            url=facts.url,
-            host=facts.host,
-            filepath=facts.path,
-            filename=facts.filename,
-            extension=facts.extension,
-            filetype=facts.mime_type,
-            tenant=tx.tenant.name if tx.tenant else "",
-            content_encoding=facts.content_encoding,
-        )
+        tx.body_complete()
         self._busy = True
         self._cancel_timer()
-        d = self.ctx.scanner.scan(tx.spool.scan_target(), context)
-        d.addErrback(self._on_scan_failure)
-        d.addCallback(self._verdict_guarded, tx)
+        d = self.ctx.scanner.scan(tx.spool.scan_target(), tx.scan_context())
+        d.addCallbacks(self._verdict_guarded, self._on_scan_failure, callbackArgs=(tx,), errbackArgs=(tx,))
 
-    def _on_scan_failure(self, failure: Failure) -> Verdict:
+    def _on_scan_failure(self, failure: Failure, tx: Transaction) -> None:
         log.failure("scanner failed", failure)
-        return Verdict(outcome="error", detail="internal scanner error")
+        self._verdict_guarded(Verdict(outcome="error", detail="internal scanner error"), tx)
 
-    def _on_verdict(self, verdict: Verdict, tx: _Transaction) -> None:
+    def _on_verdict(self, verdict: Verdict, tx: Transaction) -> None:
         if self.transport is None or self.tx is not tx or not self.connected:
             return
-        outcome = verdict.outcome
-        if outcome in ("error", "unscanned") and not verdict.reason:
-            # The older spellings (_on_scan_failure's "error"): the scanner's
-            # policy did not see them, the transaction's settings decide.
-            reason = "too-large" if outcome == "unscanned" else "engine-error"
-            fail_open = self.ctx.oversize_policy == "pass" if outcome == "unscanned" else (
-                self.ctx.error_policy == "fail-open")
-            verdict = replace(verdict, outcome="unscannable", reason=reason,
-                              action="pass" if fail_open else "block")
-            outcome = "unscannable"
+        verdict = decision.normalise(verdict, self._policy())
         self.ctx.observer.scan_finished(verdict, tx.direction)
         self._busy = False
-        if outcome == "blocked":
-            self._answer_block(verdict.rules, verdict, explanation="")
-        elif outcome == "unscannable":
-            # Scan failures stay "error" in metrics and the access log (the
-            # error-ratio alert watches them); the reason has its own field.
-            recorded = "error" if verdict.reason in ("scan-timeout", "engine-error") else "unscanned"
-            if verdict.action == "pass":
-                self._answer_clean(verdict, outcome=recorded, detail=verdict.detail)
-            else:
-                why = UNSCANNABLE_REASONS.get(verdict.reason, "The content could not be scanned.")
-                self._answer_block((), verdict, explanation=f"{why} The policy blocks content that "
-                                   "cannot be scanned.", outcome=recorded)
-        else:
-            self._answer_clean(verdict, outcome="clean")
+        self._answer(tx, decision.decide(verdict, self._allows(tx)), verdict)
         if not self._busy:  # an echo still being written resumes reading when done
             self._resume_reading()
             self._process()
 
     # --- answers ------------------------------------------------------------
 
-    def _answer_now(self, status: int, *, outcome: str, detail: str, close: bool = False) -> None:
-        """An answer without body, before the request body (if any) was read."""
+    def _answer(self, tx: Transaction, answer: decision.Answer, verdict: Verdict | None = None) -> None:
+        """Send ``answer`` (one transport write, except an echo's later
+        blocks) and finish the transaction's record."""
+        if isinstance(answer, decision.NoContent):
+            headers = self._common_headers()
+            if answer.scan_status:
+                headers.append(("X-Scan-Status", answer.scan_status))
+            self._write(self.conn.send_response(204, headers))
+            self._finish_tx(icap_status=204, outcome=answer.outcome, detail=answer.detail, verdict=verdict)
+            tx.release()
+        elif isinstance(answer, decision.Echo):
+            self._answer_echo(tx, answer, verdict)
+        elif isinstance(answer, decision.BlockPage):
+            self._answer_block(tx, answer, verdict)
+        elif isinstance(answer, decision.Abort):
+            # The original head is out: no block page can replace it now.
+            # Closing mid-body makes the proxy abort the response, so not one
+            # byte of the matched content reaches the client.
+            reference = new_reference()
+            log.warn("blocked after the response head was sent: aborting (ref {ref})", ref=reference)
+            self._finish_tx(icap_status=200, outcome=answer.outcome, detail=answer.detail, verdict=verdict,
+                            reference=reference)
+            tx.release()
+            self._busy = True
+            self.transport.abortConnection()
+        else:
+            self._answer_now(answer)
+
+    def _answer_now(self, error: decision.Error) -> None:
+        """An answer without body, maybe before the request body (if any) was read."""
         tx = self.tx
         assert tx is not None
-        tx.answered = True
-        if tx.spool:
-            tx.spool.close()
-            tx.spool = None
-        self.transport.write(self.conn.send_response(status, self._common_headers(), close=close))
-        self._finish_tx(icap_status=status, outcome=outcome, detail=detail)
+        tx.release()
+        self._write(self.conn.send_response(error.status, self._common_headers(), close=error.close))
+        self._finish_tx(icap_status=error.status, outcome=error.outcome, detail=error.detail)
 
-    def _answer_options(self, req: Request) -> None:
-        method = SERVICES.get(req.service)
-        if method is None:
-            self._answer_now(404, outcome="error", detail="unknown-service")
-            return
+    def _answer_options(self, tx: Transaction) -> None:
         ctx = self.ctx
-        headers = [
-            ("Methods", method),
-            ("Service", "icap-gateway YARA scanner"),
-            *self._common_headers(),
-            ("Service-ID", ctx.service_id),
-            ("Max-Connections", str(ctx.max_connections)),
-            ("Options-TTL", str(ctx.options_ttl)),
-            ("Allow", "204"),
-            ("Transfer-Preview", "*"),
-            ("Date", formatdate(ctx.wall_time(), usegmt=True)),
-        ]
-        if ctx.preview_size > 0:
-            headers.append(("Preview", str(ctx.preview_size)))
-        self.tx.answered = True  # type: ignore[union-attr]
-        self.transport.write(self.conn.send_response(200, headers))
+        headers = ctx.answer_headers.options(
+            tx.request.service, service_id=ctx.service_id, version=ctx.scanner.version,
+            max_connections=ctx.max_connections, options_ttl=ctx.options_ttl, preview_size=ctx.preview_size,
+            now=ctx.wall_time())
+        if headers is None:
+            self._answer_now(decision.UNKNOWN_SERVICE)
+            return
+        self._common_headers()  # while draining: this may be the connection's last answer
+        self._write(self.conn.send_response(200, headers))
         self._finish_tx(icap_status=200, outcome=None, detail="")
 
-    def _answer_clean(self, verdict: Verdict | None, *, outcome: str, detail: str = "") -> None:
-        tx = self.tx
-        assert tx is not None
-        tx.answered = True
+    def _answer_echo(self, tx: Transaction, answer: decision.Echo, verdict: Verdict | None) -> None:
+        if tx.committed:  # our head is out: the rest of the body follows
+            self._finish_tx(icap_status=200, outcome=answer.outcome, detail=answer.detail, verdict=verdict)
+            self._start_echo(tx, b"")
+            return
         headers = self._common_headers()
-        reason = verdict.reason if verdict is not None and verdict.outcome == "unscannable" else ""
-        if reason or outcome == "unscanned":
-            status = f"unscanned; reason={reason or detail or 'unknown'}"
-            headers.append(("X-Scan-Status", sanitise.header_value(status, 128)))
-        req = tx.request
-        if tx.committed:
-            self._finish_tx(icap_status=200, outcome=outcome, detail=detail, verdict=verdict)
-            self._start_echo(tx)
-            return
-        if self.conn.can_send_204:
-            self.transport.write(self.conn.send_response(204, headers))
-            self._finish_tx(icap_status=204, outcome=outcome, detail=detail, verdict=verdict)
-            self._close_spool()
-            return
+        if answer.scan_status:
+            headers.append(("X-Scan-Status", answer.scan_status))
         # No 204 allowed: send the whole original message back unchanged.
+        req = tx.request
         if req.method == "REQMOD":
             head_kw = {"req_hdr": req.req_hdr}
         else:
             head_kw = {"res_hdr": req.res_hdr} if req.res_hdr is not None else {"req_hdr": req.req_hdr}
-        spool = tx.spool
-        self._finish_tx(icap_status=200, outcome=outcome, detail=detail, verdict=verdict)
-        if spool is None:
-            self.transport.write(self.conn.send_response(200, headers, **head_kw))
+        self._finish_tx(icap_status=200, outcome=answer.outcome, detail=answer.detail, verdict=verdict)
+        if tx.spool is None:
+            self._write(self.conn.send_response(200, headers, **head_kw))
             return
-        self.transport.write(self.conn.send_response(200, headers, body=True, **head_kw))
-        self._start_echo(tx)
+        self._start_echo(tx, self.conn.send_response(200, headers, body=True, **head_kw))
 
-    def _start_echo(self, tx: _Transaction) -> None:
+    def _start_echo(self, tx: Transaction, head: bytes) -> None:
         assert tx.spool is not None
         self._busy = True
-        self._echo = tx.spool.iter_chunks(ECHO_BLOCK_SIZE, start=tx.released)
-        self._pump_echo()
+        self._echo = tx.spool.iter_chunks(ECHO_BLOCK_SIZE, start=tx.trickled)
+        self._pump_echo(head)
 
-    def _pump_echo(self) -> None:
+    def _pump_echo(self, lead: bytes = b"") -> None:
         """Write the spooled body back as ICAP chunks until the transport
-        pauses us (the peer reads slower than we write) or it is all out."""
+        pauses us (the peer reads slower than we write) or it is all out.
+        Each write carries one block, the last one the end chunk too, and
+        the first one the head: a small echo is one write."""
+        out = lead
         while self._echo is not None and not self._write_blocked and self.transport is not None:
             try:
                 data = next(self._echo)
             except StopIteration:
                 self._echo = None
-                self.transport.write(self.conn.send_end())
+                self._write(out + self.conn.send_end())
                 self._response_sent()
                 return
-            self.transport.write(self.conn.send_data(data))
+            if out:
+                self._write(out)
+            out = self.conn.send_data(data)
+        if out and self.transport is not None:
+            self._write(out)
 
-    def _answer_block(self, rules: Any, verdict: Verdict, *, explanation: str, outcome: str = "blocked") -> None:
-        tx = self.tx
-        assert tx is not None
-        tx.answered = True
+    def _answer_block(self, tx: Transaction, answer: decision.BlockPage, verdict: Verdict | None) -> None:
         reference = new_reference()
-        if tx.committed:
-            # The original head is out: no block page can replace it now.
-            # Closing mid-body makes the proxy abort the response, so not one
-            # byte of the matched content reaches the client.
-            log.warn("blocked after the response head was sent: aborting (ref {ref})", ref=reference)
-            self._finish_tx(icap_status=200, outcome=outcome, detail=f"aborted {verdict.detail}".strip(),
-                            verdict=verdict, reference=reference)
-            self._close_spool()
-            self._busy = True
-            self.transport.abortConnection()
-            return
-        facts_url = tx.http_request.url if tx.http_request else ""
+        url = tx.url
         head, body = self.ctx.block_page.render(
-            url=facts_url, rules=list(rules), reference=reference, explanation=explanation)
+            url=url, rules=list(answer.rules), reference=reference, explanation=answer.explanation)
         headers = self._common_headers()
-        if rules:
-            headers += _threat_headers(rules, facts_url)
-        self.transport.write(self.conn.send_response(200, headers, res_hdr=head, body=True))
-        self.transport.write(self.conn.send_data(body))
-        self.transport.write(self.conn.send_end())
-        self._finish_tx(icap_status=200, outcome=outcome, detail=verdict.detail,
+        if answer.rules:
+            headers += decision.threat_headers(answer.rules, url)
+        conn = self.conn
+        self._write(b"".join((conn.send_response(200, headers, res_hdr=head, body=True),
+                              conn.send_data(body), conn.send_end())))
+        self._finish_tx(icap_status=200, outcome=answer.outcome, detail=answer.detail,
                         verdict=verdict, http_status=403, reference=reference)
-        self._close_spool()
+        tx.release()
 
     def _response_sent(self) -> None:
         """The echo wrote the last chunk."""
@@ -876,45 +792,22 @@ class ICAPServerProtocol(Protocol):
         self._process()
 
     def _close_spool(self) -> None:
-        tx = self.tx
-        if tx and tx.spool:
-            tx.spool.close()
-            tx.spool = None
+        if self.tx is not None:
+            self.tx.release()
 
     def _finish_tx(
-        self, *, icap_status: int, outcome: str | None, detail: str, verdict: Verdict | None = None,
+        self, *, icap_status: int, outcome: Outcome | None, detail: str, verdict: Verdict | None = None,
         http_status: int | None = None, reference: str = "",
     ) -> None:
         tx = self.tx
-        if tx is None or tx.finished:
+        if tx is None:
             return
-        tx.finished = True
         ctx = self.ctx
-        if http_status is None and tx.http_response is not None:
-            http_status = tx.http_response.status
-        record = TransactionRecord(
-            started=ctx.wall_time() - (ctx.clock.seconds() - tx.started),
-            duration=ctx.clock.seconds() - tx.started,
-            method=tx.request.method,
-            service=tx.service,
-            icap_status=icap_status,
-            client_ip=tx.client_ip,
-            peer=tx.peer,
-            tenant=tx.tenant.name if tx.tenant else "",
-            user=tx.user or "",
-            url=tx.http_request.url if tx.http_request else "",
-            http_status=http_status,
-            outcome=outcome,  # type: ignore[arg-type]
-            rules=tuple(verdict.rules) if verdict else (),
-            direction=tx.direction if tx.request.method != "OPTIONS" else None,
-            body_bytes=tx.body_bytes,
-            scan_duration=verdict.duration if verdict else None,
-            detail=(reference and f"ref={reference} {detail}".strip()) or detail,
-            bad_headers=tx.bad_headers,
-            unscannable=(verdict.reason if verdict else "") or (
-                detail if outcome == "unscanned" and detail in UNSCANNABLE_REASONS else ""),
-        )
-        ctx.observer.transaction_finished(record)
+        record = tx.answer(now=ctx.clock.seconds(), wall_time=ctx.wall_time(), icap_status=icap_status,
+                           outcome=outcome, detail=detail, verdict=verdict, http_status=http_status,
+                           reference=reference)
+        if record is not None:
+            ctx.observer.transaction_finished(record)
 
 
 def bearer_credentials(headers: Mapping[str, str], peer: str) -> Credentials:
@@ -923,27 +816,6 @@ def bearer_credentials(headers: Mapping[str, str], peer: str) -> Credentials:
     scheme, _, token = value.strip().partition(" ")
     key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
     return Credentials(key=key, source_ip=peer)
-
-
-def _threat_headers(rules: Sequence[str], url: str) -> list[tuple[str, str]]:
-    """X-Infection-Found and X-Violations-Found of a block.  The URL and the
-    rule names are the peer's and the rule files' text: sanitised here, at
-    the one place they become ICAP response headers (no CR, LF or NUL can
-    start a header of the attacker's choosing), and bounded in length."""
-    named = [sanitise.header_value(rule, sanitise.HEADER_RULE_MAX) for rule in list(rules)[: sanitise.HEADER_RULES_MAX]]
-    threat = ", ".join(named)
-    return [("X-Infection-Found", f"Type=0; Resolution=2; Threat={threat};"),
-            ("X-Violations-Found", _violations(named, sanitise.url(url, sanitise.HEADER_URL_MAX)))]
-
-
-def _violations(rules: Sequence[str], url: str) -> str:
-    # RFC 3507 draft "ICAP extensions" X-Violations-Found: a count line, then
-    # four lines per violation (filename, id, name, disposition), folded onto
-    # continuation lines.  The values must already be sanitised.
-    lines = [str(len(rules))]
-    for rule in rules:
-        lines += [url or "-", rule, rule, "2"]
-    return "\r\n\t".join(lines)
 
 
 class ICAPFactory(Factory):

@@ -50,7 +50,7 @@ SCAN_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.
                 2.5, 5.0, 10.0, 30.0)
 
 MAX_SERVICE_LABELS = 16  # the service is the ICAP URI path: a client may send anything
-# The services the gateway serves (gateway.protocol.SERVICES) always have
+# The services the gateway serves (gateway.decision.SERVICES) always have
 # their own label: else 16 made-up service names, sent by anyone before the
 # first real request, left reqmod and respmod counted as "other" for good.
 SERVED_SERVICES = ("reqmod", "respmod")

@@ -172,7 +172,7 @@ def build_monitoring(
     access: AccessLog | None = None
     if settings.access_log != "none":
         try:
-            access_file = AccessLogFile(settings.access_log)
+            access_file = AccessLogFile(settings.access_log, clock=reactor)
         except OSError as e:
             raise ConfigErrors([ConfigError(
                 config.source, "[monitoring] access_log",

@@ -12,9 +12,9 @@ from dataclasses import replace
 import pytest
 import zstandard
 
+from gateway.decision import SERVICES
 from gateway.decoding import decode_into
 from gateway.interfaces import TransactionRecord
-from gateway.protocol import SERVICES
 from gateway.scanner import YaraScanner
 from monitoring.metrics import MAX_SERVICE_LABELS, SERVED_SERVICES, GatewayMetrics, metrics_registry
 from monitoring.observer import MonitoringObserver

@@ -15,8 +15,8 @@ from twisted.logger import capturedLogs
 
 from gateway import sanitise
 from gateway.blockpage import BlockPage
+from gateway.decision import threat_headers as _threat_headers
 from gateway.interfaces import Identity, NullObserver, TransactionRecord, UserSeen, Verdict
-from gateway.protocol import _threat_headers
 from register import users
 from register.settings import AuthSettings
 from tests.gateway.fakes import make_harness

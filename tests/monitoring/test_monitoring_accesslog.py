@@ -324,3 +324,50 @@ def test_stdout_destination_through_build_monitoring(monkeypatch: pytest.MonkeyP
     assert "user" not in fields  # access_log_users defaults to false
     print("still open")
     assert capsys.readouterr().out == "still open\n"
+
+
+def test_lines_are_batched_until_the_flush_interval(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    clock = task.Clock()
+    f = AccessLogFile(str(path), clock=clock, flush_interval=0.2, flush_bytes=1 << 20)
+    alog = AccessLog(f)
+    alog.write(record(tenant="one"))
+    alog.write(record(tenant="two"))
+    assert path.read_text() == ""  # waiting in memory
+    clock.advance(0.19)
+    assert path.read_text() == ""
+    clock.advance(0.01)
+    assert [json.loads(x)["tenant"] for x in path.read_text().splitlines()] == ["one", "two"]
+    assert not clock.getDelayedCalls()  # nothing pending: no timer either
+    alog.write(record(tenant="three"))
+    f.close()  # a clean stop loses nothing
+    assert len(path.read_text().splitlines()) == 3
+    assert not clock.getDelayedCalls()
+
+
+def test_lines_are_flushed_at_the_byte_bound(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    clock = task.Clock()
+    f = AccessLogFile(str(path), clock=clock, flush_interval=60, flush_bytes=1000)
+    alog = AccessLog(f)
+    written = 0
+    while not path.read_text():
+        alog.write(record())
+        written += 1
+        assert written < 100
+    lines = path.read_text().splitlines()
+    assert len(lines) == written and sum(len(x) + 1 for x in lines) >= 1000  # whole lines, all of them
+    assert not clock.getDelayedCalls()
+
+
+def test_reopen_flushes_batched_lines_to_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    f = AccessLogFile(str(path), clock=task.Clock())
+    alog = AccessLog(f)
+    alog.write(record(tenant="old"))
+    os.rename(path, tmp_path / "access.log.1")
+    f.reopen()
+    alog.write(record(tenant="new"))
+    f.close()
+    assert json.loads((tmp_path / "access.log.1").read_text())["tenant"] == "old"
+    assert json.loads(path.read_text())["tenant"] == "new"

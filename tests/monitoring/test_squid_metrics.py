@@ -129,6 +129,10 @@ def lines_for(gw: GatewayProcess, url_part: str, path: Path | None = None) -> li
     return [r for r in read_json_lines(path or gw.access_log) if url_part in str(r.get("url", ""))]
 
 
+def respmod_lines(gw: GatewayProcess, url_part: str) -> list[dict[str, Any]]:
+    return [r for r in lines_for(gw, url_part) if r.get("method") == "RESPMOD"]
+
+
 def user() -> str:
     return f"{USER}:{PASSWORD}"
 
@@ -192,8 +196,10 @@ def test_access_log_lines_of_real_traffic(gateway: GatewayProcess, squid: SquidP
     eicar = origin.add("/logged-eicar.com", EICAR)
     assert curl(squid.port, eicar, user=user()).status == 403
 
-    clean_line = wait_until(lambda: lines_for(gateway, "/logged.bin"), what="the clean line")[-1]
-    blocked_line = wait_until(lambda: lines_for(gateway, "/logged-eicar.com"), what="the block line")[-1]
+    # Lines reach the file in batches (at most 200 ms late): wait for the
+    # download's (RESPMOD) line, not the upload's that may be out first.
+    clean_line = wait_until(lambda: respmod_lines(gateway, "/logged.bin"), what="the clean line")[-1]
+    blocked_line = wait_until(lambda: respmod_lines(gateway, "/logged-eicar.com"), what="the block line")[-1]
     assert clean_line["url"] == url  # the query is gone (url_redaction = "no-query")
     assert clean_line["tenant"] == TENANT
     assert clean_line["user"] == USER
