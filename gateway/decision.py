@@ -133,13 +133,17 @@ def authorise(result: Authenticated | Refused) -> Error | None:
     return None
 
 
-def oversize_passes_early(body_bytes: int, policy: Policy, allows: PeerAllows) -> bool:
-    """A body past ``max_scan_size`` that the policy passes unscanned is
-    answered 204 as soon as the size is crossed: the rest is read and
-    dropped instead of spooled (only where 204 is allowed and nothing of ours
-    went out yet)."""
-    return (body_bytes > policy.max_scan_size and policy.oversize_policy == "pass"
-            and not allows.committed and allows.no_content)
+def oversize_answer(body_bytes: int, policy: Policy, allows: PeerAllows) -> Answer | None:
+    """What to answer as soon as a body crosses ``max_scan_size``, before the
+    rest arrives, or None to read on.  Its verdict is known then (too-large):
+    blocked at once under a block policy, and passed at once with a 204
+    where the peer allows one, so the rest is read and dropped instead of
+    spooled to disk.  A pass without 204 must echo the body: it reads on."""
+    if body_bytes <= policy.max_scan_size:
+        return None
+    if policy.oversize_policy == "pass":
+        return pass_unscanned("too-large", allows) if allows.no_content and not allows.committed else None
+    return decide(normalise(Verdict("unscanned", detail="too-large"), policy), allows)
 
 
 def normalise(verdict: Verdict, policy: Policy) -> Verdict:

@@ -227,7 +227,7 @@ class Observer(Protocol):
 
     def connection_dropped(self, reason: str) -> None:
         """A connection closed by a limit: head-timeout, read-timeout,
-        write-timeout, pipelined-overflow, evicted-idle."""
+        drain-timeout, write-timeout, pipelined-overflow, evicted-idle."""
 
 
 class NullObserver:

@@ -75,6 +75,11 @@ ECHO_BLOCK_SIZE = 64 * 1024
 PHASE_IDLE = "idle"  # between requests: idle_timeout, then a quiet close
 PHASE_HEAD = "head"  # a request head is arriving: one head_timeout deadline
 PHASE_BODY = "body"  # a body is arriving: min_body_rate checked every read_timeout
+# The rest of a body we already answered (a refusal, an early 204) is read
+# only to stay in frame: one read_timeout deadline, then the connection
+# closes.  Progress must not extend it: the peer gets nothing more for it,
+# and a refused peer would otherwise hold its connection at min_body_rate.
+PHASE_DRAIN = "drain"
 
 
 @dataclass
@@ -371,6 +376,8 @@ class ICAPServerProtocol(Protocol):
             phase = PHASE_IDLE
         elif conn.their_state == "IDLE":
             phase = PHASE_HEAD
+        elif conn.draining_body:
+            phase = PHASE_DRAIN
         else:
             phase = PHASE_BODY
         timer = self._timer
@@ -383,6 +390,8 @@ class ICAPServerProtocol(Protocol):
             self._timer = ctx.clock.callLater(ctx.idle_timeout, self._idle_timed_out)
         elif phase == PHASE_HEAD:
             self._timer = ctx.clock.callLater(ctx.head_timeout, self._read_timed_out, "head-timeout")
+        elif phase == PHASE_DRAIN:
+            self._timer = ctx.clock.callLater(ctx.read_timeout, self._drain_timed_out)
         else:
             self._window_start = self._bytes_in
             self._timer = ctx.clock.callLater(ctx.read_timeout, self._body_progress_check)
@@ -403,6 +412,15 @@ class ICAPServerProtocol(Protocol):
             return
         self._window_start = self._bytes_in
         self._timer = ctx.clock.callLater(ctx.read_timeout, self._body_progress_check)
+
+    def _drain_timed_out(self) -> None:
+        """The rest of an answered body did not arrive within read_timeout:
+        close (the answer is out; nothing more is owed to this peer)."""
+        self._timer = None
+        self._timer_phase = ("", 0)
+        log.info("ICAP drain-timeout from {peer}: closing", peer=self._peer)
+        self.ctx.observer.connection_dropped("drain-timeout")
+        self.transport.loseConnection()
 
     def _read_timed_out(self, detail: str) -> None:
         self._timer = None
@@ -610,12 +628,13 @@ class ICAPServerProtocol(Protocol):
             return
         tx.take(data)
         ctx = self.ctx
-        if tx.body_bytes > ctx.max_scan_size and decision.oversize_passes_early(
-                tx.body_bytes, self._policy(), self._allows(tx)):
-            # It will not be scanned and may pass as it is: say so now, and
-            # the rest is read and dropped instead of spooled to disk.
-            self._answer(tx, decision.pass_unscanned("too-large", self._allows(tx)))
-            return
+        if tx.body_bytes > ctx.max_scan_size:
+            early = decision.oversize_answer(tx.body_bytes, self._policy(), self._allows(tx))
+            if early is not None:
+                # It will not be scanned: say so now, and the rest is read and
+                # dropped instead of spooled to disk.
+                self._answer(tx, early)
+                return
         out = tx.spool_body(data, self.conn, ctx.early_response_after, self._common_headers)
         if out:
             self._write(out)

@@ -148,12 +148,14 @@ class Transaction:
         start: without an early head, any response larger than that buffer
         would hang until our read timeout.  Only RESPMOD without Allow: 204
         (Squid buffers those bodies whole; REQMOD bodies flow), and never
-        while a preview awaits our 100 Continue.  A block after this point
-        can only abort the response."""
+        while the preview lasts (a client may announce one longer than
+        early_response_after: a head sent inside it would leave no room for
+        the 100 Continue).  A block after this point can only abort the
+        response."""
         req = self.request
         if req.method != "RESPMOD" or req.res_hdr is None or req.allow_204:
             return False
-        return conn.their_state != "PREVIEW_WAIT"
+        return not conn.in_preview
 
     def body_complete(self) -> None:
         """The body ended: the scan starts."""

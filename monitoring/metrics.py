@@ -297,7 +297,7 @@ class GatewayMetrics:
         # no label from a peer.
         self.connections_dropped = Counter(
             f"{PREFIX}_connections_dropped", "ICAP connections closed by a limit, by reason "
-            "(head-timeout, read-timeout, write-timeout, pipelined-overflow, evicted-idle)",
+            "(head-timeout, read-timeout, drain-timeout, write-timeout, pipelined-overflow, evicted-idle)",
             ["reason"], registry=reg,
         )
         # livemin: with several workers the smallest count shows a worker

@@ -447,6 +447,18 @@ class ServerConnection:
         # read only to stay in frame.
         return self.our_state in (DONE, MUST_CLOSE)
 
+    @property
+    def in_preview(self) -> bool:
+        """The preview is arriving or awaits our 100 Continue: an answer may
+        not start yet unless it is final (a 100 must be possible)."""
+        return self._in_preview or self.their_state == PREVIEW_WAIT
+
+    @property
+    def draining_body(self) -> bool:
+        """We answered before the request's body ended: what still arrives of
+        it is read and dropped (the caller bounds how long that may take)."""
+        return self._discarding and self.their_state in (CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER)
+
     # --- output ------------------------------------------------------------
 
     @property

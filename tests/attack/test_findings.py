@@ -1,6 +1,5 @@
 """Findings of an attack on the hardened gateway (issue 8 done): each test
-failed before its fix.  A test marked ``xfail(strict=True)`` is a finding
-whose fix is not in yet; its reason says where and what."""
+failed before its fix."""
 
 from __future__ import annotations
 
@@ -87,14 +86,11 @@ def _respmod_head(*extra: str) -> bytes:
     return "\r\n".join(lines).encode() + b"\r\n\r\n" + REQ_HDR + RES_HDR
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/protocol.py _arm_timer: after an early answer (401/403 to an unauthenticated "
-    "peer, 404/405, 503 over max_connections, 204 too-large) the rest of the body is read "
-    "and dropped under the min_body_rate check only, with no deadline: a peer sending 8 KiB "
-    "every 30 s holds the connection (and its max_connections slot) for ever. Fix: a drain "
-    "phase with one fixed deadline (read_timeout) once conn.our_state is DONE mid-body, "
-    "or close after an answer that carries Connection: close."))
 def test_unauthenticated_peer_cannot_hold_a_connection_by_draining() -> None:
+    """After an early answer (401/403, 404/405, 503, an early 204) the rest
+    of the body was read and dropped under the min_body_rate check only: a
+    peer sending 8 KiB every 30 s held the connection for ever.  The drain
+    now has one read_timeout deadline."""
     h = make_harness()
     h.send(_respmod_head())  # no Authorization: answered 401 at once
     assert h.output().startswith(b"ICAP/1.0 401 ")
@@ -131,33 +127,25 @@ def test_small_options_body_is_still_answered() -> None:
     assert not h.transport.disconnecting
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/protocol.py _on_body: past max_scan_size the body is known unscannable, but "
-    "under oversize_policy=block (or with no 204 allowed) every further byte is still "
-    "spooled, to disk past memory_threshold, with no cap: one authenticated upload of "
-    "any size fills the spool directory before the verdict 'too-large'. Fix: under block, "
-    "answer the block page as soon as body_bytes passes max_scan_size (the rest is then "
-    "read and dropped); for an echo without 204, cap the spool (e.g. refuse with 400/500 "
-    "past a [scan] max_spool_size)."))
 def test_body_past_max_scan_size_is_not_spooled_under_block_policy() -> None:
+    """Past max_scan_size under a block policy every further byte was still
+    spooled (to disk past memory_threshold, with no cap) before the verdict
+    "too-large": one upload could fill the spool directory.  It is blocked
+    as soon as the size is crossed, and the rest is read and dropped."""
     h = make_harness(max_scan_size=10_000, oversize_policy="block")
     h.send(_respmod_head("Authorization: Bearer good-key", "Allow: 204"))
     chunk = b"1000\r\n" + b"a" * 0x1000 + b"\r\n"
     for _ in range(100):  # 400 KiB, 40 times max_scan_size
         h.send(chunk)
     assert h.spools[0].size <= 10_000 + 0x1000
+    out = h.output()
+    assert out.startswith(b"ICAP/1.0 200 ") and b"403" in out.split(b"\r\n\r\n", 2)[1]  # the block page
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/protocol.py _maybe_commit: it skips only PREVIEW_WAIT, so a preview longer than "
-    "early_response_after (the client picks Preview: 70000; or preview_size >= "
-    "early_response_after in the config, which nothing forbids) commits the 200 head inside "
-    "the preview; at the preview's end send_continue raises LocalProtocolError: an internal "
-    "error with a traceback in the log and an aborted connection, per request, at will. Fix: "
-    "no commit while the preview lasts (ServerConnection to expose `_in_preview or "
-    "their_state == PREVIEW_WAIT` as a property), and config check preview_size < "
-    "early_response_after."))
 def test_long_preview_is_continued_not_an_internal_error() -> None:
+    """A client Preview longer than early_response_after made the gateway
+    send its early 200 head inside the preview; at the preview's end the
+    100 Continue could not be sent: an internal error per request, at will."""
     h = make_harness()
     h.send(_respmod_head("Authorization: Bearer good-key", "Preview: 70000"))
     preview = b"a" * 70_000

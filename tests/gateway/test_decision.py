@@ -6,7 +6,7 @@ import pytest
 
 from gateway import decision
 from gateway.decision import Abort, BlockPage, Echo, Error, NoContent, PeerAllows, Policy
-from gateway.interfaces import Authenticated, Refused, Tenant, Verdict
+from gateway.interfaces import UNSCANNABLE_REASONS, Authenticated, Refused, Tenant, Verdict
 from gateway.options import AnswerHeaders, istag
 
 ALLOW_204 = PeerAllows(no_content=True)
@@ -97,15 +97,27 @@ def test_pass_without_body() -> None:
     assert decision.pass_without_body(NO_204) == Echo("clean", "no-body")
 
 
+_TOO_LARGE_BLOCK = BlockPage(
+    "unscanned", "too-large", (),
+    f"{UNSCANNABLE_REASONS['too-large']} The policy blocks content that cannot be scanned.")
+
+
 @pytest.mark.parametrize(("body_bytes", "policy", "allows", "expected"), [
-    (101, Policy(max_scan_size=100), ALLOW_204, True),
-    (100, Policy(max_scan_size=100), ALLOW_204, False),
-    (101, Policy(max_scan_size=100, oversize_policy="block"), ALLOW_204, False),
-    (101, Policy(max_scan_size=100), NO_204, False),
-    (101, Policy(max_scan_size=100), PeerAllows(no_content=True, committed=True), False),
+    (101, Policy(max_scan_size=100), ALLOW_204, NoContent("unscanned", "too-large", "unscanned; reason=too-large")),
+    (100, Policy(max_scan_size=100), ALLOW_204, None),
+    # Blocked as soon as the size is crossed: the rest is never spooled.
+    (101, Policy(max_scan_size=100, oversize_policy="block"), ALLOW_204, _TOO_LARGE_BLOCK),
+    (101, Policy(max_scan_size=100, oversize_policy="block"), NO_204, _TOO_LARGE_BLOCK),
+    (101, Policy(max_scan_size=100, oversize_policy="block"), PeerAllows(no_content=False, committed=True),
+     Abort("unscanned", "aborted too-large")),
+    (100, Policy(max_scan_size=100, oversize_policy="block"), NO_204, None),
+    # A pass without 204 must echo the whole body: read on.
+    (101, Policy(max_scan_size=100), NO_204, None),
+    (101, Policy(max_scan_size=100), PeerAllows(no_content=True, committed=True), None),
 ])
-def test_oversize_passes_early(body_bytes: int, policy: Policy, allows: PeerAllows, expected: bool) -> None:
-    assert decision.oversize_passes_early(body_bytes, policy, allows) is expected
+def test_oversize_answer(body_bytes: int, policy: Policy, allows: PeerAllows,
+                         expected: decision.Answer | None) -> None:
+    assert decision.oversize_answer(body_bytes, policy, allows) == expected
 
 
 def test_scan_status_is_sanitised() -> None:
