@@ -29,8 +29,6 @@ from zope.interface import implementer
 from gateway import sanitise
 from gateway.blockpage import BlockPage, new_reference
 from gateway.connections import ConnectionCount, LocalConnectionCount
-from gateway.filetypes import SNIFF_BYTES, sniff
-from gateway.filetypes import matches as type_matches
 from gateway.icap.connection import ServerConnection
 from gateway.icap.errors import ProtocolError
 from gateway.icap.events import (
@@ -66,6 +64,8 @@ from gateway.interfaces import (
     UserSeen,
     Verdict,
 )
+from gateway.scanning.filetypes import SNIFF_BYTES, sniff
+from gateway.scanning.filetypes import matches as type_matches
 
 log = Logger()
 

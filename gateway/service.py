@@ -24,9 +24,13 @@ from gateway.config import PROJECT_ROOT, GatewayConfig
 from gateway.connections import count_from_environment
 from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.proxyprotocol import inner_endpoint, listener_factory
-from gateway.scancache import VerdictCache
-from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
-from gateway.spool import BodySpool, MemoryBudget, purge_stale
+from gateway.scanning.cache import VerdictCache
+from gateway.scanning.engine import Engine
+from gateway.scanning.rules import RulesManager
+from gateway.scanning.scanner import YaraScanner, make_scan_pool
+from gateway.scanning.spool import BodySpool, MemoryBudget, purge_stale
+from gateway.scanning.yara_engine import YaraEngine
+from gateway.scanning.yarax import YaraXEngine
 from gateway.workers import AdoptedListenerService, AdoptedSocket, accept_backlog, describe_address
 from monitoring.service import build_monitoring
 from register.auth import credentials_from_headers
@@ -65,11 +69,11 @@ class RulesService(Service):
 
 
 class EngineService(Service):
-    """Stops a scanning engine's worker processes (``[scan] engine = "yara-x"``).
+    """Closes the scanning engine (YARA-X's worker processes).
     Parented before the thread pool, so it stops after it: no scanning thread
     is still waiting on a worker then."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def stopService(self) -> None:
@@ -174,21 +178,16 @@ def build_gateway(
 
     server = config.server
     top = GatewayService(server.shutdown_timeout)
-    compiler = None
-    if config.scan.engine == "yara-x":
-        from gateway.engine_yarax import YaraXEngine
-
-        engine = YaraXEngine(config.scan.threads)
-        EngineService(engine).setServiceParent(top)
-        compiler = engine.compile_directory
+    engine: Engine = YaraXEngine(config.scan.threads) if config.scan.engine == "yara-x" else YaraEngine()
+    EngineService(engine).setServiceParent(top)
     pool = make_scan_pool(config.scan)
     ThreadPoolService(pool).setServiceParent(top)
 
     # A supervised worker falls back to the last good rules when the directory
-    # does not compile (a restart next to a broken file: gateway.rulesnapshot).
+    # does not compile (a restart next to a broken file: gateway.scanning.snapshot).
     last_good = state_dir / "rules-last-good" if adopted is not None else None
     rules = RulesManager(resolve_path(config.scan.rules, config), reactor, pool, config.scan.reload_interval,
-                         compiler=compiler, snapshot_store=last_good)
+                         engine=engine, snapshot_store=last_good)
     register = build_register(config, reactor)
 
     def ready() -> tuple[bool, str]:

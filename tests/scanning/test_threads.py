@@ -1,4 +1,4 @@
-"""The real thing: the real reactor, a real ThreadPool, concurrent scans."""
+"""The real thing: the real reactor, a real ScanPool, concurrent scans."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer
-from twisted.python.threadpool import ThreadPool
 
 from gateway.config import ScanSettings
 from gateway.interfaces import ScanContext, Verdict
-from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
+from gateway.scanning.handoff import ScanPool
+from gateway.scanning.rules import RulesManager
+from gateway.scanning.scanner import YaraScanner, make_scan_pool
 
 from .conftest import BUNDLED_RULES, EICAR, write_rule
 
@@ -29,7 +30,7 @@ class RecordingScanner(YaraScanner):
 
 
 @pytest.fixture
-def pool() -> Generator[ThreadPool, None, None]:
+def pool() -> Generator[ScanPool, None, None]:
     p = make_scan_pool(ScanSettings(threads=2))
     p.start()
     yield p
@@ -42,7 +43,7 @@ def test_pool_size_follows_settings() -> None:
 
 
 @pytest_twisted.inlineCallbacks
-def test_concurrent_scans_off_the_reactor(pool: ThreadPool, tmp_path: Path) -> Any:
+def test_concurrent_scans_off_the_reactor(pool: ScanPool, tmp_path: Path) -> Any:
     from twisted.internet import reactor
 
     manager = RulesManager(BUNDLED_RULES, reactor, pool, 0)
@@ -60,7 +61,7 @@ def test_concurrent_scans_off_the_reactor(pool: ThreadPool, tmp_path: Path) -> A
 
 
 @pytest_twisted.inlineCallbacks
-def test_reload_in_the_pool(pool: ThreadPool, tmp_path: Path) -> Any:
+def test_reload_in_the_pool(pool: ScanPool, tmp_path: Path) -> Any:
     from twisted.internet import reactor
 
     write_rule(tmp_path, "a.yar", 'rule a { strings: $a = "one" condition: $a }\n')
