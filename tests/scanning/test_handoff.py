@@ -1,0 +1,121 @@
+"""The scanning pool and the completion queue that hands results to the reactor."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from gateway.scanning.handoff import CompletionQueue, ScanPool
+
+
+class HeldReactor:
+    """Keeps what ``callFromThread`` is given until the test runs it: a reactor
+    that has not woken up yet."""
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[[], Any]] = []
+        self.lock = threading.Lock()
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        with self.lock:
+            self.calls.append(lambda: f(*args))
+
+    def wake(self) -> None:
+        with self.lock:
+            calls, self.calls = self.calls, []
+        for call in calls:
+            call()
+
+
+def fired(d: Deferred[Any]) -> list[Any]:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    return out
+
+
+def test_results_ready_before_the_reactor_wakes_come_in_one_call() -> None:
+    reactor = HeldReactor()
+    queue = CompletionQueue(reactor)
+    deferreds = [Deferred[int]() for _ in range(5)]
+    results = [fired(d) for d in deferreds]
+    for i, d in enumerate(deferreds):
+        queue.deliver(d, True, i)
+    assert len(reactor.calls) == 1 and results == [[]] * 5  # nothing fires off the reactor
+    reactor.wake()
+    assert results == [[0], [1], [2], [3], [4]]
+    assert (queue.drains, queue.delivered) == (1, 5)
+    # Emptied: the next result schedules a new drain.
+    late = Deferred[int]()
+    queue.deliver(late, True, 9)
+    assert len(reactor.calls) == 1
+    reactor.wake()
+    assert fired(late) == [9] and queue.drains == 2
+
+
+def test_a_failure_goes_down_the_errback_chain() -> None:
+    reactor = HeldReactor()
+    queue = CompletionQueue(reactor)
+    d = Deferred[int]()
+    out = fired(d)
+    queue.deliver(d, False, Failure(ValueError("boom")))
+    reactor.wake()
+    assert isinstance(out[0], Failure) and out[0].check(ValueError)
+
+
+def test_pool_runs_in_its_threads_and_reports_errors() -> None:
+    reactor = HeldReactor()
+    queue = CompletionQueue(reactor)
+    pool = ScanPool(2, name="test-scan")
+    pool.start()
+    try:
+        names = [queue.run(pool, lambda: threading.current_thread().name) for _ in range(6)]
+        broken = queue.run(pool, lambda: 1 // 0)
+        outs = [fired(d) for d in names]
+        broken_out = fired(broken)
+    finally:
+        pool.stop()  # finishes the queued jobs first
+    reactor.wake()
+    assert all(o and o[0].startswith("test-scan-") for o in outs)
+    assert isinstance(broken_out[0], Failure) and broken_out[0].check(ZeroDivisionError)
+    assert queue.drains <= len(names) + 1
+
+
+def test_work_before_start_waits_and_after_stop_fails() -> None:
+    reactor = HeldReactor()
+    queue = CompletionQueue(reactor)
+    pool = ScanPool(1)
+    early = fired(queue.run(pool, lambda: "ran"))
+    pool.start()
+    pool.stop()
+    reactor.wake()
+    assert early == ["ran"]
+    late = fired(queue.run(pool, lambda: "never"))
+    reactor.wake()
+    assert isinstance(late[0], Failure) and late[0].check(RuntimeError)
+
+
+def test_thread_start_hook_runs_in_each_thread() -> None:
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def hook() -> None:
+        with lock:
+            seen.append(threading.current_thread().name)
+
+    pool = ScanPool(3, name="hooked", on_thread_start=hook)
+    pool.start()
+    pool.stop()
+    assert len(seen) == 3 and all(name.startswith("hooked-") for name in seen)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stop_joins_every_thread(threads: int) -> None:
+    pool = ScanPool(threads, name="joined")
+    pool.start()
+    pool.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("joined-")]
