@@ -26,7 +26,7 @@ from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.proxyprotocol import inner_endpoint, listener_factory
 from gateway.scanning.cache import VerdictCache
 from gateway.scanning.engine import Engine
-from gateway.scanning.rules import RulesManager
+from gateway.scanning.rules import RulesManager, make_rules_pool
 from gateway.scanning.scanner import YaraScanner, make_scan_pool
 from gateway.scanning.spool import BodySpool, MemoryBudget, purge_stale
 from gateway.scanning.yara_engine import YaraEngine
@@ -182,11 +182,13 @@ def build_gateway(
     EngineService(engine).setServiceParent(top)
     pool = make_scan_pool(config.scan)
     ThreadPoolService(pool).setServiceParent(top)
+    rules_pool = make_rules_pool()
+    ThreadPoolService(rules_pool).setServiceParent(top)
 
     # A supervised worker falls back to the last good rules when the directory
     # does not compile (a restart next to a broken file: gateway.scanning.snapshot).
     last_good = state_dir / "rules-last-good" if adopted is not None else None
-    rules = RulesManager(resolve_path(config.scan.rules, config), reactor, pool, config.scan.reload_interval,
+    rules = RulesManager(resolve_path(config.scan.rules, config), reactor, rules_pool, config.scan.reload_interval,
                          engine=engine, snapshot_store=last_good)
     register = build_register(config, reactor)
 
