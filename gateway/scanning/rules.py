@@ -22,14 +22,13 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.scanning.cache import mentioned_externals
 from gateway.scanning.discovery import read_rule_files, rule_files, stat_snapshot
 from gateway.scanning.engine import EXTERNALS, Engine, RulesError, RuleSource, Snapshot
-from gateway.scanning.handoff import Pool, ScanPool
+from gateway.scanning.handoff import CompletionQueue, Pool, ScanPool
 from gateway.scanning.snapshot import last_good_snapshot, save_snapshot
 from gateway.scanning.yara_engine import YaraEngine
 
@@ -165,6 +164,7 @@ class RulesManager:
         self.engine: Engine = engine or YaraEngine()
         self._reactor = reactor
         self._pool = pool
+        self._completions = CompletionQueue(reactor)
         self.interval = interval
         self._observers: list[Callable[[bool, int, str], None]] = [on_loaded] if on_loaded else []
         self.current: CompiledRules | None = None
@@ -229,7 +229,7 @@ class RulesManager:
             except OSError as e:
                 log.warn("cannot keep a copy of the rules: {error}", error=str(e))
             return
-        d = deferToThreadPool(self._reactor, self._pool, save_snapshot, *args)
+        d = self._completions.run(self._pool, save_snapshot, *args)
         d.addErrback(lambda f: log.warn("cannot keep a copy of the rules: {error}", error=str(f.value)))
 
     def reload(self) -> Deferred[bool]:
@@ -245,7 +245,7 @@ class RulesManager:
     def _compile(self) -> None:
         self._running = True
         waiters, self._waiters = self._waiters, []
-        d = deferToThreadPool(self._reactor, self._pool, compile_directory, self.directory, self.engine)
+        d = self._completions.run(self._pool, compile_directory, self.directory, self.engine)
 
         def done(result: CompiledRules | Failure) -> None:
             if isinstance(result, CompiledRules):
@@ -323,7 +323,7 @@ class RulesManager:
     def poll(self) -> Deferred[bool | None]:
         """Reload if the files changed since the last attempt.  The stat calls run
         in the pool (hundreds of files: not on the reactor)."""
-        d = deferToThreadPool(self._reactor, self._pool, stat_snapshot, self.directory)
+        d: Deferred[Any] = self._completions.run(self._pool, stat_snapshot, self.directory)
 
         def compare(snapshot: Snapshot) -> Deferred[bool] | None:
             if snapshot == self._attempted or self._running:
