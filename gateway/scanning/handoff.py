@@ -126,21 +126,21 @@ class ScanPool:
 
 
 class CompletionQueue:
-    """Results finished in any thread, delivered to Deferreds on the reactor
+    """Results finished in any thread, handed to their receivers on the reactor
     thread in batches: one ``callFromThread`` per reactor wake-up, not per result."""
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self._lock = threading.Lock()
-        self._ready: deque[tuple[Deferred[Any], bool, Any]] = deque()
+        self._ready: deque[tuple[Callable[[Any], object], Any]] = deque()
         self._scheduled = False
         self.drains = 0  # reactor calls made (measurements, tests)
         self.delivered = 0
 
-    def deliver(self, d: Deferred[Any], ok: bool, result: Any) -> None:
-        """From any thread: fire ``d`` with ``result`` (``ok`` False: a Failure) on the reactor."""
+    def deliver(self, receiver: Callable[[Any], object], value: Any) -> None:
+        """From any thread: call ``receiver(value)`` on the reactor thread."""
         with self._lock:
-            self._ready.append((d, ok, result))
+            self._ready.append((receiver, value))
             if self._scheduled:
                 return
             self._scheduled = True
@@ -152,14 +152,17 @@ class CompletionQueue:
             self._scheduled = False
         self.drains += 1
         self.delivered += len(ready)
-        for d, ok, result in ready:
-            if ok:
-                d.callback(result)
-            else:
-                d.errback(result)
+        for receiver, value in ready:
+            try:
+                receiver(value)
+            except Exception:  # one receiver's bug must not strand the others' results
+                log.failure("completion receiver failed")
+
+    def _settle(self, d: Deferred[Any], ok: bool, result: Any) -> None:
+        self.deliver(d.callback if ok else d.errback, result)
 
     def run(self, pool: Pool, func: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """``deferToThreadPool`` with the result coming back through this queue."""
         d: Deferred[Any] = Deferred()
-        pool.callInThreadWithCallback(partial(self.deliver, d), func, *args)
+        pool.callInThreadWithCallback(partial(self._settle, d), func, *args)
         return d

@@ -55,10 +55,11 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -141,19 +142,37 @@ class YaraScanner:
         return self._rules.version
 
     def scan(self, body: bytes | str, context: ScanContext) -> Deferred[Verdict]:
+        """``gateway.interfaces.Scanner.scan``: :meth:`scan_then` with a Deferred."""
+        d: Deferred[Verdict] = Deferred()
+        self.scan_then(body, context, d.callback)
+        return d
+
+    def scan_then(self, body: bytes | str, context: ScanContext, on_verdict: Callable[[Verdict], object]) -> None:
+        """Scan in a scanning thread and call ``on_verdict(verdict)`` on the
+        reactor thread (with the other verdicts ready by then, in one reactor
+        call).  Never fails: a bug or a stopped pool is an engine-error verdict.
+        No Deferred: the lean form for a caller that only needs the verdict."""
         # The set is picked here, on the reactor, so the verdict's version is
         # the one that really scanned, even if a reload swaps meanwhile.
         compiled = self._rules.current
         if compiled is None:
-            return succeed(self.unscannable("engine-error", "no rules loaded"))
-        d = self._completions.run(self._pool, self.scan_blocking, body, context, compiled)
-        d.addErrback(self._failed, compiled.version)
-        return d
+            on_verdict(self.unscannable("engine-error", "no rules loaded"))
+            return
+        self._pool.callInThreadWithCallback(
+            partial(self._verdict_ready, on_verdict, compiled.version), self.scan_blocking, body, context, compiled)
 
-    def _failed(self, f: Failure, version: str) -> Verdict:
+    def _verdict_ready(self, on_verdict: Callable[[Verdict], object], version: str, ok: bool, result: Any) -> None:
+        """In the scanning thread (or the caller's, if the pool is stopped)."""
+        if ok:
+            self._completions.deliver(on_verdict, result)
+        else:  # logged and answered on the reactor thread, like a verdict
+            self._completions.deliver(partial(self._failed, on_verdict, version), result)
+
+    def _failed(self, on_verdict: Callable[[Verdict], object], version: str, failure: Failure) -> None:
         """A bug or a stopped pool: still a verdict."""
-        log.failure("scan failed", f)
-        return self.unscannable("engine-error", f"{f.type.__name__}: {f.value}", ruleset_version=version)
+        log.failure("scan failed", failure)
+        on_verdict(self.unscannable("engine-error", f"{failure.type.__name__}: {failure.value}",
+                                    ruleset_version=version))
 
     def unscannable(self, reason: UnscannableReason, detail: str = "", rules: Iterable[str] = (),
                     **fields: Any) -> Verdict:

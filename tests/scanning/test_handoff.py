@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from gateway.config import ScanSettings
+from gateway.interfaces import ScanContext, Verdict
 from gateway.scanning.handoff import CompletionQueue, ScanPool
+from gateway.scanning.rules import RulesManager
+from gateway.scanning.scanner import YaraScanner
+
+from .conftest import BUNDLED_RULES, EICAR
 
 
 class HeldReactor:
@@ -44,27 +51,31 @@ def test_results_ready_before_the_reactor_wakes_come_in_one_call() -> None:
     deferreds = [Deferred[int]() for _ in range(5)]
     results = [fired(d) for d in deferreds]
     for i, d in enumerate(deferreds):
-        queue.deliver(d, True, i)
+        queue.deliver(d.callback, i)
     assert len(reactor.calls) == 1 and results == [[]] * 5  # nothing fires off the reactor
     reactor.wake()
     assert results == [[0], [1], [2], [3], [4]]
     assert (queue.drains, queue.delivered) == (1, 5)
     # Emptied: the next result schedules a new drain.
     late = Deferred[int]()
-    queue.deliver(late, True, 9)
+    queue.deliver(late.callback, 9)
     assert len(reactor.calls) == 1
     reactor.wake()
     assert fired(late) == [9] and queue.drains == 2
 
 
-def test_a_failure_goes_down_the_errback_chain() -> None:
+def test_a_failing_receiver_does_not_strand_the_others() -> None:
     reactor = HeldReactor()
     queue = CompletionQueue(reactor)
-    d = Deferred[int]()
-    out = fired(d)
-    queue.deliver(d, False, Failure(ValueError("boom")))
+    got: list[int] = []
+
+    def broken(value: int) -> None:
+        raise ValueError(value)
+
+    queue.deliver(broken, 1)
+    queue.deliver(got.append, 2)
     reactor.wake()
-    assert isinstance(out[0], Failure) and out[0].check(ValueError)
+    assert got == [2]
 
 
 def test_pool_runs_in_its_threads_and_reports_errors() -> None:
@@ -119,3 +130,34 @@ def test_stop_joins_every_thread(threads: int) -> None:
     pool.start()
     pool.stop()
     assert not [t for t in threading.enumerate() if t.name.startswith("joined-")]
+
+
+def test_scan_then_delivers_verdicts_without_a_deferred(tmp_path: Path) -> None:
+    reactor = HeldReactor()
+    pool = ScanPool(2)
+    manager = RulesManager(BUNDLED_RULES, reactor, pool, 0)
+    manager.load_now()
+    scanner = YaraScanner(manager, reactor, pool, ScanSettings(), tmp_path)
+    verdicts: list[Verdict] = []
+    pool.start()
+    try:
+        for body in (b"clean", EICAR, b"also clean"):
+            scanner.scan_then(body, ScanContext(direction="response"), verdicts.append)
+    finally:
+        pool.stop()
+    assert verdicts == []  # only on the reactor thread
+    reactor.wake()
+    assert sorted(v.outcome for v in verdicts) == ["blocked", "clean", "clean"]
+
+
+def test_a_stopped_pool_is_an_engine_error_verdict(tmp_path: Path) -> None:
+    reactor = HeldReactor()
+    pool = ScanPool(1)
+    manager = RulesManager(BUNDLED_RULES, reactor, pool, 0)
+    manager.load_now()
+    scanner = YaraScanner(manager, reactor, pool, ScanSettings(), tmp_path)
+    pool.start()
+    pool.stop()
+    out = fired(scanner.scan(b"anything", ScanContext(direction="response")))
+    reactor.wake()
+    assert (out[0].outcome, out[0].reason, out[0].action) == ("unscannable", "engine-error", "block")
