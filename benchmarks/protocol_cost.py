@@ -63,7 +63,7 @@ def _serve(variant: str, count: int, out: Any) -> None:
     from gateway.blockpage import BlockPage
     from gateway.interfaces import Authenticated, Identity, Tenant, Verdict
     from gateway.protocol import GatewayContext, ICAPFactory
-    from gateway.spool import BodySpool
+    from gateway.scanning.spool import BodySpool
     from monitoring.accesslog import AccessLog, AccessLogFile
     from monitoring.metrics import GatewayMetrics, metrics_registry
     from monitoring.observer import MonitoringObserver

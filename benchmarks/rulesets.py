@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RULE_SUFFIXES = (".yar", ".yara")
 # signature-base's rules refer to the file ones, the bundled rules to the
-# transaction ones; the gateway declares the same set (gateway.scanner.EXTERNALS)
+# transaction ones; the gateway declares the same set (gateway.scanning.engine.EXTERNALS)
 EXTERNALS = {
     "filename": "", "filepath": "", "extension": "", "filetype": "", "owner": "",
     "url": "", "host": "", "direction": "", "tenant": "",

@@ -28,7 +28,8 @@ import zstandard
 
 from gateway.config import PROJECT_ROOT, ScanSettings
 from gateway.interfaces import ScanContext, Verdict
-from gateway.scanner import RulesManager, YaraScanner
+from gateway.scanning.rules import RulesManager
+from gateway.scanning.scanner import YaraScanner
 
 # Built at run time so no file holds the EICAR string itself.
 EICAR = base64.b64decode(

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     example.set_defaults(func=_config_example)
 
     try:
-        from gateway.scanner import add_commands as add_rules_commands
+        from gateway.scanning.commands import add_commands as add_rules_commands
     except ImportError:  # the scanner lands separately
         pass
     else:

@@ -30,7 +30,7 @@ from register.settings import AuthSettings, RegisterSettings
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # What happens, by default, to a body the scanner could not scan whole, per
-# reason (gateway.interfaces.UNSCANNABLE_REASONS; see gateway.scanner).
+# reason (gateway.interfaces.UNSCANNABLE_REASONS; see gateway.scanning.scanner).
 UNSCANNABLE_DEFAULTS: dict[str, Literal["block", "pass"]] = {
     # Honest big downloads (ISO images, videos) are common; blocking them is a
     # site's choice to make.  Same as oversize_policy's default.

@@ -115,7 +115,7 @@ class GatewayContext:
     oversize_policy: str = "pass"  # or "block"
     max_scan_size: int = 256 * 1024**2
     early_response_after: int = 60 * 1024
-    skip_types: list[str] = field(default_factory=list)  # see gateway.filetypes
+    skip_types: list[str] = field(default_factory=list)  # see gateway.scanning.filetypes
     wall_time: Callable[[], float] = time.time
     connections: int = field(default=0)  # this process's open connections
     # The whole gateway's count (all workers): gateway.connections

@@ -78,7 +78,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from gateway.scanner import RulesError
+    from gateway.scanning.engine import RulesError
 
     try:
         config = load_serve_config(args)

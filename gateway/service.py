@@ -25,9 +25,13 @@ from gateway.connections import count_from_environment
 from gateway.handoff import Handoff, HandoffReceiverService
 from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.proxyprotocol import inner_endpoint, listener_factory
-from gateway.scancache import VerdictCache
-from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
-from gateway.spool import BodySpool, MemoryBudget, purge_stale
+from gateway.scanning.cache import VerdictCache
+from gateway.scanning.engine import Engine
+from gateway.scanning.rules import RulesManager, make_rules_pool
+from gateway.scanning.scanner import YaraScanner, make_scan_pool
+from gateway.scanning.spool import BodySpool, MemoryBudget, purge_stale
+from gateway.scanning.yara_engine import YaraEngine
+from gateway.scanning.yarax import YaraXEngine
 from gateway.workers import (
     AdoptedListenerService,
     AdoptedSocket,
@@ -72,11 +76,11 @@ class RulesService(Service):
 
 
 class EngineService(Service):
-    """Stops a scanning engine's worker processes (``[scan] engine = "yara-x"``).
+    """Closes the scanning engine (YARA-X's worker processes).
     Parented before the thread pool, so it stops after it: no scanning thread
     is still waiting on a worker then."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def stopService(self) -> None:
@@ -184,21 +188,18 @@ def build_gateway(
 
     server = config.server
     top = GatewayService(server.shutdown_timeout)
-    compiler = None
-    if config.scan.engine == "yara-x":
-        from gateway.engine_yarax import YaraXEngine
-
-        engine = YaraXEngine(config.scan.threads)
-        EngineService(engine).setServiceParent(top)
-        compiler = engine.compile_directory
+    engine: Engine = YaraXEngine(config.scan.threads) if config.scan.engine == "yara-x" else YaraEngine()
+    EngineService(engine).setServiceParent(top)
     pool = make_scan_pool(config.scan)
     ThreadPoolService(pool).setServiceParent(top)
+    rules_pool = make_rules_pool()
+    ThreadPoolService(rules_pool).setServiceParent(top)
 
     # A supervised worker falls back to the last good rules when the directory
-    # does not compile (a restart next to a broken file: gateway.rulesnapshot).
+    # does not compile (a restart next to a broken file: gateway.scanning.snapshot).
     last_good = state_dir / "rules-last-good" if worker else None
-    rules = RulesManager(resolve_path(config.scan.rules, config), reactor, pool, config.scan.reload_interval,
-                         compiler=compiler, snapshot_store=last_good)
+    rules = RulesManager(resolve_path(config.scan.rules, config), reactor, rules_pool, config.scan.reload_interval,
+                         engine=engine, snapshot_store=last_good)
     register = build_register(config, reactor)
 
     def ready() -> tuple[bool, str]:

@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.filetypes import SNIFF_BYTES, sniff
-from gateway.filetypes import matches as type_matches
 from gateway.icap.connection import ServerConnection
 from gateway.icap.events import Request
 from gateway.icap.http import HTTPRequestHead, HTTPResponseHead, message_facts
@@ -37,6 +35,8 @@ from gateway.interfaces import (
     TransactionRecord,
     Verdict,
 )
+from gateway.scanning.filetypes import SNIFF_BYTES, sniff
+from gateway.scanning.filetypes import matches as type_matches
 
 # At most this many body bytes trickle out before the verdict (see
 # Transaction.spool_body): a few bytes of a blocked file, never a usable part of it.
@@ -44,7 +44,7 @@ TRICKLE_PREFIX = 4096
 
 
 class Spool(Protocol):
-    """Where a body waits while it is scanned (gateway.spool.BodySpool)."""
+    """Where a body waits while it is scanned (gateway.scanning.spool.BodySpool)."""
 
     size: int
 

@@ -14,7 +14,7 @@ hundred at once, so the first worker to wake took a whole burst of connects
 ICAP connections would all have landed on one core.  Each worker has its own reactor,
 scanning pool, rules and register writer.  The parent only supervises:
 restarts a worker that dies (with a growing delay; a restarted worker next
-to a broken rule file serves the last good set, see gateway.rulesnapshot),
+to a broken rule file serves the last good set, see gateway.scanning.snapshot),
 forwards SIGHUP/SIGUSR1, stops them on SIGTERM (each drains its connections),
 learns on a pipe when each worker is ready (/readyz), and serves /metrics
 summed over the workers' prometheus_client multiprocess files.

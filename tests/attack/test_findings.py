@@ -12,9 +12,9 @@ import pytest
 import zstandard
 
 from gateway.decision import SERVICES
-from gateway.decoding import decode_into
 from gateway.interfaces import TransactionRecord
-from gateway.scanner import YaraScanner
+from gateway.scanning.decoding import decode_into
+from gateway.scanning.scanner import YaraScanner
 from monitoring.metrics import MAX_SERVICE_LABELS, SERVED_SERVICES, GatewayMetrics, metrics_registry
 from monitoring.observer import MonitoringObserver
 from tests.gateway.fakes import make_harness

@@ -11,7 +11,7 @@ from twisted.internet.testing import StringTransport
 
 from gateway.connections import SharedConnectionCount, clear_slot, count_from_environment, create_slots
 from gateway.protocol import ICAPServerProtocol
-from gateway.spool import BodySpool, MemoryBudget
+from gateway.scanning.spool import BodySpool, MemoryBudget
 from tests.gateway.fakes import BufferingTransport, Harness, make_harness
 from tests.gateway.test_protocol import AUTH, chunked, options, respmod
 from tests.icap_responses import parse_responses

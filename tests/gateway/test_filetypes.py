@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.filetypes import matches, sniff
+from gateway.scanning.filetypes import matches, sniff
 
 
 @pytest.mark.parametrize(

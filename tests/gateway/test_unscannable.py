@@ -13,7 +13,8 @@ import pytest
 
 from gateway.config import ScanSettings
 from gateway.interfaces import UNSCANNABLE_REASONS, Verdict
-from gateway.scanner import RulesManager, YaraScanner
+from gateway.scanning.rules import RulesManager
+from gateway.scanning.scanner import YaraScanner
 from tests.gateway.fakes import GOOD_KEY, Harness, make_harness
 from tests.icap_responses import ParsedResponse, parse_responses
 from tests.scanning.conftest import BUNDLED_RULES, EICAR, SyncPool, SyncReactor

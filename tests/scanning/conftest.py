@@ -16,7 +16,8 @@ from twisted.python.failure import Failure
 
 from gateway.config import ScanSettings
 from gateway.interfaces import ScanContext, Verdict
-from gateway.scanner import RulesManager, YaraScanner
+from gateway.scanning.rules import RulesManager
+from gateway.scanning.scanner import YaraScanner
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLED_RULES = REPO / "rules"

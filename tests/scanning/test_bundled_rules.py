@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.scanner import YaraScanner
+from gateway.scanning.scanner import YaraScanner
 
 from .conftest import EICAR, scan
 
@@ -24,7 +24,7 @@ def scanner() -> YaraScanner:
     from tempfile import mkdtemp
 
     from gateway.config import ScanSettings
-    from gateway.scanner import RulesManager
+    from gateway.scanning.rules import RulesManager
 
     from .conftest import BUNDLED_RULES, SyncPool, SyncReactor
 

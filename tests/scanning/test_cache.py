@@ -7,8 +7,8 @@ import gzip
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.scancache import VerdictCache, mentioned_externals
-from gateway.scanner import YaraScanner
+from gateway.scanning.cache import VerdictCache, mentioned_externals
+from gateway.scanning.scanner import YaraScanner
 from tests.scanning.conftest import EICAR, bump, scan, write_rule
 
 

@@ -12,7 +12,7 @@ import brotli
 import pytest
 import zstandard
 
-from gateway.decoding import (
+from gateway.scanning.decoding import (
     BLOCK,
     MAX_CODINGS,
     BytesSource,

@@ -1,7 +1,7 @@
 """Both engines, same rules, same bodies: the same verdicts and the same rule names.
 
 ``[scan] engine = "yara"`` (yara-python in threads) and ``"yara-x"`` (YARA-X
-in worker processes, ``gateway.engine_yarax``) must be interchangeable: a
+in worker processes, ``gateway.scanning.yarax``) must be interchangeable: a
 verdict, its ``namespace.rule`` names and the externals' effect may not
 depend on the engine.  Every body goes through ``YaraScanner.scan_blocking``
 of each engine, as the gateway runs it (in memory, spooled to a file,
@@ -32,9 +32,13 @@ import brotli
 import pytest
 
 from gateway.config import ScanSettings, parse_config
-from gateway.engine_yarax import YaraXEngine
 from gateway.interfaces import ScanContext, Verdict
-from gateway.scanner import RulesError, RulesManager, YaraScanner, rule_files
+from gateway.scanning.discovery import rule_files
+from gateway.scanning.engine import EngineError, EngineTimeout, RulesError
+from gateway.scanning.rules import RulesManager, compile_directory
+from gateway.scanning.scanner import YaraScanner
+from gateway.scanning.yara_engine import YaraEngine
+from gateway.scanning.yarax import YaraXEngine
 from gateway.settings import ConfigErrors
 
 from .conftest import BUNDLED_RULES, EICAR, SyncPool, SyncReactor, bump, result_of, write_rule
@@ -59,8 +63,8 @@ def make_pair(
     scanners = {}
     for name in ENGINES:
         reactor, pool = SyncReactor(), SyncPool()
-        compiler = engine.compile_directory if name == "yara-x" else None
-        manager = RulesManager(directory, reactor, pool, 0, compiler=compiler)  # type: ignore[arg-type]
+        manager = RulesManager(directory, reactor, pool, 0,  # type: ignore[arg-type]
+                               engine=engine if name == "yara-x" else YaraEngine())
         manager.load_now()
         scanners[name] = YaraScanner(manager, reactor, pool, config, spool)  # type: ignore[arg-type]
     return scanners
@@ -316,7 +320,7 @@ def test_yarax_compile_error_names_file_and_line(engine: YaraXEngine, tmp_path: 
     write_rule(tmp_path, "good.yar", 'rule ok { strings: $a = "fine" condition: $a }')
     bad = write_rule(tmp_path, "sub/bad.yar", "rule broken {\n condition:\n  undefined_thing\n}\n")
     with pytest.raises(RulesError) as caught:
-        engine.compile_directory(tmp_path)
+        compile_directory(tmp_path, engine)
     assert caught.value.file == str(bad) and caught.value.line == 3
     assert "unknown identifier" in caught.value.message
 
@@ -325,7 +329,7 @@ def test_yarax_reload_swaps_and_refuses_broken(engine: YaraXEngine, tmp_path: Pa
     rules_dir = tmp_path / "rules"
     path = write_rule(rules_dir, "a.yar", 'rule first { strings: $a = "alpha" condition: $a }')
     reactor, pool = SyncReactor(), SyncPool()
-    manager = RulesManager(rules_dir, reactor, pool, 0, compiler=engine.compile_directory)  # type: ignore[arg-type]
+    manager = RulesManager(rules_dir, reactor, pool, 0, engine=engine)  # type: ignore[arg-type]
     manager.load_now()
     scanner = YaraScanner(manager, reactor, pool, ScanSettings(), tmp_path)  # type: ignore[arg-type]
     ctx = ScanContext(direction="response")
@@ -346,17 +350,15 @@ def test_yarax_worker_death_is_an_error_then_recovers(tmp_path: Path) -> None:
     engine = YaraXEngine(1)
     try:
         write_rule(tmp_path / "r", "e.yar", 'rule e { strings: $a = "needle" condition: $a }')
-        compiled = engine.compile_directory(tmp_path / "r")
-        assert [m.rule for m in compiled.rules.match(data=b"a needle", externals={}, timeout=5)] == ["e"]
+        compiled = compile_directory(tmp_path / "r", engine)
+        assert compiled.match(b"a needle", {}, timeout=5) == ["e.yar.e"]
         [pid] = engine.pids()
         os.kill(pid, signal.SIGKILL)
-        import yara
-
         # The scan that finds it dead is an error; the next starts a new worker,
         # which gets the rules with its first job.
-        with pytest.raises(yara.Error, match="died"):
-            compiled.rules.match(data=b"needle", externals={}, timeout=5)
-        assert [m.rule for m in compiled.rules.match(data=b"a needle", externals={}, timeout=5)] == ["e"]
+        with pytest.raises(EngineError, match="died"):
+            compiled.match(b"needle", {}, timeout=5)
+        assert compiled.match(b"a needle", {}, timeout=5) == ["e.yar.e"]
         assert engine.restarts == 1 and engine.pids() != [pid]
     finally:
         engine.close()
@@ -366,7 +368,7 @@ def test_yarax_closed_engine_gives_error_verdict(tmp_path: Path) -> None:
     engine = YaraXEngine(1)
     write_rule(tmp_path / "r", "e.yar", 'rule e { strings: $a = "needle" condition: $a }')
     reactor, pool = SyncReactor(), SyncPool()
-    manager = RulesManager(tmp_path / "r", reactor, pool, 0, compiler=engine.compile_directory)  # type: ignore[arg-type]
+    manager = RulesManager(tmp_path / "r", reactor, pool, 0, engine=engine)  # type: ignore[arg-type]
     manager.load_now()
     scanner = YaraScanner(manager, reactor, pool, ScanSettings(), tmp_path)  # type: ignore[arg-type]
     engine.close()
@@ -469,21 +471,19 @@ def test_timeout_is_the_same_verdict(engine: YaraXEngine, tmp_path: Path) -> Non
 
 
 def test_stuck_worker_is_killed_and_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import yara
-
-    from gateway import engine_yarax
+    from gateway.scanning import yarax as engine_yarax
 
     monkeypatch.setattr(engine_yarax, "SLACK", 0.5)
     engine = YaraXEngine(1)
     try:
         write_rule(tmp_path, "e.yar", 'rule e { strings: $a = "needle" condition: $a }')
-        compiled = engine.compile_directory(tmp_path)
+        compiled = compile_directory(tmp_path, engine)
         [pid] = engine.pids()
         os.kill(pid, signal.SIGSTOP)  # answers nothing, as if stuck in a scan
-        with pytest.raises(yara.TimeoutError):
-            compiled.rules.match(data=b"needle", externals={}, timeout=1)
+        with pytest.raises(EngineTimeout):
+            compiled.match(b"needle", {}, timeout=1)
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-        assert [m.rule for m in compiled.rules.match(data=b"needle", externals={}, timeout=1)] == ["e"]
+        assert compiled.match(b"needle", {}, timeout=1) == ["e.yar.e"]
         assert engine.restarts == 1
     finally:
         engine.close()

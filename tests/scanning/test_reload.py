@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from gateway.interfaces import ScanContext
-from gateway.scanner import RulesError, RulesManager
+from gateway.scanning.engine import RulesError
+from gateway.scanning.rules import RulesManager
 
 from .conftest import SyncPool, SyncReactor, bump, result_of, scan, write_rule
 
@@ -63,7 +64,7 @@ def test_reload_swaps_and_changes_version(manager: RulesManager, events: Events)
 def test_broken_file_keeps_old_set(manager: RulesManager, events: Events, tmp_path: Path,
                                    reactor: SyncReactor, pool: SyncPool) -> None:
     from gateway.config import ScanSettings
-    from gateway.scanner import YaraScanner
+    from gateway.scanning.scanner import YaraScanner
 
     scanner = YaraScanner(manager, reactor, pool, ScanSettings(), tmp_path / "spool")  # type: ignore[arg-type]
     old = manager.version
@@ -183,7 +184,7 @@ def test_sighup_reloads(manager: RulesManager) -> None:
 def test_scan_uses_the_set_it_started_with(manager: RulesManager, reactor: SyncReactor,
                                            tmp_path: Path) -> None:
     from gateway.config import ScanSettings
-    from gateway.scanner import YaraScanner
+    from gateway.scanning.scanner import YaraScanner
 
     class HeldPool:
         def __init__(self) -> None:

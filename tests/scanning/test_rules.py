@@ -8,15 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.scanner import (
-    EXTERNALS,
-    RulesError,
-    add_commands,
-    check_rules,
-    compile_directory,
-    find_errors,
-    rule_files,
-)
+from gateway.scanning.commands import add_commands
+from gateway.scanning.discovery import rule_files
+from gateway.scanning.engine import EXTERNALS, RulesError
+from gateway.scanning.rules import check_rules, compile_directory, find_errors
 
 from .conftest import BUNDLED_RULES, write_rule
 
@@ -44,7 +39,7 @@ def test_each_file_its_own_namespace(tmp_path: Path) -> None:
     assert [ns for ns, _ in rule_files(tmp_path)] == ["a.yar", "sub/dir/b.yara"]
     compiled = compile_directory(tmp_path)
     assert compiled.rule_count == 2
-    assert sorted(f"{m.namespace}.{m.rule}" for m in compiled.rules.match(data=b"good")) == [
+    assert sorted(compiled.match(b"good", {})) == [
         "a.yar.good", "sub/dir/b.yara.good"]
 
 
@@ -53,7 +48,7 @@ def test_externals_declared(tmp_path: Path) -> None:
     write_rule(tmp_path, "ext.yar", f"rule all_externals {{ condition: {conditions} }}\n")
     assert set(EXTERNALS) >= {"filename", "filepath", "extension", "filetype", "url", "host",
                               "direction", "tenant", "owner"}
-    assert compile_directory(tmp_path).rules.match(data=b"")
+    assert compile_directory(tmp_path).match(b"", {})
 
 
 def test_version_follows_content(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """A restarted worker serves the last good rules, never a broken file on disk
-(gateway.rulesnapshot and RulesManager's ``snapshot_store``)."""
+(gateway.scanning.snapshot and RulesManager's ``snapshot_store``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.rulesnapshot import last_good_snapshot, save_snapshot
-from gateway.scanner import RulesError, RulesManager, stat_snapshot
+from gateway.scanning.discovery import stat_snapshot
+from gateway.scanning.engine import RulesError
+from gateway.scanning.rules import RulesManager
+from gateway.scanning.snapshot import last_good_snapshot, save_snapshot
 
 from .conftest import SyncPool, SyncReactor, bump, result_of, write_rule
 

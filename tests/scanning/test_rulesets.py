@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from gateway.interfaces import ScanContext
-from gateway.scanner import CompiledRules, compile_directory, externals_for
+from gateway.scanning.rules import CompiledRules, compile_directory
+from gateway.scanning.scanner import externals_for
 
 from .conftest import EICAR, REPO
 
@@ -55,8 +56,7 @@ def test_signature_base_scans_in_a_thread(signature_base: CompiledRules) -> None
 
     def work() -> None:
         started = time.perf_counter()
-        matches = signature_base.rules.match(data=b"<html>" + EICAR + b"</html>" + bytes(1024),
-                                             externals=externals, timeout=10)
+        matches = signature_base.match(b"<html>" + EICAR + b"</html>" + bytes(1024), externals, timeout=10)
         results.append((matches, time.perf_counter() - started))
 
     t = threading.Thread(target=work)

@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from gateway.interfaces import ScanContext
-from gateway.scanner import YaraScanner
+from gateway.scanning.scanner import YaraScanner
 
 from .conftest import EICAR, SyncPool, SyncReactor, result_of, scan, write_rule
 
@@ -332,7 +332,7 @@ def test_scan_never_errbacks(reactor: SyncReactor, make_scanner: Make) -> None:
 
 def test_no_rules_loaded_is_an_error(reactor: SyncReactor, pool: SyncPool, tmp_path: Path) -> None:
     from gateway.config import ScanSettings
-    from gateway.scanner import RulesManager
+    from gateway.scanning.rules import RulesManager
 
     manager = RulesManager(tmp_path, reactor, pool, 0)  # type: ignore[arg-type]
     scanner = YaraScanner(manager, reactor, pool, ScanSettings(), tmp_path)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.spool import BodySpool, purge_stale
+from gateway.scanning.spool import BodySpool, purge_stale
 
 
 def test_small_body_stays_in_memory(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_purge_stale(tmp_path: Path) -> None:
 RSS_SCRIPT = r"""
 import hashlib, os, sys
 from pathlib import Path
-from gateway.spool import BodySpool
+from gateway.scanning.spool import BodySpool
 
 def rss_kib():
     with open("/proc/self/status") as f:

@@ -1,4 +1,4 @@
-"""The real thing: the real reactor, a real ThreadPool, concurrent scans."""
+"""The real thing: the real reactor, a real ScanPool, concurrent scans."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer
-from twisted.python.threadpool import ThreadPool
 
 from gateway.config import ScanSettings
 from gateway.interfaces import ScanContext, Verdict
-from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
+from gateway.scanning.handoff import ScanPool
+from gateway.scanning.rules import RulesManager
+from gateway.scanning.scanner import YaraScanner, make_scan_pool
 
 from .conftest import BUNDLED_RULES, EICAR, write_rule
 
@@ -29,7 +30,7 @@ class RecordingScanner(YaraScanner):
 
 
 @pytest.fixture
-def pool() -> Generator[ThreadPool, None, None]:
+def pool() -> Generator[ScanPool, None, None]:
     p = make_scan_pool(ScanSettings(threads=2))
     p.start()
     yield p
@@ -42,7 +43,7 @@ def test_pool_size_follows_settings() -> None:
 
 
 @pytest_twisted.inlineCallbacks
-def test_concurrent_scans_off_the_reactor(pool: ThreadPool, tmp_path: Path) -> Any:
+def test_concurrent_scans_off_the_reactor(pool: ScanPool, tmp_path: Path) -> Any:
     from twisted.internet import reactor
 
     manager = RulesManager(BUNDLED_RULES, reactor, pool, 0)
@@ -60,7 +61,7 @@ def test_concurrent_scans_off_the_reactor(pool: ThreadPool, tmp_path: Path) -> A
 
 
 @pytest_twisted.inlineCallbacks
-def test_reload_in_the_pool(pool: ThreadPool, tmp_path: Path) -> Any:
+def test_reload_in_the_pool(pool: ScanPool, tmp_path: Path) -> Any:
     from twisted.internet import reactor
 
     write_rule(tmp_path, "a.yar", 'rule a { strings: $a = "one" condition: $a }\n')
@@ -74,3 +75,39 @@ def test_reload_in_the_pool(pool: ThreadPool, tmp_path: Path) -> Any:
     ok = yield manager.reload()
     assert ok is True and manager.rule_count == 2
     assert [e[0] for e in events] == [True, False, True]
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_compiles_outside_the_scanning_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A compile fragments the malloc arena of its thread, which then slows every
+    scan there (gateway.scanning.rules.make_rules_pool): the gateway's rules
+    manager compiles in its own thread."""
+    from twisted.internet import reactor
+
+    from gateway.config import parse_config
+    from gateway.scanning import rules as rules_module
+    from gateway.service import build_gateway
+
+    write_rule(tmp_path / "rules", "a.yar", 'rule a { strings: $a = "one" condition: $a }\n')
+    config = parse_config({"server": {"state_dir": str(tmp_path / "state"), "listen": ["tcp:0:interface=127.0.0.1"]},
+                           "scan": {"rules": str(tmp_path / "rules"), "threads": 2},
+                           "monitoring": {"metrics_listen": "tcp:0:interface=127.0.0.1"}}, "test")
+    gateway = build_gateway(config, reactor)
+    compiled_in: list[str] = []
+    real_compile = rules_module.compile_directory
+
+    def recording_compile(*args: Any) -> Any:
+        compiled_in.append(threading.current_thread().name)
+        return real_compile(*args)
+
+    monkeypatch.setattr(rules_module, "compile_directory", recording_compile)
+    gateway.service.startService()
+    try:
+        verdict = yield gateway.context.scanner.scan(b"one", ScanContext(direction="response"))
+        assert verdict.outcome == "blocked"
+        write_rule(tmp_path / "rules", "b.yar", 'rule b { strings: $a = "two" condition: $a }\n')
+        ok = yield gateway.rules.reload()
+        assert ok is True
+    finally:
+        yield gateway.service.stopService()
+    assert compiled_in and all(name.startswith("rules-compile") for name in compiled_in)

@@ -8,7 +8,7 @@ worker.  So each worker, once a set compiled from the directory is in
 service, copies exactly those files to ``<state_dir>/rules-last-good/<version>/``
 and names that version in ``<state_dir>/rules-last-good/current``; a worker
 whose directory does not compile at start loads that copy instead
-(``RulesManager(snapshot_store=...)``, set for supervised workers).
+(``gateway.scanning.rules.RulesManager(snapshot_store=...)``, set for supervised workers).
 A broken set never becomes the snapshot: only a set that compiled and was
 installed is copied, and the copy is kept only if no rule file changed
 while it was made.
@@ -22,6 +22,9 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from gateway.scanning.discovery import rule_files, stat_snapshot
+from gateway.scanning.engine import Snapshot
+
 log = Logger()
 
 # The file in the store naming the version of the last good set.
@@ -29,7 +32,7 @@ CURRENT = "current"
 
 
 def save_snapshot(
-    directory: Path, store: Path, version: str, compiled_stat: tuple[tuple[str, int, int, int], ...]
+    directory: Path, store: Path, version: str, compiled_stat: Snapshot
 ) -> Path | None:
     """Copy the rule files of ``directory`` (just compiled as ``version``,
     whose files then had ``compiled_stat``) to ``store/version`` and make it
@@ -37,8 +40,6 @@ def save_snapshot(
     poller compiles the new files and saves again).  Blocking: run it in a
     thread, except at startup.  Several workers may save the same version at
     once: each copies to a private directory and the first rename wins."""
-    from gateway.scanner import rule_files, stat_snapshot
-
     store.mkdir(parents=True, exist_ok=True)
     final = store / version
     if not final.is_dir():
