@@ -26,7 +26,9 @@ from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.proxyprotocol import inner_endpoint, listener_factory
 from gateway.scancache import VerdictCache
 from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
+from gateway.settings import ConfigError, ConfigErrors
 from gateway.spool import BodySpool, MemoryBudget, purge_stale
+from gateway.tls import ClientCertificatePolicy, TLSConfigError, TLSListeners, plain_endpoint
 from gateway.workers import AdoptedListenerService, AdoptedSocket, accept_backlog, describe_address
 from monitoring.service import build_monitoring
 from register.auth import credentials_from_headers
@@ -145,6 +147,7 @@ class Gateway:
     reopen_logs: Any
     register: Any
     monitoring: Any
+    tls: TLSListeners  # the ssl: listeners' certificates, reloaded on SIGHUP
 
 
 def resolve_path(value: str, config: GatewayConfig) -> Path:
@@ -247,18 +250,26 @@ def build_gateway(
     # its writer flushes what the final transactions recorded.
     register.service.setServiceParent(top)
     monitoring.service.setServiceParent(top)
-    if adopted is not None:
-        for sock in adopted:
-            AdoptedListenerService(reactor, sock.fd, sock.family, factory,
-                                   proxy_protocol=sock.proxy_protocol).setServiceParent(top.listeners)
-    else:
-        for description in server.listen:
-            endpoint = endpoints.serverFromString(reactor, inner_endpoint(description))
-            listener = ListenerService(endpoint, listener_factory(description, factory, reactor))
-            listener._raiseSynchronously = True  # a port in use fails the start, loudly
-            listener.setServiceParent(top.listeners)
+    # ssl: listeners are TCP ones whose factory speaks TLS (gateway.tls); a
+    # worker's adopted sockets come in the order of [server] listen.
+    tls = TLSListeners(ClientCertificatePolicy(config.tls.client_certificates, config.tls.client_ca))
+    try:
+        if adopted is not None:
+            for index, sock in enumerate(adopted):
+                description = server.listen[index] if index < len(server.listen) else ""
+                AdoptedListenerService(reactor, sock.fd, sock.family, tls.wrap(description, factory),
+                                       proxy_protocol=sock.proxy_protocol).setServiceParent(top.listeners)
+        else:
+            for description in server.listen:
+                endpoint = endpoints.serverFromString(reactor, inner_endpoint(plain_endpoint(description)))
+                listener = ListenerService(endpoint, listener_factory(description, tls.wrap(description, factory),
+                                                                      reactor))
+                listener._raiseSynchronously = True  # a port in use fails the start, loudly
+                listener.setServiceParent(top.listeners)
+    except TLSConfigError as e:
+        raise ConfigErrors([ConfigError(config.source, "[server] listen", str(e))]) from None
     top.listeners.setServiceParent(top)
-    return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring)
+    return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring, tls)
 
 
 def _credentials(headers: Any, peer: str, *, settings: Any) -> Any:

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from gateway.connections import SLOTS_ENV, clear_slot, create_slots
 from gateway.proxyprotocol import ProxyHeaderFactory, inner_endpoint, is_proxy_endpoint
+from gateway.tls import plain_endpoint
 
 log = Logger()
 
@@ -97,7 +98,7 @@ def bind_listener(description: str) -> Listener:
     """Bind a tcp, tcp6 or unix endpoint string, each optionally after
     ``haproxy:`` (the workers then read a PROXY header first); raises
     ValueError for others."""
-    kind, args, kwargs = _endpoint_args(inner_endpoint(description))
+    kind, args, kwargs = _endpoint_args(inner_endpoint(plain_endpoint(description)))  # ssl: binds tcp:
     backlog = int(kwargs.get("backlog", "1024"))
     if kind in ("tcp", "tcp6"):
         family = socket.AF_INET if kind == "tcp" else socket.AF_INET6
@@ -405,7 +406,9 @@ def build_supervisor(config: Any, reactor: Any, argv: list[str], count: int) -> 
     prepare_multiprocess_dir(mp_dir)
     listeners = [bind_listener(d) for d in config.server.listen]
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=mp_dir)
-    worker_argv = [sys.executable, "-m", "gateway", *argv, "--worker-fds", worker_fds_argument(listeners)]
+    # The listeners too: a worker wraps an adopted ssl: socket in TLS with its options.
+    worker_argv = [sys.executable, "-m", "gateway", *argv, *(f"--listen={d}" for d in config.server.listen),
+                   "--worker-fds", worker_fds_argument(listeners)]
     top = MultiService()
     slots = config.state_path("connections.slots")
     create_slots(slots, count)

@@ -116,12 +116,14 @@ class GatewayProcess:
 def write_gateway_config(workdir: Path, port: int, metrics_port: int, *, rules: Path | str,
                          auth_required: bool, database: str | None = None,
                          settings: dict[str, dict[str, object]] | None = None,
-                         proxy_protocol: bool = False) -> Path:
+                         proxy_protocol: bool = False, tls: str = "") -> Path:
     """A config file for a test gateway; ``settings`` adds or replaces keys by section;
-    ``proxy_protocol`` makes the ICAP listener read a PROXY header first (``haproxy:``)."""
+    ``proxy_protocol`` makes the ICAP listener read a PROXY header first (``haproxy:``);
+    ``tls`` (``privateKey=...:certKey=...``) makes it an ICAPS (``ssl:``) listener."""
     prefix = "haproxy:" if proxy_protocol else ""
+    listener = f"ssl:{port}:{tls}:interface=127.0.0.1" if tls else f"tcp:{port}:interface=127.0.0.1"
     sections: dict[str, dict[str, object]] = {
-        "server": {"listen": [f"{prefix}tcp:{port}:interface=127.0.0.1"], "state_dir": str(workdir / "var"),
+        "server": {"listen": [prefix + listener], "state_dir": str(workdir / "var"),
                    "workers": 1},
         "scan": {"rules": str(rules)},
         "register": {"database": database or f"sqlite:///{workdir / 'register.sqlite3'}",
@@ -145,11 +147,11 @@ def write_gateway_config(workdir: Path, port: int, metrics_port: int, *, rules: 
 def gateway_process(*, rules: Path | str = REPO / "rules", auth_required: bool = False,
                     database: str | None = None, settings: dict[str, dict[str, object]] | None = None,
                     before_start: Callable[[GatewayProcess], None] | None = None,
-                    proxy_protocol: bool = False) -> Iterator[GatewayProcess]:
+                    proxy_protocol: bool = False, tls: str = "") -> Iterator[GatewayProcess]:
     workdir = Path(tempfile.mkdtemp(prefix="icapgw-"))
     port, metrics_port = free_port(), free_port()
     config = write_gateway_config(workdir, port, metrics_port, rules=rules, auth_required=auth_required,
-                                  database=database, settings=settings, proxy_protocol=proxy_protocol)
+                                  database=database, settings=settings, proxy_protocol=proxy_protocol, tls=tls)
     log_path = workdir / "gateway.log"
     gw = GatewayProcess(None, port, metrics_port, workdir, config, log_path,  # type: ignore[arg-type]
                         workdir / "access.log")
