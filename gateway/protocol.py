@@ -66,6 +66,7 @@ from gateway.interfaces import (
     UserSeen,
     Verdict,
 )
+from gateway.tls import client_certificate_sha256
 
 log = Logger()
 
@@ -202,6 +203,7 @@ class ICAPServerProtocol(Protocol):
         self._peer = ""
         self._over_limit = False
         self._draining = False  # shutting down: finish what was sent, then close (finish_and_close)
+        self._client_cert: str | None = None  # TLS client certificate's SHA-256, read at a request
 
     # --- connection lifecycle ---------------------------------------------
 
@@ -584,7 +586,9 @@ class ICAPServerProtocol(Protocol):
         username, tx.client_ip, tx.bad_headers = ctx.identify(headers, self._peer)
         # The authenticator records its own refusals: only it knows which
         # tenant a key claimed and how it rate-limits a source.
-        decision = ctx.authenticator.authenticate(ctx.credentials(headers, self._peer))
+        self._client_cert = self._client_cert or client_certificate_sha256(self.transport)  # handshake done
+        decision = ctx.authenticator.authenticate(
+            replace(ctx.credentials(headers, self._peer), client_cert_sha256=self._client_cert))
         if isinstance(decision, Refused):
             ctx.observer.auth_failed(decision.reason)
             self._answer_now(decision.status, outcome="unauthenticated", detail=decision.reason)
