@@ -172,3 +172,107 @@ def test_sighup_rotates_the_certificate(ca: Authority, tmp_path: Path, workers: 
             with connect(gw.port, ctx) as sock:
                 assert peer_sha256(sock) == second.sha256
                 assert exchange(sock, options(gw.port))[0] == 200
+
+
+# --- client certificates bound to tenants ------------------------------------------
+
+
+def x_user(name: str) -> str:
+    import base64
+
+    return "X-Authenticated-User: " + base64.b64encode(f"WinNT://CORP/{name}".encode()).decode() + "\r\n"
+
+
+def with_header(request: bytes, header: str) -> bytes:
+    line_end = request.index(b"\r\n") + 2
+    return request[:line_end] + header.encode() + request[line_end:]
+
+
+def export(gw: GatewayProcess, tenant: str) -> dict[str, object]:
+    import json
+
+    out = gw.cli("register", "export", "--tenant", tenant, "--json", "--operator", "e2e")
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def failure_rows(gw: GatewayProcess) -> list[tuple[str, str | None]]:
+    import sqlite3
+
+    with sqlite3.connect(gw.workdir / "register.sqlite3") as db:
+        return list(db.execute("SELECT reason, client_cert_sha256 FROM auth_failures ORDER BY id"))
+
+
+@pytest.fixture
+def proxies(ca: Authority, tmp_path: Path) -> dict[str, Issued]:
+    other_ca = make_ca(tmp_path, "other-ca")
+    return {name: issue(ca, tmp_path, name, server=False) for name in ("acme", "beta", "unbound", "revoked")} | {
+        "foreign": issue(other_ca, tmp_path, "foreign", server=False)}
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["single-process", "two-workers"])
+def test_client_certificates_bound_to_tenants(ca: Authority, server_cert: Issued, proxies: dict[str, Issued],
+                                              workers: int) -> None:
+    keys: dict[str, str] = {}
+
+    def bootstrap(gw: GatewayProcess) -> None:
+        import json
+
+        gw.cli("operator", "add", "e2e", "--role", "admin", "--operator", "e2e")
+        for tenant in ("acme", "beta"):
+            keys[tenant] = json.loads(gw.cli("tenant", "add", tenant, "--json", "--operator", "e2e").stdout)["key"]
+            gw.cli("tenant", "cert", "add", tenant, str(proxies[tenant].cert), "--operator", "e2e")
+        gw.cli("tenant", "cert", "add", "acme", str(proxies["revoked"].cert), "--operator", "e2e")
+        gw.cli("tenant", "cert", "revoke", "acme", proxies["revoked"].sha256, "--operator", "e2e")
+
+    settings = {"server": {"workers": workers},
+                "tls": {"client_certificates": "optional", "client_ca": str(ca.cert)}}
+    with gateway_process(tls=tls_option(server_cert), auth_required=True, settings=settings,
+                         before_start=bootstrap) as gw:
+        port = gw.port
+
+        def status(cert: Issued | None, request: bytes) -> int:
+            with connect(port, client_context(ca, cert)) as sock:
+                return exchange(sock, request)[0]
+
+        # acme's proxy: no key needed; EICAR blocked, clean passes, its user's login recorded under acme
+        with connect(port, client_context(ca, proxies["acme"])) as sock:
+            code, answer = exchange(sock, with_header(respmod(port, EICAR), x_user("alice")))
+            assert code == 200 and b"X-Infection-Found" in answer
+            assert exchange(sock, with_header(respmod(port, b"clean\n"), x_user("alice")))[0] == 204
+            assert exchange(sock, respmod(port, b"clean\n", key=keys["acme"]))[0] == 204  # its own key: fine
+            assert exchange(sock, respmod(port, b"clean\n", key=keys["beta"]))[0] == 403  # another tenant's
+        wait_for(lambda: [u["username"] for u in export(gw, "acme")["users"]] == ["alice"], timeout=15)  # type: ignore[union-attr,index]
+        assert export(gw, "beta")["users"] == []
+        # OPTIONS needs nothing, over TLS without a certificate
+        assert status(None, options(port)) == 200
+        assert status(None, respmod(port, b"x")) == 401  # no certificate, no key
+        assert status(None, respmod(port, b"x", key=keys["beta"])) == 204  # keys still work alone
+        assert status(proxies["unbound"], respmod(port, b"x")) == 403
+        assert status(proxies["unbound"], respmod(port, b"x", key=keys["acme"])) == 403
+        assert status(proxies["revoked"], respmod(port, b"x")) == 403
+        # a certificate of another CA does not finish the handshake
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            status(proxies["foreign"], options(port))
+
+        wanted = [("key-not-certificate-tenant", proxies["acme"].sha256), ("missing-key", None),
+                  ("unknown-certificate", proxies["unbound"].sha256),
+                  ("unknown-certificate", proxies["unbound"].sha256),
+                  ("revoked-certificate", proxies["revoked"].sha256)]
+        wait_for(lambda: failure_rows(gw) == wanted, timeout=15)
+        revoked = [f for f in export(gw, "acme")["auth_failures"]  # type: ignore[union-attr]
+                   if f["reason"] == "revoked-certificate"]  # type: ignore[index]
+        assert revoked and revoked[0]["client_cert_sha256"] == proxies["revoked"].sha256  # type: ignore[index]
+        for issued in proxies.values():  # no certificate bytes in the logs
+            body = "".join(issued.cert.read_text().splitlines()[1:-1])
+            assert body[:40] not in gw.log() and body[:40] not in gw.access_log.read_text()
+
+
+def test_required_client_certificates_end_a_handshake_without_one(ca: Authority, server_cert: Issued,
+                                                                   proxies: dict[str, Issued]) -> None:
+    settings = {"tls": {"client_certificates": "required", "client_ca": str(ca.cert)}}
+    with gateway_process(tls=tls_option(server_cert), settings=settings) as gw:
+        with connect(gw.port, client_context(ca, proxies["unbound"])) as sock:
+            assert exchange(sock, options(gw.port))[0] == 200
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            with connect(gw.port, client_context(ca)) as sock:
+                exchange(sock, options(gw.port))  # TLS 1.3: the alert comes after the handshake
