@@ -272,8 +272,14 @@ class SquidProcess:
 
 
 @contextlib.contextmanager
-def squid_process(icap_port: int, *, key: str = "", extra: str = "") -> Iterator[SquidProcess]:
+def squid_process(icap_port: int, *, key: str = "", extra: str = "", tls: str = "") -> Iterator[SquidProcess]:
+    """Squid with the README's snippet; ``tls`` (``tls-cafile=... tls-cert=... tls-key=...``)
+    makes its ICAP services icaps:// ones with those options (squid-openssl)."""
     squid = require_binary("squid")
+    snippet = squid_snippet(icap_port, key)
+    if tls:
+        snippet = "\n".join(line.replace("icap://", "icaps://") + f" {tls}" if line.startswith("icap_service")
+                             else line for line in snippet.splitlines())
     workdir = Path(tempfile.mkdtemp(prefix="squid-"))
     os.chmod(workdir, 0o777)  # Squid drops root for its effective user
     port = free_port()
@@ -294,7 +300,7 @@ acl localhost src 127.0.0.1/32
 http_access allow localhost
 http_access deny all
 forwarded_for on
-{squid_snippet(icap_port, key)}
+{snippet}
 """
     )
     proc = subprocess.Popen([squid, "-N", "-f", str(conf)], stdout=subprocess.DEVNULL,
