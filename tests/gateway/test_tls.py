@@ -128,3 +128,14 @@ def test_tls_config_section() -> None:
         parse_config({"tls": {"client_certificates": "optional"}}, "t")
     with pytest.raises(ConfigErrors, match="client_certificates"):
         parse_config({"tls": {"client_certificates": "sometimes", "client_ca": "ca.pem"}}, "t")
+
+
+def test_icaps_request_uris_are_accepted() -> None:
+    from gateway.icap.connection import ServerConnection, service_of
+    from gateway.icap.events import Request
+
+    conn = ServerConnection()
+    conn.receive_data(b"OPTIONS icaps://gw.example:11344/respmod ICAP/1.0\r\nHost: gw.example\r\n\r\n")
+    event = conn.next_event()
+    assert isinstance(event, Request) and event.service == "respmod"
+    assert service_of("icaps://gw.example:11344/reqmod?x=1") == "reqmod"

@@ -138,3 +138,11 @@ def test_cli_cert_commands(cli: Cli, tmp_path: Path) -> None:
     assert code == 0 and revoked["state"] == "revoked"  # type: ignore[index]
     code, text, _ = cli("tenant", "cert", "list", "acme")
     assert proxy.sha256 in text and "revoked" in text  # type: ignore[operator]
+
+
+def test_the_notice_covers_the_new_columns(engine: Engine) -> None:
+    from register.notice import classify
+
+    schema = classify(engine)
+    assert "auth_failures.client_cert_sha256" in schema.present["auth-failure"]
+    assert not schema.unclassified
