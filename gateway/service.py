@@ -28,7 +28,7 @@ from gateway.scancache import VerdictCache
 from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
 from gateway.settings import ConfigError, ConfigErrors
 from gateway.spool import BodySpool, MemoryBudget, purge_stale
-from gateway.tls import ClientCertificatePolicy, TLSConfigError, TLSListeners, plain_endpoint
+from gateway.tls import TLSConfigError, TLSListeners, client_policy, plain_endpoint
 from gateway.workers import AdoptedListenerService, AdoptedSocket, accept_backlog, describe_address
 from monitoring.service import build_monitoring
 from register.auth import credentials_from_headers
@@ -252,7 +252,7 @@ def build_gateway(
     monitoring.service.setServiceParent(top)
     # ssl: listeners are TCP ones whose factory speaks TLS (gateway.tls); a
     # worker's adopted sockets come in the order of [server] listen.
-    tls = TLSListeners(ClientCertificatePolicy(config.tls.client_certificates, config.tls.client_ca))
+    tls = TLSListeners(client_policy(config.tls))
     try:
         if adopted is not None:
             for index, sock in enumerate(adopted):

@@ -101,6 +101,19 @@ class ClientCertificatePolicy:
     ca_file: str = ""
 
 
+def client_policy(settings: Any) -> ClientCertificatePolicy:
+    """The policy of a ``[tls]`` section (gateway.config.TLSSettings)."""
+    return ClientCertificatePolicy(settings.client_certificates, settings.client_ca)
+
+
+def check_listeners(listen: list[str], clients: ClientCertificatePolicy) -> None:
+    """Load every ssl: listener's files once; raises TLSConfigError.  The
+    supervisor calls it before starting workers that would each fail."""
+    for description in listen:
+        if is_tls_endpoint(description):
+            build_context(parse_tls_endpoint(description), clients)
+
+
 def is_tls_endpoint(description: str) -> bool:
     return inner_endpoint(description).startswith(TLS_PREFIX)
 
@@ -150,6 +163,8 @@ def build_context(options: TLSListenerOptions, clients: ClientCertificatePolicy)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
     ctx.set_cipher_list(TLS12_CIPHERS)
     ctx.set_session_id(SESSION_ID_CONTEXT)
+    _readable(options.certificate, "certificate")
+    _readable(options.private_key, "private key")
     try:
         ctx.use_certificate_chain_file(options.certificate.encode())
     except SSL.Error as e:
@@ -188,10 +203,20 @@ def _require_client_certificates(ctx: SSL.Context, clients: ClientCertificatePol
     ctx.set_verify(mode, lambda _conn, _cert, _errno, _depth, ok: bool(ok))
 
 
+def _readable(path: str, what: str) -> None:
+    """OpenSSL says "system lib" for a missing file: say what the system said."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise TLSConfigError(f"{what} {path}: {e.strerror}") from None
+
+
 def _ssl_reason(error: Exception) -> str:
     """A short reason from an OpenSSL error or OSError (no file contents)."""
     if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list) and error.args[0]:
-        return "; ".join(str(item[-1]) for item in error.args[0])
+        reasons = [str(item[-1]) for item in error.args[0] if item and item[-1]]
+        return "; ".join(dict.fromkeys(reasons)) or "OpenSSL refused it"
     if isinstance(error, OSError):
         return error.strerror or str(error)
     return str(error) or type(error).__name__

@@ -276,3 +276,16 @@ def test_required_client_certificates_end_a_handshake_without_one(ca: Authority,
         with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
             with connect(gw.port, client_context(ca)) as sock:
                 exchange(sock, options(gw.port))  # TLS 1.3: the alert comes after the handshake
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["single-process", "two-workers"])
+def test_a_certificate_that_does_not_load_fails_the_start(tmp_path: Path, server_cert: Issued, workers: int) -> None:
+    import subprocess
+    import sys
+
+    listen = f"ssl:0:privateKey={server_cert.key}:certKey={tmp_path / 'missing.crt'}:interface=127.0.0.1"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--listen", listen, "--workers", str(workers),
+         "--metrics", "tcp:0:interface=127.0.0.1", "--database", f"sqlite:///{tmp_path / 'r.sqlite3'}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0 and "missing.crt: No such file or directory" in result.stderr, result.stderr
