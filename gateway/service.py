@@ -252,7 +252,7 @@ def build_gateway(
     monitoring.service.setServiceParent(top)
     # ssl: listeners are TCP ones whose factory speaks TLS (gateway.tls); a
     # worker's adopted sockets come in the order of [server] listen.
-    tls = TLSListeners(client_policy(config.tls))
+    tls = TLSListeners(client_policy(config.tls), reactor)
     try:
         if adopted is not None:
             for index, sock in enumerate(adopted):

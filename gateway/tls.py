@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL, crypto
 from twisted.internet import endpoints, interfaces
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from gateway.proxyprotocol import PROXY_PREFIX, inner_endpoint, is_proxy_endpoint
@@ -66,6 +66,11 @@ SESSION_ID_CONTEXT = b"icap-gateway"
 _TLS_OPTIONS = frozenset({"port", "privateKey", "certKey", "extraCertChain", "interface", "backlog"})
 
 CLIENT_CERT_MODES = ("off", "optional", "required")
+
+# A proxy's handshake is a few round trips, done at once: a peer that has not
+# finished it within this is cut (the ICAP timers start only with ICAP bytes;
+# before them a handshake would have had the 300 s idle timeout).
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class TLSConfigError(ValueError):
@@ -250,11 +255,44 @@ class ReloadingContextFactory:
         return True
 
 
+class _HandshakeDeadlineProtocol(TLSMemoryBIOProtocol):
+    """TLS whose handshake must finish within ``HANDSHAKE_TIMEOUT``."""
+
+    factory: HandshakeDeadlineFactory
+    _deadline: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self._deadline = self.factory.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_late)
+        super().makeConnection(transport)
+
+    def _handshake_late(self) -> None:
+        self._deadline = None
+        if not self._handshakeDone:
+            self.factory.handshakes_timed_out += 1
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        super().connectionLost(reason)
+
+
+class HandshakeDeadlineFactory(TLSMemoryBIOFactory):
+    protocol = _HandshakeDeadlineProtocol
+
+    def __init__(self, context_factory: Any, wrapped_factory: Any, clock: Any) -> None:
+        super().__init__(context_factory, False, wrapped_factory)
+        self.clock = clock
+        self.handshakes_timed_out = 0
+
+
 class TLSListeners:
     """The context factories of a gateway's ``ssl:`` listeners."""
 
-    def __init__(self, clients: ClientCertificatePolicy) -> None:
+    def __init__(self, clients: ClientCertificatePolicy, clock: Any) -> None:
         self.clients = clients
+        self.clock = clock
         self.factories: list[ReloadingContextFactory] = []
 
     def wrap(self, description: str, factory: Any) -> Any:
@@ -263,7 +301,7 @@ class TLSListeners:
             return factory
         context_factory = ReloadingContextFactory(description, self.clients)
         self.factories.append(context_factory)
-        return TLSMemoryBIOFactory(context_factory, False, factory)
+        return HandshakeDeadlineFactory(context_factory, factory, self.clock)
 
     def reload(self) -> None:
         for context_factory in self.factories:

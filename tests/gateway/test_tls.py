@@ -6,10 +6,14 @@ from pathlib import Path
 
 import pytest
 from OpenSSL import SSL
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from gateway.config import parse_config
 from gateway.settings import ConfigErrors
 from gateway.tls import (
+    HANDSHAKE_TIMEOUT,
     ClientCertificatePolicy,
     ReloadingContextFactory,
     TLSConfigError,
@@ -108,7 +112,7 @@ def test_reload_swaps_the_context_and_keeps_the_old_one_on_failure(ca: Authority
 
 
 def test_listeners_wrap_only_ssl_ones(server: Issued) -> None:
-    listeners = TLSListeners(ClientCertificatePolicy())
+    listeners = TLSListeners(ClientCertificatePolicy(), Clock())
     plain = object()
     assert listeners.wrap("tcp:1344", plain) is plain
     wrapped = listeners.wrap("haproxy:" + ssl_endpoint(server), plain)
@@ -139,3 +143,22 @@ def test_icaps_request_uris_are_accepted() -> None:
     event = conn.next_event()
     assert isinstance(event, Request) and event.service == "respmod"
     assert service_of("icaps://gw.example:11344/reqmod?x=1") == "reqmod"
+
+
+def test_a_handshake_not_finished_in_time_is_cut(server: Issued) -> None:
+    clock = Clock()
+    listeners = TLSListeners(ClientCertificatePolicy(), clock)
+    factory = listeners.wrap(ssl_endpoint(server), Factory.forProtocol(Protocol))
+    stalled, transport = factory.buildProtocol(None), StringTransport()
+    stalled.makeConnection(transport)
+    stalled.dataReceived(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+    clock.advance(HANDSHAKE_TIMEOUT - 0.1)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnecting and factory.handshakes_timed_out == 1
+    stalled.connectionLost(None)
+    # a connection that goes away first leaves no timer behind
+    gone = factory.buildProtocol(None)
+    gone.makeConnection(StringTransport())
+    gone.connectionLost(None)
+    assert clock.getDelayedCalls() == []
