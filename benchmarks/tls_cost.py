@@ -1,6 +1,6 @@
 """What ICAPS costs against plain ICAP: handshakes and transactions per second.
 
-    .venv/bin/python -m benchmarks.tls_cost [--seconds 5] [--clients 4] [--size 1024]
+    .venv/bin/python -m benchmarks.tls_cost [--seconds 5] [--clients 4] [--size 1024] [--rounds 2]
 
 One gateway process (one worker, the bundled rules, no keys) listens on a
 plain ``tcp:`` and an ``ssl:`` port at once (a throw-away ECDSA P-256
@@ -125,6 +125,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per row")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--size", type=int, default=1024, help="body bytes")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="each row this many times, interleaved; the best of each is shown (noise on a shared "
+                        "machine only ever slows a row down)")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-tls-"))
@@ -160,9 +163,16 @@ def main() -> None:
         print(f"{'row':<34} {'tx/s':>9} {'gw CPU ms/tx':>13}")
         rows: dict[tuple[str, bool], tuple[float, float]] = {}
         for persistent in (True, False):
-            for name, client in (("plain ICAP", plain), ("ICAPS", tls)):
-                rate, cpu = run(client, respmod(client.port, body), args.clients, args.seconds, persistent, proc.pid)
-                rows[name, persistent] = (rate, cpu)
+            for name in ("plain ICAP", "ICAPS"):
+                rows[name, persistent] = (0.0, float("inf"))
+            for _ in range(args.rounds):
+                for name, client in (("plain ICAP", plain), ("ICAPS", tls)):
+                    rate, cpu = run(client, respmod(client.port, body), args.clients, args.seconds, persistent,
+                                    proc.pid)
+                    best_rate, best_cpu = rows[name, persistent]
+                    rows[name, persistent] = (max(rate, best_rate), min(cpu, best_cpu))
+            for name in ("plain ICAP", "ICAPS"):
+                rate, cpu = rows[name, persistent]
                 label = f"{name}, {'persistent' if persistent else 'new connection each'}"
                 print(f"{label:<34} {rate:>9.0f} {cpu:>13.3f}")
         for persistent in (True, False):
