@@ -23,6 +23,7 @@ from gateway.settings import (
     positive,
     setting,
 )
+from gateway.tls import tls_endpoint_problem
 from monitoring.settings import MonitoringSettings
 from register.settings import AuthSettings, RegisterSettings
 
@@ -249,6 +250,11 @@ def parse_config(data: dict[str, Any], source: str) -> GatewayConfig:
             continue
         sections[name], errs = load_section(cls, table, source, name)
         errors.extend(errs)
+    server = sections.get("server")
+    for description in server.listen if server is not None else []:
+        problem = tls_endpoint_problem(description)
+        if problem:
+            errors.append(ConfigError(source, "[server] listen", problem))
     tls = sections.get("tls")
     if tls is not None and tls.client_certificates != "off" and not tls.client_ca:
         errors.append(ConfigError(source, "[tls] client_ca", f"client_certificates = {tls.client_certificates!r} "

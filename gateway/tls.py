@@ -152,6 +152,17 @@ def parse_tls_endpoint(description: str) -> TLSListenerOptions:
     )
 
 
+def tls_endpoint_problem(description: str) -> str | None:
+    """Why an ``ssl:`` endpoint string cannot be served (its files unread), or None."""
+    if not isinstance(description, str) or not is_tls_endpoint(description):
+        return None
+    try:
+        parse_tls_endpoint(description)
+    except TLSConfigError as e:
+        return str(e)
+    return None
+
+
 def plain_endpoint(description: str) -> str:
     """``ssl:...`` -> the ``tcp:...`` it binds (``haproxy:`` kept); others unchanged."""
     if not is_tls_endpoint(description):

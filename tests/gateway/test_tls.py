@@ -130,6 +130,8 @@ def test_tls_config_section() -> None:
     assert parse_config({"tls": {"client_certificates": "required", "client_ca": "ca.pem"}}, "t").tls.client_ca
     with pytest.raises(ConfigErrors, match="client_ca"):
         parse_config({"tls": {"client_certificates": "optional"}}, "t")
+    with pytest.raises(ConfigErrors, match="needs privateKey"):
+        parse_config({"server": {"listen": ["tcp:1344", "haproxy:ssl:11344:certKey=c.pem"]}}, "t")
     with pytest.raises(ConfigErrors, match="client_certificates"):
         parse_config({"tls": {"client_certificates": "sometimes", "client_ca": "ca.pem"}}, "t")
 
