@@ -130,9 +130,11 @@ def test_tls_before_1_2_is_refused(server_cert: Issued, ca: Authority, version: 
             assert sock.cipher()[0].startswith("ECDHE-")
 
 
-def test_proxy_header_then_tls(server_cert: Issued, ca: Authority) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["single-process", "two-workers"])
+def test_proxy_header_then_tls(server_cert: Issued, ca: Authority, workers: int) -> None:
     header = b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 1344\r\n"
-    with gateway_process(tls=tls_option(server_cert), proxy_protocol=True, auth_required=True) as gw:
+    with gateway_process(tls=tls_option(server_cert), proxy_protocol=True, auth_required=True,
+                         settings={"server": {"workers": workers}}) as gw:
         with connect(gw.port, client_context(ca), before_tls=header) as sock:
             status, _ = exchange(sock, respmod(gw.port, b"x", key="icgw.nobody." + "x" * 43))
             assert status == 403
