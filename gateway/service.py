@@ -26,9 +26,8 @@ from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.proxyprotocol import inner_endpoint, listener_factory
 from gateway.scancache import VerdictCache
 from gateway.scanner import RulesManager, YaraScanner, make_scan_pool
-from gateway.settings import ConfigError, ConfigErrors
 from gateway.spool import BodySpool, MemoryBudget, purge_stale
-from gateway.tls import TLSConfigError, TLSListeners, client_policy, plain_endpoint
+from gateway.tls import TLSListeners, client_policy, plain_endpoint
 from gateway.workers import AdoptedListenerService, AdoptedSocket, accept_backlog, describe_address
 from monitoring.service import build_monitoring
 from register.auth import credentials_from_headers
@@ -252,22 +251,17 @@ def build_gateway(
     monitoring.service.setServiceParent(top)
     # ssl: listeners are TCP ones whose factory speaks TLS (gateway.tls); a
     # worker's adopted sockets come in the order of [server] listen.
-    tls = TLSListeners(client_policy(config.tls), reactor)
-    try:
-        if adopted is not None:
-            for index, sock in enumerate(adopted):
-                description = server.listen[index] if index < len(server.listen) else ""
-                AdoptedListenerService(reactor, sock.fd, sock.family, tls.wrap(description, factory),
-                                       proxy_protocol=sock.proxy_protocol).setServiceParent(top.listeners)
-        else:
-            for description in server.listen:
-                endpoint = endpoints.serverFromString(reactor, inner_endpoint(plain_endpoint(description)))
-                listener = ListenerService(endpoint, listener_factory(description, tls.wrap(description, factory),
-                                                                      reactor))
-                listener._raiseSynchronously = True  # a port in use fails the start, loudly
-                listener.setServiceParent(top.listeners)
-    except TLSConfigError as e:
-        raise ConfigErrors([ConfigError(config.source, "[server] listen", str(e))]) from None
+    tls = TLSListeners(client_policy(config.tls), reactor, server.listen, config.source)  # ConfigErrors
+    if adopted is not None:
+        for index, sock in enumerate(adopted):
+            AdoptedListenerService(reactor, sock.fd, sock.family, tls.wrap(index, factory),
+                                   proxy_protocol=sock.proxy_protocol).setServiceParent(top.listeners)
+    else:
+        for index, description in enumerate(server.listen):
+            endpoint = endpoints.serverFromString(reactor, inner_endpoint(plain_endpoint(description)))
+            listener = ListenerService(endpoint, listener_factory(description, tls.wrap(index, factory), reactor))
+            listener._raiseSynchronously = True  # a port in use fails the start, loudly
+            listener.setServiceParent(top.listeners)
     top.listeners.setServiceParent(top)
     return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring, tls)
 

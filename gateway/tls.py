@@ -111,14 +111,6 @@ def client_policy(settings: Any) -> ClientCertificatePolicy:
     return ClientCertificatePolicy(settings.client_certificates, settings.client_ca)
 
 
-def check_listeners(listen: list[str], clients: ClientCertificatePolicy) -> None:
-    """Load every ssl: listener's files once; raises TLSConfigError.  The
-    supervisor calls it before starting workers that would each fail."""
-    for description in listen:
-        if is_tls_endpoint(description):
-            build_context(parse_tls_endpoint(description), clients)
-
-
 def is_tls_endpoint(description: str) -> bool:
     return inner_endpoint(description).startswith(TLS_PREFIX)
 
@@ -299,20 +291,29 @@ class HandshakeDeadlineFactory(TLSMemoryBIOFactory):
 
 
 class TLSListeners:
-    """The context factories of a gateway's ``ssl:`` listeners."""
+    """The context factories of a gateway's ``ssl:`` listeners, by their
+    index in ``[server] listen``; every file is loaded here, once."""
 
-    def __init__(self, clients: ClientCertificatePolicy, clock: Any) -> None:
-        self.clients = clients
+    def __init__(self, clients: ClientCertificatePolicy, clock: Any, listen: list[str], source: str) -> None:
+        from gateway.settings import ConfigError, ConfigErrors
+
         self.clock = clock
-        self.factories: list[ReloadingContextFactory] = []
+        self.by_index: dict[int, ReloadingContextFactory] = {}
+        errors = []
+        for index, description in enumerate(listen):
+            if is_tls_endpoint(description):
+                try:
+                    self.by_index[index] = ReloadingContextFactory(description, clients)
+                except TLSConfigError as e:
+                    errors.append(ConfigError(source, "[server] listen", str(e)))
+        if errors:
+            raise ConfigErrors(errors)
+        self.factories = list(self.by_index.values())
 
-    def wrap(self, description: str, factory: Any) -> Any:
-        """``factory`` for a plain listener; wrapped in TLS for an ``ssl:`` one."""
-        if not is_tls_endpoint(description):
-            return factory
-        context_factory = ReloadingContextFactory(description, self.clients)
-        self.factories.append(context_factory)
-        return HandshakeDeadlineFactory(context_factory, factory, self.clock)
+    def wrap(self, index: int, factory: Any) -> Any:
+        """The factory of listener ``index``: ``factory`` itself, or wrapped in TLS."""
+        context_factory = self.by_index.get(index)
+        return factory if context_factory is None else HandshakeDeadlineFactory(context_factory, factory, self.clock)
 
     def reload(self) -> None:
         for context_factory in self.factories:

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 
 from gateway.connections import SLOTS_ENV, clear_slot, create_slots
 from gateway.proxyprotocol import ProxyHeaderFactory, inner_endpoint, is_proxy_endpoint
-from gateway.tls import check_listeners, client_policy, plain_endpoint
+from gateway.tls import TLSListeners, client_policy, plain_endpoint
 
 log = Logger()
 
@@ -404,7 +404,8 @@ def build_supervisor(config: Any, reactor: Any, argv: list[str], count: int) -> 
 
     mp_dir = multiprocess_dir(config) or str(config.state_path("prometheus"))
     prepare_multiprocess_dir(mp_dir)
-    check_listeners(config.server.listen, client_policy(config.tls))  # once here, not in every worker
+    # ssl: listeners' files loaded once here (ConfigErrors), not failing in every worker
+    TLSListeners(client_policy(config.tls), reactor, config.server.listen, config.source)
     listeners = [bind_listener(d) for d in config.server.listen]
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=mp_dir)
     # The listeners too: a worker wraps an adopted ssl: socket in TLS with its options.

@@ -111,12 +111,15 @@ def test_reload_swaps_the_context_and_keeps_the_old_one_on_failure(ca: Authority
     assert factory.serverConnectionForTLS(None).get_context() is rotated
 
 
-def test_listeners_wrap_only_ssl_ones(server: Issued) -> None:
-    listeners = TLSListeners(ClientCertificatePolicy(), Clock())
+def test_listeners_wrap_only_ssl_ones(server: Issued, tmp_path: Path) -> None:
+    listeners = TLSListeners(ClientCertificatePolicy(), Clock(), ["tcp:1344", "haproxy:" + ssl_endpoint(server)], "t")
     plain = object()
-    assert listeners.wrap("tcp:1344", plain) is plain
-    wrapped = listeners.wrap("haproxy:" + ssl_endpoint(server), plain)
+    assert listeners.wrap(0, plain) is plain
+    wrapped = listeners.wrap(1, plain)
     assert wrapped.wrappedFactory is plain and len(listeners.factories) == 1
+    with pytest.raises(ConfigErrors, match=r"\[server\] listen: certificate .*missing\.pem"):
+        TLSListeners(ClientCertificatePolicy(), Clock(),
+                     [f"ssl:1:privateKey={server.key}:certKey={tmp_path}/missing.pem"], "t")
 
 
 def test_fingerprints(server: Issued) -> None:
@@ -149,8 +152,8 @@ def test_icaps_request_uris_are_accepted() -> None:
 
 def test_a_handshake_not_finished_in_time_is_cut(server: Issued) -> None:
     clock = Clock()
-    listeners = TLSListeners(ClientCertificatePolicy(), clock)
-    factory = listeners.wrap(ssl_endpoint(server), Factory.forProtocol(Protocol))
+    listeners = TLSListeners(ClientCertificatePolicy(), clock, [ssl_endpoint(server)], "t")
+    factory = listeners.wrap(0, Factory.forProtocol(Protocol))
     stalled, transport = factory.buildProtocol(None), StringTransport()
     stalled.makeConnection(transport)
     stalled.dataReceived(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
