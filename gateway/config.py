@@ -62,7 +62,8 @@ UNSCANNABLE_DEFAULTS: dict[str, Literal["block", "pass"]] = {
 class ServerSettings:
     listen: list[str] = setting(
         ["tcp:1344:interface=127.0.0.1"],
-        "ICAP listeners, Twisted endpoint strings (tcp:1344:interface=0.0.0.0, unix:/run/icap.sock)",
+        "ICAP listeners, Twisted endpoint strings (tcp:1344:interface=0.0.0.0, unix:/run/icap.sock, "
+        "ssl:11344:privateKey=key.pem:certKey=cert.pem:interface=0.0.0.0 for ICAP over TLS; see [tls])",
         validate=lambda v: next(filter(None, map(endpoint, v)), None) or (None if v else "needs at least one listener"),
     )
     state_dir: str = setting("var", "Where the embedded SQLite register and spool files live")
