@@ -6,7 +6,8 @@ factory is wrapped in Twisted's ``TLSMemoryBIOFactory``.  One shape for
 every case: a single process binds the TCP endpoint, a worker adopts the TCP
 socket its supervisor bound (gateway.workers), and behind ``haproxy:`` the
 PROXY header is read from the raw stream before TLS starts
-(``ProxyHeaderFactory(TLSMemoryBIOFactory(ICAPFactory))``).  Twisted's own
+(``ProxyHeaderFactory(TLSMemoryBIOFactory(ICAPFactory))``); a handshake must
+finish within ``HANDSHAKE_TIMEOUT``.  Twisted's own
 ``ssl:`` endpoint would fix the context at bind time (no reload) and cannot
 adopt a socket.
 
@@ -64,8 +65,6 @@ SESSION_ID_CONTEXT = b"icap-gateway"
 # The keys of an ssl: endpoint string we understand.  Twisted's others
 # (sslmethod, dhParameters) would loosen what this module fixes: refused.
 _TLS_OPTIONS = frozenset({"port", "privateKey", "certKey", "extraCertChain", "interface", "backlog"})
-
-CLIENT_CERT_MODES = ("off", "optional", "required")
 
 # A proxy's handshake is a few round trips, done at once: a peer that has not
 # finished it within this is cut (the ICAP timers start only with ICAP bytes;
