@@ -23,6 +23,7 @@ from gateway.settings import (
     positive,
     setting,
 )
+from gateway.tls import tls_endpoint_problem
 from monitoring.settings import MonitoringSettings
 from register.settings import AuthSettings, RegisterSettings
 
@@ -61,7 +62,8 @@ UNSCANNABLE_DEFAULTS: dict[str, Literal["block", "pass"]] = {
 class ServerSettings:
     listen: list[str] = setting(
         ["tcp:1344:interface=127.0.0.1"],
-        "ICAP listeners, Twisted endpoint strings (tcp:1344:interface=0.0.0.0, unix:/run/icap.sock)",
+        "ICAP listeners, Twisted endpoint strings (tcp:1344:interface=0.0.0.0, unix:/run/icap.sock, "
+        "ssl:11344:privateKey=key.pem:certKey=cert.pem:interface=0.0.0.0 for ICAP over TLS; see [tls])",
         validate=lambda v: next(filter(None, map(endpoint, v)), None) or (None if v else "needs at least one listener"),
     )
     state_dir: str = setting("var", "Where the embedded SQLite register and spool files live")
@@ -219,12 +221,28 @@ class ScanSettings:
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    """ICAPS (``ssl:`` listeners, gateway.tls): who may finish a handshake."""
+
+    client_certificates: Literal["off", "optional", "required"] = setting(
+        "off", "Client certificates on ssl: listeners: off (not asked for), optional (asked for; one "
+        "presented must chain to client_ca) or required (no certificate, no handshake). A certificate "
+        "bound to a tenant (icap-gateway tenant cert add) authenticates as that tenant without a key"
+    )
+    client_ca: str = setting(
+        "", "PEM bundle of the CA certificates client certificates must chain to (needed unless "
+        "client_certificates is off)"
+    )
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     scan: ScanSettings = field(default_factory=ScanSettings)
     register: RegisterSettings = field(default_factory=RegisterSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
     source: str = "<defaults>"
 
     def state_path(self, *parts: str) -> Path:
@@ -251,6 +269,15 @@ def parse_config(data: dict[str, Any], source: str) -> GatewayConfig:
             continue
         sections[name], errs = load_section(cls, table, source, name)
         errors.extend(errs)
+    server = sections.get("server")
+    for description in server.listen if server is not None else []:
+        problem = tls_endpoint_problem(description)
+        if problem:
+            errors.append(ConfigError(source, "[server] listen", problem))
+    tls = sections.get("tls")
+    if tls is not None and tls.client_certificates != "off" and not tls.client_ca:
+        errors.append(ConfigError(source, "[tls] client_ca", f"client_certificates = {tls.client_certificates!r} "
+                                  "needs the CA bundle client certificates chain to"))
     if errors:
         raise ConfigErrors(errors)
     return GatewayConfig(**sections, source=source)

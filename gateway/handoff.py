@@ -235,14 +235,17 @@ class Acceptor:
 
 class HandoffReceiverService(Service):
     """A worker's end of the hand-off: adopts each connection the supervisor
-    sends, wrapped like an adopted listener's (``wrap_factory``)."""
+    sends, wrapped like an adopted listener's (``wrap_factory``).
+    ``factory_for(index)`` is the factory of the supervisor's listener
+    ``index`` (the gateway's, or it wrapped in TLS for an ssl: listener)."""
 
-    def __init__(self, reactor: Any, handoff: Handoff, factory: protocol.Factory, count: ConnectionCount,
-                 wrap_factory: Callable[[protocol.Factory, Any, bool], Any]) -> None:
+    def __init__(self, reactor: Any, handoff: Handoff, factory_for: Callable[[int], protocol.Factory],
+                 count: ConnectionCount, wrap_factory: Callable[[protocol.Factory, Any, bool], Any]) -> None:
         self.reactor = reactor
         self.handoff = handoff
         self.count = count
-        self.factories = [wrap_factory(factory, reactor, lst.proxy_protocol) for lst in handoff.listeners]
+        self.factories = [wrap_factory(factory_for(index), reactor, lst.proxy_protocol)
+                          for index, lst in enumerate(handoff.listeners)]
         self.pipe: socket.socket | None = None
         self._reader: _Readable | None = None
 

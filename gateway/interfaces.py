@@ -40,9 +40,13 @@ class Credentials:
     key: str | None  # from "Authorization: Bearer <key>", None when absent
     source_ip: str  # the ICAP peer (the proxy), not the end user
     tenant_hint: str | None = None  # e.g. a tenant name the key's prefix names
+    # Lower-case hex SHA-256 of the TLS client certificate of the connection
+    # (verified in the handshake, gateway.tls), None without one.
+    client_cert_sha256: str | None = None
 
     def __repr__(self) -> str:  # keep the key out of any accidental log line
-        return f"Credentials(key={'<set>' if self.key else None}, source_ip={self.source_ip!r})"
+        return (f"Credentials(key={'<set>' if self.key else None}, source_ip={self.source_ip!r}, "
+                f"client_cert_sha256={self.client_cert_sha256!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,7 @@ class AuthFailure:
     source_ip: str
     tenant_presented: str | None
     reason: str
+    client_cert_sha256: str | None = None  # the refused certificate's fingerprint, never its bytes
 
 
 RegisterEvent = UserSeen | AuthFailure

@@ -22,7 +22,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import interfaces, tcp
@@ -63,6 +63,7 @@ from gateway.interfaces import (
     Verdict,
 )
 from gateway.options import AnswerHeaders, istag
+from gateway.tls import client_certificate_sha256
 from gateway.transaction import Spool, Transaction
 
 log = Logger()
@@ -176,6 +177,7 @@ class ICAPServerProtocol(Protocol):
         self._draining = False  # shutting down: finish what was sent, then close (finish_and_close)
         self._opened_at = ctx.clock.seconds()  # for max_connection_age (see _recycle_due)
         self._direct: tcp.Connection | None = None  # the TCP connection _write may send on
+        self._client_cert: str | None = None  # TLS client certificate's SHA-256, read at a request
 
     # --- connection lifecycle ---------------------------------------------
 
@@ -596,7 +598,9 @@ class ICAPServerProtocol(Protocol):
         username, tx.client_ip, tx.bad_headers = ctx.identify(headers, self._peer)
         # The authenticator records its own refusals: only it knows which
         # tenant a key claimed and how it rate-limits a source.
-        result = ctx.authenticator.authenticate(ctx.credentials(headers, self._peer))
+        self._client_cert = self._client_cert or client_certificate_sha256(self.transport)  # handshake done
+        result = ctx.authenticator.authenticate(
+            replace(ctx.credentials(headers, self._peer), client_cert_sha256=self._client_cert))
         refusal = decision.authorise(result)
         if refusal is not None:
             ctx.observer.auth_failed(refusal.detail)

@@ -138,6 +138,7 @@ def run_serve(args: argparse.Namespace) -> int:
         # process group on Ctrl-C, and the parent stops us with SIGTERM.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     gateway.rules.install_sighup()
+    gateway.tls.install_sighup(reactor)  # after the rules: it chains their handler
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(gateway.reopen_logs))  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return exit_code[0]

@@ -32,6 +32,7 @@ from gateway.scanning.scanner import YaraScanner, make_scan_pool
 from gateway.scanning.spool import BodySpool, MemoryBudget, purge_stale
 from gateway.scanning.yara_engine import YaraEngine
 from gateway.scanning.yarax import YaraXEngine
+from gateway.tls import TLSListeners, client_policy, plain_endpoint
 from gateway.workers import (
     AdoptedListenerService,
     AdoptedSocket,
@@ -156,6 +157,7 @@ class Gateway:
     reopen_logs: Any
     register: Any
     monitoring: Any
+    tls: TLSListeners  # the ssl: listeners' certificates, reloaded on SIGHUP
 
 
 def resolve_path(value: str, config: GatewayConfig) -> Path:
@@ -260,21 +262,24 @@ def build_gateway(
     # its writer flushes what the final transactions recorded.
     register.service.setServiceParent(top)
     monitoring.service.setServiceParent(top)
+    # ssl: listeners are TCP ones whose factory speaks TLS (gateway.tls); a
+    # worker's listeners (adopted or handed off) come in the order of [server] listen.
+    tls = TLSListeners(client_policy(config.tls), reactor, server.listen, config.source)  # ConfigErrors
     if handoff is not None:
-        HandoffReceiverService(reactor, handoff, factory, context.connection_count,
+        HandoffReceiverService(reactor, handoff, lambda index: tls.wrap(index, factory), context.connection_count,
                                wrap_adopted_factory).setServiceParent(top.listeners)
     elif adopted is not None:
-        for sock in adopted:
-            AdoptedListenerService(reactor, sock.fd, sock.family, factory,
+        for index, sock in enumerate(adopted):
+            AdoptedListenerService(reactor, sock.fd, sock.family, tls.wrap(index, factory),
                                    proxy_protocol=sock.proxy_protocol).setServiceParent(top.listeners)
     else:
-        for description in server.listen:
-            endpoint = endpoints.serverFromString(reactor, inner_endpoint(description))
-            listener = ListenerService(endpoint, listener_factory(description, factory, reactor))
+        for index, description in enumerate(server.listen):
+            endpoint = endpoints.serverFromString(reactor, inner_endpoint(plain_endpoint(description)))
+            listener = ListenerService(endpoint, listener_factory(description, tls.wrap(index, factory), reactor))
             listener._raiseSynchronously = True  # a port in use fails the start, loudly
             listener.setServiceParent(top.listeners)
     top.listeners.setServiceParent(top)
-    return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring)
+    return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring, tls)
 
 
 def _credentials(headers: Any, peer: str, *, settings: Any) -> Any:

@@ -45,6 +45,7 @@ from gateway.handoff import (
     send_connection,
 )
 from gateway.proxyprotocol import ProxyHeaderFactory, inner_endpoint, is_proxy_endpoint
+from gateway.tls import TLSListeners, client_policy, plain_endpoint
 
 log = Logger()
 
@@ -118,7 +119,7 @@ def bind_listener(description: str) -> Listener:
     """Bind a tcp, tcp6 or unix endpoint string, each optionally after
     ``haproxy:`` (the workers then read a PROXY header first); raises
     ValueError for others."""
-    kind, args, kwargs = _endpoint_args(inner_endpoint(description))
+    kind, args, kwargs = _endpoint_args(inner_endpoint(plain_endpoint(description)))  # ssl: binds tcp:
     backlog = int(kwargs.get("backlog", "1024"))
     if kind in ("tcp", "tcp6"):
         family = socket.AF_INET if kind == "tcp" else socket.AF_INET6
@@ -607,6 +608,8 @@ def build_supervisor(config: Any, reactor: Any, argv: list[str], count: int) -> 
 
     mp_dir = multiprocess_dir(config) or str(config.state_path("prometheus"))
     prepare_multiprocess_dir(mp_dir)
+    # ssl: listeners' files loaded once here (ConfigErrors), not failing in every worker
+    TLSListeners(client_policy(config.tls), reactor, config.server.listen, config.source)
     listeners = [bind_listener(d) for d in config.server.listen]
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=mp_dir)
     handoff = config.server.worker_balance == "least-loaded"
@@ -616,7 +619,8 @@ def build_supervisor(config: Any, reactor: Any, argv: list[str], count: int) -> 
         mode = ["--handoff-fd", str(FIRST_LISTENER_FD), "--handoff-listeners", listeners_argument(handed)]
     else:
         mode = ["--worker-fds", worker_fds_argument(listeners)]
-    worker_argv = [sys.executable, "-m", "gateway", *argv, *mode]
+    # The listeners too: a worker wraps an ssl: listener's connections in TLS with its options.
+    worker_argv = [sys.executable, "-m", "gateway", *argv, *(f"--listen={d}" for d in config.server.listen), *mode]
     top = MultiService()
     slots = config.state_path("connections.slots")
     create_slots(slots, count)

@@ -7,6 +7,12 @@ held in memory.  The table is loaded from the database in a thread
 so a new or revoked key takes effect within ``[auth] refresh_interval``;
 expiry is checked against the clock on every request.
 
+A connection whose TLS client certificate (its SHA-256, from gateway.tls)
+is bound to a tenant is that tenant without a key; a key it also sends must
+be one of that tenant's.  A certificate not bound, or revoked, is refused 403
+whatever key comes with it: a proxy that presents a certificate is judged by
+it.  The failure record holds the fingerprint, never the certificate.
+
 Failures go to the Recorder (the key is never recorded: only a tenant name,
 and only one the register knows) and count towards a per-source-IP token
 bucket; while a source is limited every request from it is refused with
@@ -31,7 +37,7 @@ from gateway.interfaces import (
     Tenant,
 )
 from register.keys import bearer_key, claimed_tenant, hash_key
-from register.models import ApiKey
+from register.models import ApiKey, ClientCertificate
 from register.models import Tenant as TenantRow
 from register.users import canonical_ip
 
@@ -59,6 +65,9 @@ class KeyEntry:
 class KeyTable:
     by_hash: Mapping[str, KeyEntry] = field(default_factory=dict)
     tenant_names: frozenset[str] = frozenset()
+    # client certificate SHA-256 (lower-case hex) -> its tenant; expires_at is
+    # the certificate's notAfter (the handshake checks it too)
+    by_certificate: Mapping[str, KeyEntry] = field(default_factory=dict)
 
 
 def load_key_table(engine: Engine) -> KeyTable:
@@ -79,7 +88,17 @@ def load_key_table(engine: Engine) -> KeyTable:
                 revoked=revoked_at is not None,
             )
         names = frozenset(conn.scalars(select(TenantRow.name).where(TenantRow.status != "erased")))
-    return KeyTable(by_hash, names)
+        by_certificate: dict[str, KeyEntry] = {}
+        certs = (
+            select(ClientCertificate.sha256, ClientCertificate.not_after, ClientCertificate.revoked_at,
+                   TenantRow.id, TenantRow.name, TenantRow.status)
+            .join(TenantRow, ClientCertificate.tenant_id == TenantRow.id)
+            .where(TenantRow.status != "erased")
+        )
+        for sha256, not_after, revoked_at, tid, tname, status in conn.execute(certs):
+            by_certificate[sha256] = KeyEntry(tenant=Tenant(tid, tname), tenant_active=status == "active",
+                                              expires_at=_posix(not_after), revoked=revoked_at is not None)
+    return KeyTable(by_hash, names, by_certificate)
 
 
 def _posix(value: dt.datetime | None) -> float | None:
@@ -171,6 +190,11 @@ class KeyAuthenticator:
         self.table = table
 
     def _presented(self, credentials: Credentials) -> str | None:
+        # A bound certificate names its tenant (even revoked: the tenant's
+        # export shows the refusal).
+        cert = self.table.by_certificate.get(credentials.client_cert_sha256 or "")
+        if cert is not None:
+            return cert.tenant.name
         # Only a name the register knows is recorded: a hint that is junk, or
         # a key of some other format, could be (part of) a secret.
         names = self.table.tenant_names
@@ -180,18 +204,31 @@ class KeyAuthenticator:
         return None
 
     def _check(self, credentials: Credentials, now: float) -> Authenticated | Refused:
+        if credentials.client_cert_sha256 is not None:
+            return self._check_certificate(credentials, now)
         if not credentials.key:
             return Refused(401, "missing-key")
-        entry = self.table.by_hash.get(hash_key(credentials.key))
+        return self._check_key(credentials.key, now)
+
+    def _check_key(self, key: str, now: float) -> Authenticated | Refused:
+        entry = self.table.by_hash.get(hash_key(key))
         if entry is None:
             return Refused(403, "unknown-key")
-        if entry.revoked:
-            return Refused(403, "revoked-key")
-        if entry.expires_at is not None and now >= entry.expires_at:
-            return Refused(403, "expired-key")
-        if not entry.tenant_active:
-            return Refused(403, "tenant-disabled")
-        return Authenticated(entry.tenant)
+        return _valid(entry, now, "key")
+
+    def _check_certificate(self, credentials: Credentials, now: float) -> Authenticated | Refused:
+        entry = self.table.by_certificate.get(credentials.client_cert_sha256 or "")
+        if entry is None:
+            return Refused(403, "unknown-certificate")
+        result = _valid(entry, now, "certificate")
+        if isinstance(result, Refused) or not credentials.key:
+            return result
+        by_key = self._check_key(credentials.key, now)
+        if isinstance(by_key, Refused):
+            return by_key
+        if by_key.tenant.id != entry.tenant.id:
+            return Refused(403, "key-not-certificate-tenant")
+        return result
 
     def authenticate(self, credentials: Credentials) -> Authenticated | Refused:
         ip = credentials.source_ip
@@ -211,7 +248,19 @@ class KeyAuthenticator:
     def _record(self, credentials: Credentials, now: float, reason: str) -> None:
         self.recorder.record(AuthFailure(
             at=now, source_ip=credentials.source_ip,
-            tenant_presented=self._presented(credentials), reason=reason))
+            tenant_presented=self._presented(credentials), reason=reason,
+            client_cert_sha256=credentials.client_cert_sha256))
+
+
+def _valid(entry: KeyEntry, now: float, what: str) -> Authenticated | Refused:
+    """A key's or certificate's entry: its tenant, unless revoked, expired or disabled."""
+    if entry.revoked:
+        return Refused(403, f"revoked-{what}")
+    if entry.expires_at is not None and now >= entry.expires_at:
+        return Refused(403, f"expired-{what}")
+    if not entry.tenant_active:
+        return Refused(403, "tenant-disabled")
+    return Authenticated(entry.tenant)
 
 
 class OpenAuthenticator:

@@ -209,6 +209,35 @@ def _human_keys(rows: list[dict[str, Any]]) -> str:
         for r in rows) or "(no keys)"
 
 
+# --- tenant cert ---------------------------------------------------------------
+
+
+def _cert_add(args: argparse.Namespace, s: Session, now: dt.datetime, actor: Actor, _c: Any) -> Any:
+    try:
+        with open(args.certificate, "rb") as f:
+            pem = f.read(1024 * 1024)  # a certificate is a few KiB; a bound on what is read
+    except OSError as e:
+        raise RegisterError(f"{args.certificate}: {e.strerror}") from None
+    return ops.certificate_dict(ops.add_certificate(s, actor, args.tenant, pem, now), now)
+
+
+def _cert_revoke(args: argparse.Namespace, s: Session, now: dt.datetime, actor: Actor, _c: Any) -> Any:
+    return ops.certificate_dict(ops.revoke_certificate(s, actor, args.tenant, args.fingerprint, now), now)
+
+
+def _cert_list(args: argparse.Namespace, s: Session, now: dt.datetime, actor: Actor, _c: Any) -> Any:
+    return [ops.certificate_dict(c, now) for c in ops.list_certificates(s, actor, now, args.tenant)]
+
+
+def _human_certs(rows: list[dict[str, Any]]) -> str:
+    return "\n".join(f"{r['tenant']:<20} {r['sha256']} {r['state']:<8} until {r['not_after'][:10]}"
+                     for r in rows) or "(no certificates)"
+
+
+def _human_cert(r: dict[str, Any]) -> str:
+    return f"{r['tenant']}: certificate {r['sha256']} {r['state']}"
+
+
 # --- operator -----------------------------------------------------------------
 
 
@@ -397,6 +426,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--ends", type=_date, metavar="DATE", help="end date (default: open-ended)")
     _common(p)
     p.set_defaults(func=_command("admin", _tenant_order))
+
+    cert = tenant.add_parser("cert", help="TLS client certificates bound to tenants (ICAPS)").add_subparsers(
+        dest="cert_command", required=True, metavar="SUBCOMMAND")
+    p = cert.add_parser("add", help="bind a client certificate (PEM) to a tenant by its SHA-256: a proxy "
+                                    "presenting it is that tenant without a key")
+    p.add_argument("tenant", metavar="TENANT")
+    p.add_argument("certificate", metavar="CERT.pem")
+    _common(p)
+    p.set_defaults(func=_command("admin", _cert_add, _human_cert))
+    p = cert.add_parser("list", help="list bound certificates: fingerprints and dates")
+    p.add_argument("tenant", metavar="TENANT", nargs="?")
+    _common(p)
+    p.set_defaults(func=_command("viewer", _cert_list, _human_certs))
+    p = cert.add_parser("revoke", help="revoke a certificate (refused within [auth] refresh_interval)")
+    p.add_argument("tenant", metavar="TENANT")
+    p.add_argument("fingerprint", metavar="FINGERPRINT", help="SHA-256, hex (colons allowed)")
+    _common(p)
+    p.set_defaults(func=_command("admin", _cert_revoke, _human_cert))
 
     # key
     key = sub.add_parser("key", help="manage tenants' API keys").add_subparsers(

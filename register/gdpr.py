@@ -24,12 +24,13 @@ from register.models import (
     ApiKey,
     AuditRecord,
     AuthFailureRecord,
+    ClientCertificate,
     LoginRecord,
     Order,
     Tenant,
     User,
 )
-from register.ops import billing_dict, find_tenant, key_dict, order_dict, tenant_dict
+from register.ops import billing_dict, certificate_dict, find_tenant, key_dict, order_dict, tenant_dict
 from register.settings import RegisterSettings
 
 ACCOUNTING_REASON = (
@@ -84,10 +85,11 @@ def export(s: Session, actor: Actor, tenant: str, now: dt.datetime, user: str | 
             "billing": billing_dict(t.billing),
             "orders": [order_dict(o) for o in t.orders],
             "keys": [key_dict(k, now) for k in t.keys],
+            "client_certificates": [certificate_dict(c, now) for c in t.certificates],
             "users": [{"username": u.username, "logins": [_login_dict(r) for r in u.logins]}
                       for u in sorted(t.users, key=lambda u: u.username)],
-            "auth_failures": [{"at": _iso(f.at), "source_ip": f.source_ip, "reason": f.reason}
-                              for f in failures],
+            "auth_failures": [{"at": _iso(f.at), "source_ip": f.source_ip, "reason": f.reason,
+                               "client_cert_sha256": f.client_cert_sha256} for f in failures],
             "access_log": _access_log(s, t.name, None),
         })
     audit(s, actor, "export", now, tenant=t.name, user=user)
@@ -131,6 +133,7 @@ def erase(
         "login_records": s.scalar(select(func.count()).select_from(LoginRecord).join(User)
                                   .where(User.tenant_id == t.id)) or 0,
         "keys": len(t.keys),
+        "client_certificates": len(t.certificates),
         "auth_failures": s.execute(delete(AuthFailureRecord).where(
             AuthFailureRecord.tenant_presented == t.name)).rowcount,  # type: ignore[attr-defined]
     }
@@ -141,7 +144,8 @@ def erase(
     # Core deletes: the database cascades (users -> login records) do the rest.
     s.execute(delete(User).where(User.tenant_id == t.id))
     s.execute(delete(ApiKey).where(ApiKey.tenant_id == t.id))
-    s.expire(t, ["users", "keys"])
+    s.execute(delete(ClientCertificate).where(ClientCertificate.tenant_id == t.id))
+    s.expire(t, ["users", "keys", "certificates"])
     kept: list[dict[str, Any]] = []
     last = _last_accounting_event(t)
     retain_until = last + dt.timedelta(seconds=settings.billing_retention) if last else None

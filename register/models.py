@@ -47,6 +47,7 @@ TENANT_NAME_MAX = 63
 USERNAME_MAX = 255
 IP_MAX = 45  # the longest textual IPv6 address (with an embedded IPv4 part)
 REASON_MAX = 32  # auth-failure reasons are short fixed words ("unknown-key")
+SHA256_HEX = 64  # a certificate fingerprint: lower-case hex of the SHA-256 of its DER bytes
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -94,6 +95,8 @@ class Tenant(Base):
     retain_until: Mapped[dt.datetime | None] = _col("internal", UTCDateTime, nullable=True)
 
     keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant", cascade="all, delete-orphan")
+    certificates: Mapped[list[ClientCertificate]] = relationship(
+        back_populates="tenant", cascade="all, delete-orphan", order_by="ClientCertificate.id")
     users: Mapped[list[User]] = relationship(back_populates="tenant", cascade="all, delete-orphan")
     orders: Mapped[list[Order]] = relationship(cascade="all, delete-orphan")
     billing: Mapped[BillingAccount | None] = relationship(cascade="all, delete-orphan")
@@ -145,6 +148,25 @@ class ApiKey(Base):
     tenant: Mapped[Tenant] = relationship(back_populates="keys")
 
 
+class ClientCertificate(Base):
+    """A TLS client certificate bound to a tenant (``tenant cert add``): a
+    connection presenting it is that tenant without a key.  Only the
+    fingerprint and validity are kept, never the certificate: like a key's
+    hash, a credential's identifier, not personal data."""
+
+    __tablename__ = "client_certificates"
+
+    id: Mapped[int] = _col("internal", Integer, primary_key=True)
+    tenant_id: Mapped[int] = _col(
+        "internal", ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    sha256: Mapped[str] = _col("internal", String(SHA256_HEX), unique=True)
+    not_after: Mapped[dt.datetime] = _col("internal", UTCDateTime)
+    created_at: Mapped[dt.datetime] = _col("internal", UTCDateTime)
+    revoked_at: Mapped[dt.datetime | None] = _col("internal", UTCDateTime, nullable=True)
+
+    tenant: Mapped[Tenant] = relationship(back_populates="certificates")
+
+
 class User(Base):
     """An end user behind a tenant's proxy: the username and nothing else."""
 
@@ -192,6 +214,8 @@ class AuthFailureRecord(Base):
     tenant_presented: Mapped[str | None] = _col(
         "auth-failure", String(TENANT_NAME_MAX), nullable=True, index=True)
     reason: Mapped[str] = _col("auth-failure", String(REASON_MAX))
+    # The fingerprint of a refused TLS client certificate (never its bytes).
+    client_cert_sha256: Mapped[str | None] = _col("auth-failure", String(SHA256_HEX), nullable=True)
 
 
 class Operator(Base):
@@ -227,6 +251,7 @@ __all__ = [
     "AuthFailureRecord",
     "Base",
     "BillingAccount",
+    "ClientCertificate",
     "LoginRecord",
     "Operator",
     "Order",

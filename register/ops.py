@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from register.access import Actor, Conflict, NotFound, audit
 from register.db import RegisterError
 from register.keys import display_prefix, generate_key, hash_key, valid_tenant_name
-from register.models import ApiKey, BillingAccount, Order, Tenant
+from register.models import ApiKey, BillingAccount, ClientCertificate, Order, Tenant
 
 
 def _iso(value: dt.datetime | dt.date | None) -> str | None:
@@ -44,6 +44,17 @@ def key_dict(k: ApiKey, now: dt.datetime | None = None) -> dict[str, Any]:
         "created_at": _iso(k.created_at), "expires_at": _iso(k.expires_at),
         "revoked_at": _iso(k.revoked_at),
     }
+
+
+def certificate_dict(c: ClientCertificate, now: dt.datetime | None = None) -> dict[str, Any]:
+    """A bound client certificate: its fingerprint and dates (the register keeps no more)."""
+    state = "active"
+    if c.revoked_at is not None:
+        state = "revoked"
+    elif now is not None and now >= c.not_after:
+        state = "expired"
+    return {"id": c.id, "tenant": c.tenant.name, "sha256": c.sha256, "state": state,
+            "not_after": _iso(c.not_after), "created_at": _iso(c.created_at), "revoked_at": _iso(c.revoked_at)}
 
 
 def billing_dict(b: BillingAccount | None) -> dict[str, Any] | None:
@@ -217,3 +228,60 @@ def add_order(
     s.flush()
     audit(s, actor, "order-add", now, tenant=tenant, order_id=o.id)
     return o
+
+
+# --- client certificates ([tls] client_certificates, register.auth) ---------
+
+
+def add_certificate(s: Session, actor: Actor, tenant: str, pem: bytes, now: dt.datetime) -> ClientCertificate:
+    """Bind the (first) certificate of a PEM file to ``tenant`` by its SHA-256;
+    the gateways take it within [auth] refresh_interval (at once on PostgreSQL)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise RegisterError("not a PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+    not_after = cert.not_valid_after_utc
+    if not_after <= now:
+        raise RegisterError(f"the certificate expired on {not_after.isoformat()}")
+    sha256 = cert.fingerprint(hashes.SHA256()).hex()
+    t = find_tenant(s, tenant)
+    bound = s.scalar(select(ClientCertificate).where(ClientCertificate.sha256 == sha256))
+    if bound is not None:
+        raise Conflict(f"certificate {sha256} is already bound to tenant {bound.tenant.name!r}"
+                       + (" (revoked)" if bound.revoked_at else ""))
+    c = ClientCertificate(tenant=t, sha256=sha256, not_after=not_after, created_at=now)
+    s.add(c)
+    s.flush()
+    audit(s, actor, "cert-add", now, tenant=tenant, sha256=sha256)
+    return c
+
+
+def revoke_certificate(s: Session, actor: Actor, tenant: str, fingerprint: str, now: dt.datetime) -> ClientCertificate:
+    from gateway.tls import normalise_fingerprint
+
+    sha256 = normalise_fingerprint(fingerprint)
+    if sha256 is None:
+        raise RegisterError("a fingerprint is 64 hex digits (colons allowed), as `tenant cert list` shows")
+    t = find_tenant(s, tenant)
+    c = s.scalar(select(ClientCertificate).where(ClientCertificate.sha256 == sha256,
+                                                 ClientCertificate.tenant_id == t.id))
+    if c is None:
+        raise NotFound(f"no certificate {sha256} bound to tenant {tenant!r}")
+    if c.revoked_at is None:
+        c.revoked_at = now
+    audit(s, actor, "cert-revoke", now, tenant=tenant, sha256=sha256)
+    return c
+
+
+def list_certificates(s: Session, actor: Actor, now: dt.datetime, tenant: str | None = None) -> list[ClientCertificate]:
+    stmt = (select(ClientCertificate).join(Tenant).where(Tenant.status != "erased")
+            .order_by(ClientCertificate.id))
+    if tenant is not None:
+        find_tenant(s, tenant)
+        stmt = stmt.where(Tenant.name == tenant)
+    certs = list(s.scalars(stmt))
+    audit(s, actor, "cert-list", now, tenant=tenant)
+    return certs

@@ -41,6 +41,7 @@ from gateway.sanitise import has_control, text
 from register.models import (
     IP_MAX,
     REASON_MAX,
+    SHA256_HEX,
     TENANT_NAME_MAX,
     USERNAME_MAX,
     AuthFailureRecord,
@@ -312,7 +313,8 @@ class BatchRecorder:
                     # register knows, a reason from a fixed set): a seatbelt, no more.
                     {"at": _utc(f.at), "source_ip": text(f.source_ip, IP_MAX),
                      "tenant_presented": (f.tenant_presented or None) and text(f.tenant_presented, TENANT_NAME_MAX),
-                     "reason": text(f.reason, REASON_MAX)}
+                     "reason": text(f.reason, REASON_MAX),
+                     "client_cert_sha256": f.client_cert_sha256 and text(f.client_cert_sha256, SHA256_HEX)}
                     for f in batch.failures])
             if batch.sessions:
                 self._write_sessions(s, batch.sessions)

@@ -116,12 +116,14 @@ class GatewayProcess:
 def write_gateway_config(workdir: Path, port: int, metrics_port: int, *, rules: Path | str,
                          auth_required: bool, database: str | None = None,
                          settings: dict[str, dict[str, object]] | None = None,
-                         proxy_protocol: bool = False) -> Path:
+                         proxy_protocol: bool = False, tls: str = "") -> Path:
     """A config file for a test gateway; ``settings`` adds or replaces keys by section;
-    ``proxy_protocol`` makes the ICAP listener read a PROXY header first (``haproxy:``)."""
+    ``proxy_protocol`` makes the ICAP listener read a PROXY header first (``haproxy:``);
+    ``tls`` (``privateKey=...:certKey=...``) makes it an ICAPS (``ssl:``) listener."""
     prefix = "haproxy:" if proxy_protocol else ""
+    listener = f"ssl:{port}:{tls}:interface=127.0.0.1" if tls else f"tcp:{port}:interface=127.0.0.1"
     sections: dict[str, dict[str, object]] = {
-        "server": {"listen": [f"{prefix}tcp:{port}:interface=127.0.0.1"], "state_dir": str(workdir / "var"),
+        "server": {"listen": [prefix + listener], "state_dir": str(workdir / "var"),
                    "workers": 1},
         "scan": {"rules": str(rules)},
         "register": {"database": database or f"sqlite:///{workdir / 'register.sqlite3'}",
@@ -145,11 +147,11 @@ def write_gateway_config(workdir: Path, port: int, metrics_port: int, *, rules: 
 def gateway_process(*, rules: Path | str = REPO / "rules", auth_required: bool = False,
                     database: str | None = None, settings: dict[str, dict[str, object]] | None = None,
                     before_start: Callable[[GatewayProcess], None] | None = None,
-                    proxy_protocol: bool = False) -> Iterator[GatewayProcess]:
+                    proxy_protocol: bool = False, tls: str = "") -> Iterator[GatewayProcess]:
     workdir = Path(tempfile.mkdtemp(prefix="icapgw-"))
     port, metrics_port = free_port(), free_port()
     config = write_gateway_config(workdir, port, metrics_port, rules=rules, auth_required=auth_required,
-                                  database=database, settings=settings, proxy_protocol=proxy_protocol)
+                                  database=database, settings=settings, proxy_protocol=proxy_protocol, tls=tls)
     log_path = workdir / "gateway.log"
     gw = GatewayProcess(None, port, metrics_port, workdir, config, log_path,  # type: ignore[arg-type]
                         workdir / "access.log")
@@ -270,8 +272,14 @@ class SquidProcess:
 
 
 @contextlib.contextmanager
-def squid_process(icap_port: int, *, key: str = "", extra: str = "") -> Iterator[SquidProcess]:
+def squid_process(icap_port: int, *, key: str = "", extra: str = "", tls: str = "") -> Iterator[SquidProcess]:
+    """Squid with the README's snippet; ``tls`` (``tls-cafile=... tls-cert=... tls-key=...``)
+    makes its ICAP services icaps:// ones with those options (squid-openssl)."""
     squid = require_binary("squid")
+    snippet = squid_snippet(icap_port, key)
+    if tls:
+        snippet = "\n".join(line.replace("icap://", "icaps://") + f" {tls}" if line.startswith("icap_service")
+                             else line for line in snippet.splitlines())
     workdir = Path(tempfile.mkdtemp(prefix="squid-"))
     os.chmod(workdir, 0o777)  # Squid drops root for its effective user
     port = free_port()
@@ -292,7 +300,7 @@ acl localhost src 127.0.0.1/32
 http_access allow localhost
 http_access deny all
 forwarded_for on
-{squid_snippet(icap_port, key)}
+{snippet}
 """
     )
     proc = subprocess.Popen([squid, "-N", "-f", str(conf)], stdout=subprocess.DEVNULL,

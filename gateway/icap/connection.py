@@ -126,7 +126,7 @@ def parse_encapsulated(value: str | None, method: str) -> list[tuple[str, int]]:
 
 
 def service_of(uri: str) -> str:
-    """``icap://host:1344/respmod?x=1`` -> ``respmod``; ``/respmod`` too."""
+    """``icap://host:1344/respmod?x=1`` -> ``respmod``; ``icaps://...`` and ``/respmod`` too."""
     rest = uri
     if "://" in rest:
         rest = rest.split("://", 1)[1]
@@ -355,8 +355,9 @@ class ServerConnection:
             if not method.isalpha() or not method.isupper():
                 raise ProtocolError(400, "malformed ICAP method")
             raise ProtocolError(501, f"method {method[:16]} not implemented")
-        if not (uri.startswith("icap://") or uri.startswith("/")):
-            raise ProtocolError(400, "ICAP URI must be icap://host/service")
+        # Squid writes icaps:// for a service it reaches over TLS.
+        if not (uri.startswith("icap://") or uri.startswith("icaps://") or uri.startswith("/")):
+            raise ProtocolError(400, "ICAP URI must be icap://host/service or icaps://host/service")
         return method, uri
 
     def _read_chunk_size(self) -> bool:

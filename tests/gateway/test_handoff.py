@@ -396,7 +396,7 @@ def _worker_end(listener: Listener, pipe_count: int) -> tuple[socket.socket, Han
     handed = Handoff(worker_end.detach(), [HandedListener(socket.AF_INET, False, "tcp:1344:interface=127.0.0.1"),
                                            HandedListener(socket.AF_INET, True, "haproxy:tcp:1345")])
     factory = object()
-    receiver = HandoffReceiverService(reactor, handed, factory, count,  # type: ignore[arg-type]
+    receiver = HandoffReceiverService(reactor, handed, lambda index: factory, count,  # type: ignore[arg-type,return-value]
                                       lambda f, r, proxy: wrap_adopted_factory(f, r, proxy))
     receiver.startService()
     clients = []

@@ -108,7 +108,8 @@ def test_erase_tenant_keeps_accounting_data_until_retention_ends(engine: Engine)
     with Session(engine) as s, s.begin():
         ops.set_tenant_status(s, ADMIN, "acme", "disabled", utc(T0))
         report = gdpr.erase(s, ADMIN, "acme", utc(T0 + DAY), SETTINGS)
-    assert report["deleted"] == {"users": 2, "login_records": 2, "keys": 1, "auth_failures": 1}
+    assert report["deleted"] == {"users": 2, "login_records": 2, "keys": 1, "client_certificates": 0,
+                                 "auth_failures": 1}
     kept = report["kept"][0]
     assert "billing" in kept["data"] and "Accounting Act" in kept["why"]
     until = dt.datetime.fromisoformat(kept["until"])
