@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -44,10 +45,25 @@ def require_binary(name: str) -> str:
     return path
 
 
+_TAKEN: set[int] = set()  # handed out by free_port in this process
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768-60999).  A port the
+    kernel picks for bind(0) comes from that range, and between our check
+    and the server's own bind any outgoing connection (curl, Squid, a
+    database client) may take it as its local port: "Address already in
+    use".  Below the range only another listener can; never the same one
+    twice in a run."""
+    for _ in range(200):
+        candidate = random.randrange(20000, 32000)
+        if candidate in _TAKEN:
+            continue
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", candidate))
+            _TAKEN.add(candidate)
+            return candidate
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0,

@@ -12,7 +12,6 @@ import base64
 import contextlib
 import http.client
 import json
-import random
 import re
 import shutil
 import socket
@@ -258,28 +257,10 @@ def squid_extra(workdir: Path) -> str:
             + f"icap_log stdio:{workdir}/icap.log farm_istag\n")
 
 
-_TAKEN: set[int] = set()  # handed out by fixed_port in this run
-
-
-def fixed_port() -> int:
-    """A free port below Linux's ephemeral range (32768-60999): a node
-    restarted after kill -9 must bind its ports again, and a port from
-    free_port() may meanwhile be some connection's local port."""
-    for _ in range(200):
-        candidate = random.randrange(20000, 32000)
-        if candidate in _TAKEN:
-            continue
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.bind(("127.0.0.1", candidate))
-            _TAKEN.add(candidate)
-            return candidate
-    raise RuntimeError("no free port below the ephemeral range")
-
-
 def _node(name: str, database: str, rules: Path) -> Node:
     workdir = Path(tempfile.mkdtemp(prefix=f"farm-{name}-"))
     shutil.copytree(rules, workdir / "rules")
-    port, metrics_port = fixed_port(), fixed_port()
+    port, metrics_port = free_port(), free_port()
     config = write_gateway_config(workdir, port, metrics_port, rules=workdir / "rules", auth_required=True,
                                   database=database, settings=NODE_SETTINGS, proxy_protocol=True)
     gw = GatewayProcess(None, port, metrics_port, workdir, config,  # type: ignore[arg-type]
