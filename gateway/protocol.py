@@ -796,7 +796,8 @@ class ICAPServerProtocol(Protocol):
         reference = new_reference()
         url = tx.url
         head, body = self.ctx.block_page.render(
-            url=url, rules=list(answer.rules), reference=reference, explanation=answer.explanation)
+            url=url, rules=list(answer.rules), reference=reference, explanation=answer.explanation,
+            accept_language=tx.http_request.headers.get("Accept-Language") if tx.http_request else None)
         headers = self._common_headers()
         if answer.rules:
             headers += decision.threat_headers(answer.rules, url)
