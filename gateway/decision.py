@@ -173,6 +173,19 @@ def decide(verdict: Verdict, allows: PeerAllows) -> Answer:
     return _pass("clean", "", "", allows)
 
 
+def remembered_block(remembered: Verdict | None) -> BlockPage | None:
+    """The answer, at a request's head, for a URL whose last transfer was
+    cut after our early commit (``gateway.lateblock``): the block page that
+    transfer could not get, or None to go on as usual.  Nothing is
+    committed yet, so it is always a page, never an abort."""
+    if remembered is None:
+        return None
+    answer = decide(remembered, PeerAllows(no_content=False))
+    if not isinstance(answer, BlockPage):  # a remembered pass: nothing to refuse
+        return None
+    return replace(answer, detail=f"late-block {answer.detail}".strip())
+
+
 def pass_unscanned(detail: str, allows: PeerAllows) -> NoContent | Echo:
     """Passed without a scan: ``detail`` says why (``too-large``, ``type:png``)."""
     return _pass("unscanned", detail, "", allows)

@@ -156,3 +156,14 @@ def test_a_new_ruleset_version_changes_the_cached_istag() -> None:
     kw = {"service_id": "yara", "max_connections": 10, "options_ttl": 60, "preview_size": 0, "now": 86400.0}
     assert dict(cache.options("respmod", version="v3", **kw))["ISTag"] == '"yara-v3"'  # type: ignore[arg-type]
     assert dict(cache.options("respmod", version="v4", **kw))["ISTag"] == '"yara-v4"'  # type: ignore[arg-type]
+
+
+def test_remembered_block_is_a_page_at_the_head() -> None:
+    from gateway.decision import remembered_block
+
+    assert remembered_block(None) is None
+    assert remembered_block(Verdict("clean")) is None
+    assert remembered_block(Verdict("blocked", rules=("ns.Evil",), detail="matched")) == BlockPage(
+        "blocked", "late-block matched", ("ns.Evil",))
+    page = remembered_block(Verdict("unscannable", detail="too-large", reason="too-large", action="block"))
+    assert isinstance(page, BlockPage) and page.detail == "late-block too-large" and page.explanation
