@@ -42,6 +42,22 @@ DEFAULT_CONTACT = {
     "fi": "oman organisaatiosi IT-tuki",
 }
 
+# The explanation of an unscannable block (gateway.decision gives it in
+# English, from UNSCANNABLE_REASONS) in the page's other languages.
+EXPLANATIONS: dict[str, dict[str, str]] = {
+    "fi": {
+        "too-large": "Sisältö on liian suuri tarkastettavaksi.",
+        "decode-limit": "Sisältö purkautuu suuremmaksi kuin yhdyskäytävä tarkastaa.",
+        "bomb": "Sisältö on pakattu niin tiiviisti, että se näyttää pakkauspommilta.",
+        "corrupt-encoding": "Sisällön pakkaus on viallinen tai katkennut.",
+        "unknown-encoding": "Sisältö on pakattu tavalla, jota yhdyskäytävä ei osaa purkaa.",
+        "trailing-data": "Sisällön pakatun osan perässä on ylimääräistä dataa.",
+        "scan-timeout": "Sisällön tarkastus kesti liian kauan.",
+        "engine-error": "Tarkastus epäonnistui tämän sisällön kohdalla.",
+    },
+}
+POLICY_SENTENCE = {"fi": "Käytännön mukaan sisältö, jota ei voida tarkastaa, estetään."}
+
 # Accept-Language is read only this far and for this many entries: a
 # browser sends a handful; anything longer is a peer's attempt at our time.
 ACCEPT_LANGUAGE_MAX = 1024
@@ -197,12 +213,17 @@ class BlockPage:
     def render(
         self, *, url: str, rules: Sequence[str], reference: str, explanation: str = "",
         accept_language: str | None = None, support_contact: str = "",
-        template_path: str | Path | None = None,
+        template_path: str | Path | None = None, reason: str = "",
     ) -> tuple[bytes, bytes]:
         """The HTTP response head and body of the block page, in the
-        language ``accept_language`` prefers among those the template has."""
+        language ``accept_language`` prefers among those the template has;
+        ``explanation`` is English, replaced in another language when
+        ``reason`` (an unscannable reason) has a translation."""
         templates = self._templates(template_path)
         language = choose_language(accept_language, templates.languages)
+        translated = EXPLANATIONS.get(language, {}).get(reason)
+        if explanation and translated:
+            explanation = f"{translated} {POLICY_SENTENCE[language]}"
         contact = sanitise.text(support_contact, SUPPORT_CONTACT_MAX).strip() or DEFAULT_CONTACT.get(language, "")
         body = templates.by_language[language].substitute(
             url=html.escape(sanitise.url(url, URL_SHOWN_MAX)),

@@ -821,6 +821,7 @@ class ICAPServerProtocol(Protocol):
         url = tx.url
         head, body = self.ctx.block_page.render(
             url=url, rules=list(answer.rules), reference=reference, explanation=answer.explanation,
+            reason=answer.reason,
             accept_language=tx.http_request.headers.get("Accept-Language") if tx.http_request else None)
         headers = self._common_headers()
         if answer.rules:

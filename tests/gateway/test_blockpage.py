@@ -11,10 +11,17 @@ from gateway.blockpage import (
     ACCEPT_LANGUAGE_ENTRIES,
     ACCEPT_LANGUAGE_MAX,
     DEFAULT_CONTACT,
+    EXPLANATIONS,
     SUPPORT_CONTACT_MAX,
     BlockPage,
     choose_language,
 )
+from gateway.decision import BlockPage as BlockAnswer
+from gateway.decision import PeerAllows, decide
+from gateway.interfaces import UNSCANNABLE_REASONS, Verdict
+from tests.gateway.fakes import GOOD_KEY, make_harness
+from tests.gateway.test_protocol import RES_HDR, chunked
+from tests.icap_responses import parse_responses
 
 LANGUAGE_TABLE = [
     # (Accept-Language, chosen)
@@ -147,10 +154,6 @@ def test_a_template_with_a_typo_fails_at_load(tmp_path: Path) -> None:
 
 
 def test_the_encapsulated_requests_accept_language_picks_the_page() -> None:
-    from tests.gateway.fakes import GOOD_KEY, make_harness
-    from tests.gateway.test_protocol import RES_HDR, chunked
-    from tests.icap_responses import parse_responses
-
     req_hdr = (b"GET http://example.com/dl/file.txt HTTP/1.1\r\nHost: example.com\r\n"
                b"Accept-Language: fi-FI,fi;q=0.9,en-US;q=0.8,en;q=0.7\r\n\r\n")
     enc = f"req-hdr=0, res-hdr={len(req_hdr)}, res-body={len(req_hdr) + len(RES_HDR)}"
@@ -161,3 +164,18 @@ def test_the_encapsulated_requests_accept_language_picks_the_page() -> None:
     assert r.sections["res-hdr"].startswith(b"HTTP/1.1 403 Forbidden\r\n")
     assert b"\r\nContent-Language: fi\r\n" in r.sections["res-hdr"]
     assert "Sisältö estettiin" in r.body.decode()
+
+
+def test_every_unscannable_reason_is_explained_in_finnish() -> None:
+    assert EXPLANATIONS["fi"].keys() == UNSCANNABLE_REASONS.keys()
+
+
+def test_an_unscannable_block_is_explained_in_the_pages_language() -> None:
+    answer = decide(Verdict("unscannable", detail="bomb", reason="bomb", action="block"), PeerAllows(False))
+    assert isinstance(answer, BlockAnswer) and answer.reason == "bomb"
+    pages = BlockPage()
+    kw = {"url": "u", "rules": [], "reference": "r", "explanation": answer.explanation, "reason": answer.reason}
+    _head, body = pages.render(accept_language="fi", **kw)  # type: ignore[arg-type]
+    assert "pakkauspommilta" in body.decode() and "decompression" not in body.decode()
+    _head, body = pages.render(accept_language="en", **kw)  # type: ignore[arg-type]
+    assert "decompression bomb" in body.decode()

@@ -56,7 +56,7 @@ BOMB_SCAN_STATUS = "unscanned; reason=bomb"
     (BLOCKED, COMMITTED, Abort("blocked", "aborted matched")),
     (UNSCANNABLE_BLOCK, ALLOW_204, BlockPage(
         "unscanned", "bomb detail", (), "The content is compressed so strongly that it looks like a decompression "
-        "bomb. The policy blocks content that cannot be scanned.")),
+        "bomb. The policy blocks content that cannot be scanned.", "bomb")),
     (UNSCANNABLE_BLOCK, COMMITTED, Abort("unscanned", "aborted bomb detail")),
     (TIMEOUT_PASS, ALLOW_204, NoContent("error", "took 5s", "unscanned; reason=scan-timeout")),
     (TIMEOUT_PASS, NO_204, Echo("error", "took 5s", "unscanned; reason=scan-timeout")),
@@ -99,7 +99,7 @@ def test_pass_without_body() -> None:
 
 _TOO_LARGE_BLOCK = BlockPage(
     "unscanned", "too-large", (),
-    f"{UNSCANNABLE_REASONS['too-large']} The policy blocks content that cannot be scanned.")
+    f"{UNSCANNABLE_REASONS['too-large']} The policy blocks content that cannot be scanned.", "too-large")
 
 
 @pytest.mark.parametrize(("body_bytes", "policy", "allows", "expected"), [
