@@ -174,12 +174,14 @@ def decide(verdict: Verdict, allows: PeerAllows) -> Answer:
     return _pass("clean", "", "", allows)
 
 
-def remembered_block(remembered: Verdict | None) -> BlockPage | None:
+def remembered_block(remembered: Verdict | None, ruleset_version: str) -> BlockPage | None:
     """The answer, at a request's head, for a URL whose last transfer was
     cut after our early commit (``gateway.lateblock``): the block page that
     transfer could not get, or None to go on as usual.  Nothing is
-    committed yet, so it is always a page, never an abort."""
-    if remembered is None:
+    committed yet, so it is always a page, never an abort.  A verdict of
+    another ruleset than ``ruleset_version`` (the one in force) is not
+    given: a rule fixed since (a false positive) must stop blocking at once."""
+    if remembered is None or remembered.ruleset_version not in ("", ruleset_version):
         return None
     answer = decide(remembered, PeerAllows(no_content=False))
     if not isinstance(answer, BlockPage):  # a remembered pass: nothing to refuse

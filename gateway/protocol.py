@@ -635,7 +635,7 @@ class ICAPServerProtocol(Protocol):
         if any, is read and dropped.  False when there is none to give."""
         assert tx.tenant is not None
         remembered = late_blocks.recall(tx.tenant.id, tx.url)
-        answer = decision.remembered_block(remembered)
+        answer = decision.remembered_block(remembered, self.ctx.scanner.version)
         if answer is None:
             return False
         self.ctx.observer.late_block("reqmod-refused" if tx.request.method == "REQMOD" else "respmod-blocked")

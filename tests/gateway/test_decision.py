@@ -161,9 +161,11 @@ def test_a_new_ruleset_version_changes_the_cached_istag() -> None:
 def test_remembered_block_is_a_page_at_the_head() -> None:
     from gateway.decision import remembered_block
 
-    assert remembered_block(None) is None
-    assert remembered_block(Verdict("clean")) is None
-    assert remembered_block(Verdict("blocked", rules=("ns.Evil",), detail="matched")) == BlockPage(
-        "blocked", "late-block matched", ("ns.Evil",))
-    page = remembered_block(Verdict("unscannable", detail="too-large", reason="too-large", action="block"))
+    assert remembered_block(None, "v1") is None
+    assert remembered_block(Verdict("clean"), "v1") is None
+    assert remembered_block(Verdict("blocked", rules=("ns.Evil",), detail="matched", ruleset_version="v1"),
+                            "v1") == BlockPage("blocked", "late-block matched", ("ns.Evil",))
+    # The rules changed since: the rule may be fixed, the URL is scanned again.
+    assert remembered_block(Verdict("blocked", rules=("ns.Evil",), ruleset_version="v1"), "v2") is None
+    page = remembered_block(Verdict("unscannable", detail="too-large", reason="too-large", action="block"), "v1")
     assert isinstance(page, BlockPage) and page.detail == "late-block too-large" and page.explanation

@@ -192,3 +192,15 @@ def test_the_page_answers_a_preview_without_asking_for_the_rest() -> None:
     assert not again.transport.disconnecting
     again.send(respmod(chunked(b"hello"), AUTH, "Allow: 204").replace(b"file.txt", b"evil.txt"))
     assert parse_responses(again.output())[0].status == 204  # the connection goes on
+
+
+def test_new_rules_forget_what_the_old_ones_cut() -> None:
+    h, _observer = harness()
+    h.scanner.result = Verdict("blocked", rules=("test.evil",), ruleset_version="test1")
+    cut_download(h)
+    again = another_connection(h)
+    again.send(reqmod_get())
+    assert parse_responses(again.output())[0].sections["res-hdr"].startswith(b"HTTP/1.1 403")
+    h.scanner.version = "test2"  # a reload: the rule may be the false positive just fixed
+    again.send(reqmod_get())
+    assert "res-hdr" not in parse_responses(again.output())[0].sections
