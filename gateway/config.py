@@ -207,6 +207,16 @@ class ScanSettings:
         10000, "Verdicts kept for bodies seen again (same bytes, same rules, same externals the "
         "rules read); 0 disables the cache", validate=non_negative,
     )
+    late_block_ttl: float = setting(
+        600.0, "Seconds a verdict of a download cut after the early head (Squid bug 5352) is "
+        "remembered for its tenant and URL: the next RESPMOD gets the block page at its head, a "
+        "REQMOD is refused (0 disables; README, \"Late-block memory\")",
+        kind="duration", validate=non_negative,
+    )
+    late_block_entries: int = setting(
+        10000, "Most URLs the late-block memory holds per worker process (least recently used "
+        "first out; 0 disables)", validate=non_negative,
+    )
 
     def policy_for(self, reason: str) -> Literal["block", "pass"]:
         """What to do with a body unscannable for ``reason`` (UNSCANNABLE_REASONS)."""

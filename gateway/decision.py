@@ -81,6 +81,7 @@ class BlockPage:
     detail: str
     rules: tuple[str, ...]
     explanation: str = ""
+    reason: str = ""  # the unscannable reason the explanation gives, for the page's other languages
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,15 +163,30 @@ def normalise(verdict: Verdict, policy: Policy) -> Verdict:
 def decide(verdict: Verdict, allows: PeerAllows) -> Answer:
     """The answer to a (normalised) verdict."""
     if verdict.outcome == "blocked":
-        return _block(verdict.detail, tuple(verdict.rules), "", "blocked", allows)
+        return _block(verdict.detail, tuple(verdict.rules), "", "", "blocked", allows)
     if verdict.outcome == "unscannable":
         recorded: Outcome = "error" if verdict.reason in _ERROR_REASONS else "unscanned"
         if verdict.action == "pass":
             return _pass(recorded, verdict.detail, verdict.reason, allows)
         why = UNSCANNABLE_REASONS.get(verdict.reason, "The content could not be scanned.")
         return _block(verdict.detail, (), f"{why} The policy blocks content that cannot be scanned.",
-                      recorded, allows)
+                      verdict.reason, recorded, allows)
     return _pass("clean", "", "", allows)
+
+
+def remembered_block(remembered: Verdict | None, ruleset_version: str) -> BlockPage | None:
+    """The answer, at a request's head, for a URL whose last transfer was
+    cut after our early commit (``gateway.lateblock``): the block page that
+    transfer could not get, or None to go on as usual.  Nothing is
+    committed yet, so it is always a page, never an abort.  A verdict of
+    another ruleset than ``ruleset_version`` (the one in force) is not
+    given: a rule fixed since (a false positive) must stop blocking at once."""
+    if remembered is None or remembered.ruleset_version not in ("", ruleset_version):
+        return None
+    answer = decide(remembered, PeerAllows(no_content=False))
+    if not isinstance(answer, BlockPage):  # a remembered pass: nothing to refuse
+        return None
+    return replace(answer, detail=f"late-block {answer.detail}".strip())
 
 
 def pass_unscanned(detail: str, allows: PeerAllows) -> NoContent | Echo:
@@ -192,11 +208,11 @@ def _pass(outcome: Outcome, detail: str, reason: str, allows: PeerAllows) -> NoC
     return Echo(outcome, detail, scan_status)
 
 
-def _block(detail: str, rules: tuple[str, ...], explanation: str, outcome: Outcome,
+def _block(detail: str, rules: tuple[str, ...], explanation: str, reason: str, outcome: Outcome,
            allows: PeerAllows) -> BlockPage | Abort:
     if allows.committed:
         return Abort(outcome, f"aborted {detail}".strip())
-    return BlockPage(outcome, detail, rules, explanation)
+    return BlockPage(outcome, detail, rules, explanation, reason)
 
 
 def threat_headers(rules: Sequence[str], url: str) -> list[tuple[str, str]]:

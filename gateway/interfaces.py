@@ -234,6 +234,11 @@ class Observer(Protocol):
         """A connection closed by a limit: head-timeout, read-timeout,
         drain-timeout, write-timeout, pipelined-overflow, evicted-idle."""
 
+    def late_block(self, event: str) -> None:
+        """The late-block memory (gateway.lateblock) at work: one of
+        LATE_BLOCK_EVENTS (remembered, respmod-blocked, reqmod-refused,
+        expired, evicted)."""
+
 
 class NullObserver:
     """An Observer that does nothing (tests, tools)."""
@@ -260,6 +265,9 @@ class NullObserver:
         pass
 
     def connection_dropped(self, reason: str) -> None:
+        pass
+
+    def late_block(self, event: str) -> None:
         pass
 
 

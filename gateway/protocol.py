@@ -62,6 +62,7 @@ from gateway.interfaces import (
     UserSeen,
     Verdict,
 )
+from gateway.lateblock import LateBlockMemory
 from gateway.options import AnswerHeaders, istag
 from gateway.tls import client_certificate_sha256
 from gateway.transaction import Spool, Transaction
@@ -117,6 +118,9 @@ class GatewayContext:
     max_scan_size: int = 256 * 1024**2
     early_response_after: int = 60 * 1024
     skip_types: list[str] = field(default_factory=list)  # see gateway.scanning.filetypes
+    # Verdicts of transfers cut after our early commit, for the next request
+    # of the URL (gateway.lateblock); None: off.
+    late_blocks: LateBlockMemory | None = None
     wall_time: Callable[[], float] = time.time
     connections: int = field(default=0)  # this process's open connections
     # The whole gateway's count (all workers): gateway.connections
@@ -620,8 +624,24 @@ class ICAPServerProtocol(Protocol):
         except ProtocolError as e:
             self._answer_now(decision.Error(400, "error", e.reason))
             return
+        if ctx.late_blocks is not None and self._answer_remembered(tx, ctx.late_blocks):
+            return
         if req.has_body:
             tx.spool = ctx.new_spool()
+
+    def _answer_remembered(self, tx: Transaction, late_blocks: LateBlockMemory) -> bool:
+        """The block page at the head of a request for a URL whose last
+        transfer (this tenant's) was cut after our early commit; the body,
+        if any, is read and dropped.  False when there is none to give."""
+        assert tx.tenant is not None
+        remembered = late_blocks.recall(tx.tenant.id, tx.url)
+        answer = decision.remembered_block(remembered, self.ctx.scanner.version)
+        if answer is None:
+            return False
+        self.ctx.observer.late_block("reqmod-refused" if tx.request.method == "REQMOD" else "respmod-blocked")
+        # Its rules and reason go to the record; no scan ran for this one.
+        self._answer(tx, answer, replace(remembered, duration=0.0, scanned_bytes=0))
+        return True
 
     def _allows(self, tx: Transaction) -> decision.PeerAllows:
         return decision.PeerAllows(no_content=self.conn.can_send_204, committed=tx.committed)
@@ -717,6 +737,10 @@ class ICAPServerProtocol(Protocol):
             # byte of the matched content reaches the client.
             reference = new_reference()
             log.warn("blocked after the response head was sent: aborting (ref {ref})", ref=reference)
+            late_blocks = self.ctx.late_blocks
+            if late_blocks is not None and tx.tenant is not None and verdict is not None:
+                # The person gets a broken download: the next try gets the page.
+                late_blocks.remember(tx.tenant.id, tx.url, verdict)
             self._finish_tx(icap_status=200, outcome=answer.outcome, detail=answer.detail, verdict=verdict,
                             reference=reference)
             tx.release()
@@ -796,7 +820,9 @@ class ICAPServerProtocol(Protocol):
         reference = new_reference()
         url = tx.url
         head, body = self.ctx.block_page.render(
-            url=url, rules=list(answer.rules), reference=reference, explanation=answer.explanation)
+            url=url, rules=list(answer.rules), reference=reference, explanation=answer.explanation,
+            reason=answer.reason,
+            accept_language=tx.http_request.headers.get("Accept-Language") if tx.http_request else None)
         headers = self._common_headers()
         if answer.rules:
             headers += decision.threat_headers(answer.rules, url)

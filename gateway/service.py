@@ -23,6 +23,7 @@ from gateway.blockpage import BlockPage
 from gateway.config import PROJECT_ROOT, GatewayConfig
 from gateway.connections import count_from_environment
 from gateway.handoff import Handoff, HandoffReceiverService
+from gateway.lateblock import LateBlockMemory
 from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.proxyprotocol import inner_endpoint, listener_factory
 from gateway.scanning.cache import VerdictCache
@@ -223,6 +224,10 @@ def build_gateway(
 
     cache = VerdictCache(config.scan.cache_entries) if config.scan.cache_entries else None
     scanner = YaraScanner(rules, reactor, pool, config.scan, spool_dir, cache=cache)
+    late_blocks = None
+    if config.scan.late_block_ttl and config.scan.late_block_entries:
+        late_blocks = LateBlockMemory(ttl=config.scan.late_block_ttl, max_entries=config.scan.late_block_entries,
+                                      clock=reactor.seconds, count=monitoring.observer.late_block)
     block_page = BlockPage(resolve_path(config.scan.block_page, config) if config.scan.block_page else None)
     context = GatewayContext(
         scanner=scanner,
@@ -256,6 +261,7 @@ def build_gateway(
         max_scan_size=config.scan.max_scan_size,
         early_response_after=server.early_response_after,
         skip_types=list(config.scan.skip_types),
+        late_blocks=late_blocks,
     )
     top.factory = factory = ICAPFactory(context)
     # The register first: it stops last, after the connections drained, so

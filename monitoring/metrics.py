@@ -28,6 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway.interfaces import BAD_HEADER_NAMES, UNSCANNABLE_REASONS
+from gateway.lateblock import LATE_BLOCK_EVENTS
 from gateway.sanitise import has_control
 
 PREFIX = "icap_gateway"
@@ -300,6 +301,13 @@ class GatewayMetrics:
             "(head-timeout, read-timeout, drain-timeout, write-timeout, pipelined-overflow, evicted-idle)",
             ["reason"], registry=reg,
         )
+        # The events are gateway.lateblock's fixed set, all exposed from the start.
+        self.late_blocks = Counter(
+            f"{PREFIX}_late_block", "Late-block memory: verdicts of cut transfers remembered, the "
+            "requests they blocked at the head (respmod-blocked, reqmod-refused), entries expired or evicted",
+            ["event"], registry=reg,
+        )
+        self._late_block_children = {event: self.late_blocks.labels(event) for event in LATE_BLOCK_EVENTS}
         # livemin: with several workers the smallest count shows a worker
         # that has no (or fewer) rules, which is what an operator must see.
         self.rules_loaded_gauge = Gauge(
@@ -445,6 +453,11 @@ class GatewayMetrics:
 
     def connection_dropped(self, reason: str) -> None:
         self.connections_dropped.labels(reason).inc()
+
+    def late_block(self, event: str) -> None:
+        child = self._late_block_children.get(event)
+        if child is not None:  # a fixed set: anything else is not ours to count
+            child.inc()
 
     def auth_failed(self, reason: str) -> None:
         label = self.reason_label(reason or NONE)

@@ -52,6 +52,12 @@ class MonitoringObserver:
         except Exception:
             self._fault()
 
+    def late_block(self, event: str) -> None:
+        try:
+            self.metrics.late_block(event)
+        except Exception:
+            self._fault()
+
     def transaction_finished(self, record: TransactionRecord) -> None:
         try:
             self.metrics.request_finished(

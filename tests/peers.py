@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -363,8 +363,9 @@ class Fetched:
 
 def curl(proxy_port: int, url: str, *, data: bytes | None = None, user: str | None = None,
          timeout: float = 120, output: Path | None = None, compressed: bool = False,
-         check: bool = True) -> Fetched:
-    """Fetch ``url`` through the proxy with real curl."""
+         check: bool = True, extra_headers: Sequence[str] = ()) -> Fetched:
+    """Fetch ``url`` through the proxy with real curl (``extra_headers``: more
+    request header lines)."""
     require_binary("curl")
     with tempfile.TemporaryDirectory() as tmp:
         out = output or Path(tmp, "body")
@@ -375,6 +376,8 @@ def curl(proxy_port: int, url: str, *, data: bytes | None = None, user: str | No
             cmd += ["--proxy-user", user]
         if compressed:
             cmd += ["-H", "Accept-Encoding: gzip"]
+        for line in extra_headers:
+            cmd += ["-H", line]
         if data is not None:
             body_file = Path(tmp, "upload")
             body_file.write_bytes(data)

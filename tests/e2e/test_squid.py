@@ -21,6 +21,7 @@ from tests.peers import (
     proc_status,
     read_json_lines,
     squid_process,
+    wait_for,
 )
 
 pytestmark = pytest.mark.squid
@@ -195,3 +196,32 @@ def test_readme_shows_the_tested_squid_snippet() -> None:
     snippet = SQUID_SNIPPET.read_text().strip().splitlines()
     indented = "\n".join(f"   {line}" for line in snippet)
     assert indented in readme
+
+
+def test_finnish_reader_gets_the_finnish_block_page(squid: SquidProcess, origin: Origin) -> None:
+    url = origin.add("/eicar-fi.com", EICAR, Content_Type="application/octet-stream")
+    got = curl(squid.port, url, extra_headers=["Accept-Language: fi-FI,fi;q=0.9,en;q=0.8"])
+    assert got.status == 403
+    assert "Sisältö estettiin" in got.body.decode()
+    assert "content-language: fi" in got.headers.lower()
+    assert b"EICAR" in got.body
+
+
+def test_a_cut_download_tried_again_gets_the_block_page(squid: SquidProcess, origin: Origin,
+                                                        gateway: GatewayProcess) -> None:
+    """Issue 10, "done when": a 1 MiB file with a signature near its end,
+    downloaded twice through Squid 5.7: the first is cut (bug 5352), the
+    second is the block page naming the rule (the late-block memory)."""
+    body = os.urandom(1024**2 - 4096) + EICAR + os.urandom(2048)
+    url = origin.add("/late-block.bin", body)
+    first = curl(squid.port, url, check=False)
+    assert first.exit_code != 0 or first.status != 200 or len(first.body) < len(body)
+    assert EICAR not in first.body
+    second = curl(squid.port, url, check=False)
+    assert second.status == 403
+    assert b"This content was blocked" in second.body
+    assert b"EICAR" in second.body  # the rule's name
+    assert url.encode() in second.body
+    lines = wait_for(lambda: [rec for rec in read_json_lines(gateway.access_log)
+                              if "late-block" in str(rec.get("detail", ""))])
+    assert lines, "the access log shows no late-block answer"

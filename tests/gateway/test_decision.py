@@ -56,7 +56,7 @@ BOMB_SCAN_STATUS = "unscanned; reason=bomb"
     (BLOCKED, COMMITTED, Abort("blocked", "aborted matched")),
     (UNSCANNABLE_BLOCK, ALLOW_204, BlockPage(
         "unscanned", "bomb detail", (), "The content is compressed so strongly that it looks like a decompression "
-        "bomb. The policy blocks content that cannot be scanned.")),
+        "bomb. The policy blocks content that cannot be scanned.", "bomb")),
     (UNSCANNABLE_BLOCK, COMMITTED, Abort("unscanned", "aborted bomb detail")),
     (TIMEOUT_PASS, ALLOW_204, NoContent("error", "took 5s", "unscanned; reason=scan-timeout")),
     (TIMEOUT_PASS, NO_204, Echo("error", "took 5s", "unscanned; reason=scan-timeout")),
@@ -99,7 +99,7 @@ def test_pass_without_body() -> None:
 
 _TOO_LARGE_BLOCK = BlockPage(
     "unscanned", "too-large", (),
-    f"{UNSCANNABLE_REASONS['too-large']} The policy blocks content that cannot be scanned.")
+    f"{UNSCANNABLE_REASONS['too-large']} The policy blocks content that cannot be scanned.", "too-large")
 
 
 @pytest.mark.parametrize(("body_bytes", "policy", "allows", "expected"), [
@@ -156,3 +156,16 @@ def test_a_new_ruleset_version_changes_the_cached_istag() -> None:
     kw = {"service_id": "yara", "max_connections": 10, "options_ttl": 60, "preview_size": 0, "now": 86400.0}
     assert dict(cache.options("respmod", version="v3", **kw))["ISTag"] == '"yara-v3"'  # type: ignore[arg-type]
     assert dict(cache.options("respmod", version="v4", **kw))["ISTag"] == '"yara-v4"'  # type: ignore[arg-type]
+
+
+def test_remembered_block_is_a_page_at_the_head() -> None:
+    from gateway.decision import remembered_block
+
+    assert remembered_block(None, "v1") is None
+    assert remembered_block(Verdict("clean"), "v1") is None
+    assert remembered_block(Verdict("blocked", rules=("ns.Evil",), detail="matched", ruleset_version="v1"),
+                            "v1") == BlockPage("blocked", "late-block matched", ("ns.Evil",))
+    # The rules changed since: the rule may be fixed, the URL is scanned again.
+    assert remembered_block(Verdict("blocked", rules=("ns.Evil",), ruleset_version="v1"), "v2") is None
+    page = remembered_block(Verdict("unscannable", detail="too-large", reason="too-large", action="block"), "v1")
+    assert isinstance(page, BlockPage) and page.detail == "late-block too-large" and page.explanation
