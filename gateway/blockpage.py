@@ -47,14 +47,17 @@ class BlockPage:
         self.template.substitute(url="", rules="", reference="", explanation="")  # fail early on typos
 
     def render(
-        self, *, url: str, rules: Sequence[str], reference: str, explanation: str = ""
+        self, *, url: str, rules: Sequence[str], reference: str, explanation: str = "",
+        support_contact: str = "",
     ) -> tuple[bytes, bytes]:
-        """The HTTP response head and body of the block page."""
+        """The HTTP response head and body of the block page (``support_contact``:
+        the tenant's, [tenants.NAME]; ``$support_contact`` in a template)."""
         body = self.template.substitute(
             url=html.escape(sanitise.url(url, URL_SHOWN_MAX)),
             rules=html.escape(", ".join(rules) or "-"),
             reference=html.escape(reference),
             explanation=html.escape(explanation),
+            support_contact=html.escape(support_contact),
         ).encode("utf-8")
         head = build_response_head(
             403,

@@ -25,6 +25,7 @@ from gateway.settings import (
 )
 from gateway.tls import tls_endpoint_problem
 from monitoring.settings import MonitoringSettings
+from register.keys import valid_tenant_name
 from register.settings import AuthSettings, RegisterSettings
 
 # The bundled rules and templates sit beside the package in a source checkout.
@@ -220,6 +221,70 @@ class ScanSettings:
         return UNSCANNABLE_DEFAULTS.get(reason, "block")
 
 
+# A support contact is a line of text on a block page, not a document.
+SUPPORT_CONTACT_MAX = 200
+
+
+def _support_contact_problem(value: str) -> str | None:
+    if len(value) > SUPPORT_CONTACT_MAX:
+        return f"at most {SUPPORT_CONTACT_MAX} characters"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "no control characters (one line of text)"
+    return None
+
+
+def _template_problem(value: str) -> str | None:
+    # Relative to the working directory, or to a source checkout (as [scan] rules).
+    if Path(value).is_file() or (PROJECT_ROOT / value).is_file():
+        return None
+    return f"no such file: {value!r}"
+
+
+@dataclass(frozen=True)
+class TenantSettings:
+    """``[tenants.NAME]``: one tenant's overrides of ``[scan]``.  A key not
+    given (None) takes ``[scan]``'s value; ``unscannable_policy`` overrides
+    ``[scan]``'s reason by reason (see gateway.policy)."""
+
+    mode: Literal["block", "monitor"] = setting(
+        "block", "block (the global behaviour) or monitor: nothing is ever blocked; a match or an "
+        "unscannable body the policy would block passes, counted and logged with outcome \"monitored\"",
+    )
+    unscannable_policy: dict[str, str] = setting(
+        {}, "As [scan] unscannable_policy, reason by reason; reasons not listed follow [scan]",
+        validate=lambda table: _unscannable_policy_problems(table),
+    )
+    max_scan_size: int | None = setting(
+        None, "As [scan] max_scan_size (absent: [scan]'s)", kind="size", validate=positive,
+    )
+    skip_types: list[str] | None = setting(None, "As [scan] skip_types, replacing it (absent: [scan]'s)")
+    support_contact: str = setting(
+        "", "Whom the person should contact, shown on this tenant's block page (one line, at most "
+        f"{SUPPORT_CONTACT_MAX} characters)", validate=_support_contact_problem,
+    )
+    block_page: str | None = setting(
+        None, "HTML template of this tenant's block page (absent: [scan]'s); must exist",
+        validate=_template_problem,
+    )
+
+
+def load_tenants(table: Any, source: str) -> tuple[dict[str, TenantSettings], list[ConfigError]]:
+    """``[tenants.NAME]`` tables: names checked for syntax only (tenants live
+    in the register), every value strictly."""
+    if not isinstance(table, dict):
+        return {}, [ConfigError(source, "[tenants]", "expected tables such as [tenants.acme]")]
+    tenants: dict[str, TenantSettings] = {}
+    errors: list[ConfigError] = []
+    for name, values in table.items():
+        if not valid_tenant_name(name):
+            errors.append(ConfigError(source, f"[tenants.{name!r}]", "not a tenant name (lower-case letters, "
+                                      "digits, - and _, starting with a letter or digit, at most 63)"))
+            continue
+        tenants[name], errs = load_section(TenantSettings, values, source, f"tenants.{name}")
+        errors.extend(errs)
+    return tenants, errors
+
+
 @dataclass(frozen=True)
 class TLSSettings:
     """ICAPS (``ssl:`` listeners, gateway.tls): who may finish a handshake."""
@@ -243,6 +308,7 @@ class GatewayConfig:
     auth: AuthSettings = field(default_factory=AuthSettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    tenants: dict[str, TenantSettings] = field(default_factory=dict)  # [tenants.NAME]
     source: str = "<defaults>"
 
     def state_path(self, *parts: str) -> Path:
@@ -253,7 +319,8 @@ class GatewayConfig:
 
 
 def _section_types() -> dict[str, type]:
-    hints = {f.name: f.default_factory for f in dataclasses.fields(GatewayConfig) if f.name != "source"}
+    hints = {f.name: f.default_factory for f in dataclasses.fields(GatewayConfig)
+             if f.name not in ("source", "tenants")}
     return hints  # type: ignore[return-value]
 
 
@@ -263,9 +330,14 @@ def parse_config(data: dict[str, Any], source: str) -> GatewayConfig:
     sections: dict[str, Any] = {}
     types_ = _section_types()
     for name, table in data.items():
+        if name == "tenants":
+            sections[name], errs = load_tenants(table, source)
+            errors.extend(errs)
+            continue
         cls = types_.get(name)
         if cls is None:
-            errors.append(ConfigError(source, f"[{name}]", f"unknown section (known: {', '.join(types_)})"))
+            errors.append(ConfigError(source, f"[{name}]",
+                                      f"unknown section (known: {', '.join(types_)}, tenants.NAME)"))
             continue
         sections[name], errs = load_section(cls, table, source, name)
         errors.extend(errs)

@@ -63,6 +63,7 @@ from gateway.interfaces import (
     Verdict,
 )
 from gateway.options import AnswerHeaders, istag
+from gateway.policy import TenantPolicy
 from gateway.tls import client_certificate_sha256
 from gateway.transaction import Spool, Transaction
 
@@ -117,6 +118,10 @@ class GatewayContext:
     max_scan_size: int = 256 * 1024**2
     early_response_after: int = 60 * 1024
     skip_types: list[str] = field(default_factory=list)  # see gateway.scanning.filetypes
+    # Tenant name -> its policy ([tenants.NAME] over [scan], gateway.policy),
+    # asked once per transaction after authentication.  None: every tenant
+    # gets the fields above (error_policy ... skip_types, block_page).
+    policy_for: Callable[[str], TenantPolicy] | None = None
     wall_time: Callable[[], float] = time.time
     connections: int = field(default=0)  # this process's open connections
     # The whole gateway's count (all workers): gateway.connections
@@ -130,6 +135,14 @@ class GatewayContext:
 
     def istag(self) -> str:
         return istag(self.service_id, self.scanner.version)
+
+    def tenant_policy(self, tenant: str) -> TenantPolicy:
+        if self.policy_for is not None:
+            return self.policy_for(tenant)
+        return TenantPolicy(
+            decision=decision.Policy(error_policy=self.error_policy, oversize_policy=self.oversize_policy,
+                                     max_scan_size=self.max_scan_size),
+            block_page=self.block_page, skip_types=self.skip_types)
 
 
 def _first_ip(peer: Any) -> str:
@@ -608,6 +621,7 @@ class ICAPServerProtocol(Protocol):
             return
         assert isinstance(result, Authenticated)
         tx.tenant = result.tenant
+        tx.policy = ctx.tenant_policy(result.tenant.name)
         tx.user = username
         if username:
             ctx.recorder.record(UserSeen(
@@ -632,8 +646,9 @@ class ICAPServerProtocol(Protocol):
             return
         tx.take(data)
         ctx = self.ctx
-        if tx.body_bytes > ctx.max_scan_size:
-            early = decision.oversize_answer(tx.body_bytes, self._policy(), self._allows(tx))
+        policy = self._policy(tx)
+        if tx.body_bytes > policy.max_scan_size:
+            early = decision.oversize_answer(tx.body_bytes, policy, self._allows(tx))
             if early is not None:
                 # It will not be scanned: say so now, and the rest is read and
                 # dropped instead of spooled to disk.
@@ -643,16 +658,17 @@ class ICAPServerProtocol(Protocol):
         if out:
             self._write(out)
 
-    def _policy(self) -> decision.Policy:
-        ctx = self.ctx
-        return decision.Policy(error_policy=ctx.error_policy, oversize_policy=ctx.oversize_policy,
-                               max_scan_size=ctx.max_scan_size)
+    def _policy(self, tx: Transaction) -> decision.Policy:
+        """The transaction's tenant's (authenticated: every body has one)."""
+        if tx.policy is None:
+            tx.policy = self.ctx.tenant_policy("")
+        return tx.policy.decision
 
     def _on_preview_end(self) -> None:
         tx = self.tx
         if tx is None or tx.answered:
             return
-        kind = tx.skipped_type(self.ctx.skip_types)
+        kind = tx.skipped_type(tx.policy.skip_types if tx.policy else self.ctx.skip_types)
         if kind:  # decided on the preview alone: the rest never crosses the wire
             self._answer(tx, decision.pass_unscanned(f"type:{kind}", self._allows(tx)))
             return
@@ -670,7 +686,7 @@ class ICAPServerProtocol(Protocol):
             self._answer(tx, decision.pass_without_body(self._allows(tx)))
             return
         tx.spool.finish()
-        kind = None if tx.committed else tx.skipped_type(self.ctx.skip_types)
+        kind = None if tx.committed else tx.skipped_type(tx.policy.skip_types if tx.policy else self.ctx.skip_types)
         if kind:
             self._answer(tx, decision.pass_unscanned(f"type:{kind}", self._allows(tx)))
             return
@@ -687,7 +703,7 @@ class ICAPServerProtocol(Protocol):
     def _on_verdict(self, verdict: Verdict, tx: Transaction) -> None:
         if self.transport is None or self.tx is not tx or not self.connected:
             return
-        verdict = decision.normalise(verdict, self._policy())
+        verdict = decision.normalise(verdict, self._policy(tx))
         self.ctx.observer.scan_finished(verdict, tx.direction)
         self._busy = False
         self._answer(tx, decision.decide(verdict, self._allows(tx)), verdict)
@@ -700,6 +716,7 @@ class ICAPServerProtocol(Protocol):
     def _answer(self, tx: Transaction, answer: decision.Answer, verdict: Verdict | None = None) -> None:
         """Send ``answer`` (one transport write, except an echo's later
         blocks) and finish the transaction's record."""
+        answer = decision.monitor(answer, self._policy(tx), self._allows(tx))
         if isinstance(answer, decision.NoContent):
             headers = self._common_headers()
             if answer.scan_status:
@@ -795,8 +812,10 @@ class ICAPServerProtocol(Protocol):
     def _answer_block(self, tx: Transaction, answer: decision.BlockPage, verdict: Verdict | None) -> None:
         reference = new_reference()
         url = tx.url
-        head, body = self.ctx.block_page.render(
-            url=url, rules=list(answer.rules), reference=reference, explanation=answer.explanation)
+        policy = tx.policy or self.ctx.tenant_policy("")
+        head, body = policy.block_page.render(
+            url=url, rules=list(answer.rules), reference=reference, explanation=answer.explanation,
+            support_contact=policy.support_contact)
         headers = self._common_headers()
         if answer.rules:
             headers += decision.threat_headers(answer.rules, url)

@@ -19,7 +19,7 @@ def add_commands(subparsers: Any) -> None:
         "serve",
         help="run the ICAP gateway",
         description="Run the ICAP gateway in the foreground until SIGTERM or SIGINT. "
-        "SIGHUP reloads the rules; SIGUSR1 reopens the access log.",
+        "SIGHUP reloads the rules, certificates and tenant policies; SIGUSR1 reopens the access log.",
     )
     serve.add_argument("--config", metavar="FILE", help="TOML config file (default: embedded defaults)")
     serve.add_argument("--listen", metavar="ENDPOINT", action="append",
@@ -139,6 +139,7 @@ def run_serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     gateway.rules.install_sighup()
     gateway.tls.install_sighup(reactor)  # after the rules: it chains their handler
+    gateway.policies.install_sighup(reactor)  # chains both: re-reads [tenants.NAME]
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(gateway.reopen_logs))  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return exit_code[0]

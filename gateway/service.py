@@ -23,6 +23,7 @@ from gateway.blockpage import BlockPage
 from gateway.config import PROJECT_ROOT, GatewayConfig
 from gateway.connections import count_from_environment
 from gateway.handoff import Handoff, HandoffReceiverService
+from gateway.policy import Policies
 from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.proxyprotocol import inner_endpoint, listener_factory
 from gateway.scanning.cache import VerdictCache
@@ -158,6 +159,7 @@ class Gateway:
     register: Any
     monitoring: Any
     tls: TLSListeners  # the ssl: listeners' certificates, reloaded on SIGHUP
+    policies: Policies  # [tenants.NAME] over [scan], reloaded on SIGHUP
 
 
 def resolve_path(value: str, config: GatewayConfig) -> Path:
@@ -224,6 +226,7 @@ def build_gateway(
     cache = VerdictCache(config.scan.cache_entries) if config.scan.cache_entries else None
     scanner = YaraScanner(rules, reactor, pool, config.scan, spool_dir, cache=cache)
     block_page = BlockPage(resolve_path(config.scan.block_page, config) if config.scan.block_page else None)
+    policies = Policies(config, block_page)  # a tenant's template that does not load: ValueError/KeyError
     context = GatewayContext(
         scanner=scanner,
         authenticator=register.authenticator,
@@ -256,6 +259,7 @@ def build_gateway(
         max_scan_size=config.scan.max_scan_size,
         early_response_after=server.early_response_after,
         skip_types=list(config.scan.skip_types),
+        policy_for=policies.policy_for,
     )
     top.factory = factory = ICAPFactory(context)
     # The register first: it stops last, after the connections drained, so
@@ -279,7 +283,7 @@ def build_gateway(
             listener._raiseSynchronously = True  # a port in use fails the start, loudly
             listener.setServiceParent(top.listeners)
     top.listeners.setServiceParent(top)
-    return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring, tls)
+    return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring, tls, policies)
 
 
 def _credentials(headers: Any, peer: str, *, settings: Any) -> Any:
