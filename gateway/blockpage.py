@@ -1,7 +1,7 @@
 """The HTTP block page that replaces content a rule matched.
 
 A ``string.Template`` HTML file (``config/blockpage.html`` by default) with
-``$url``, ``$rules``, ``$reference`` and ``$explanation``; every value is
+``$url``, ``$rules``, ``$reference``, ``$explanation`` and ``$support_contact``; every value is
 HTML-escaped (the URL first percent-encoded and capped), and nothing secret
 is offered to it.
 """
@@ -44,7 +44,8 @@ class BlockPage:
                 raise
             text = _FALLBACK  # an installed package without config/: still block clearly
         self.template = Template(text)
-        self.template.substitute(url="", rules="", reference="", explanation="")  # fail early on typos
+        self.template.substitute(url="", rules="", reference="", explanation="",
+                                 support_contact="")  # fail early on typos
 
     def render(
         self, *, url: str, rules: Sequence[str], reference: str, explanation: str = "",

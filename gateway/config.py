@@ -420,4 +420,15 @@ def render_example() -> str:
             lines.append(f"# {key} = {toml_literal(default)}")
             lines.append("")
         lines.pop()
+    # Tenant tables: commented deeper ("#   "), an example, not defaults.
+    lines += ["", "# [tenants.NAME]: one tenant's policy (NAME as in the register: icap-gateway",
+              "# tenant add NAME), overriding [scan] for that tenant's transactions; keys not",
+              "# given take [scan]'s.  SIGHUP re-reads these tables (a bad file keeps the old).",
+              "#   [tenants.acme]"]
+    examples = {"mode": "monitor", "unscannable_policy": {"too-large": "block"}, "max_scan_size": "64 MiB",
+                "skip_types": ["video/*"], "support_contact": "IT helpdesk, +358 9 123 4567",
+                "block_page": "config/blockpage.html"}
+    for key, _, doc in describe(TenantSettings):
+        lines += [f"#   # {line}" for line in textwrap.wrap(doc, 72, break_on_hyphens=False)]
+        lines.append(f"#   {key} = {toml_literal(examples[key])}")
     return "\n".join(lines) + "\n"
