@@ -191,6 +191,7 @@ class ICAPServerProtocol(Protocol):
         self._opened_at = ctx.clock.seconds()  # for max_connection_age (see _recycle_due)
         self._direct: tcp.Connection | None = None  # the TCP connection _write may send on
         self._client_cert: str | None = None  # TLS client certificate's SHA-256, read at a request
+        self._tenant_policy: TenantPolicy | None = None  # the current transaction's tenant's
 
     # --- connection lifecycle ---------------------------------------------
 
@@ -601,6 +602,7 @@ class ICAPServerProtocol(Protocol):
         self.tx = tx = Transaction(
             request=req, started=ctx.clock.seconds(), direction=direction, peer=self._peer, client_ip=self._peer,
         )
+        self._tenant_policy = None
         refusal = decision.route(req.method, req.service, over_limit=self._over_limit)
         if refusal is not None:
             self._answer_now(refusal)
@@ -621,7 +623,8 @@ class ICAPServerProtocol(Protocol):
             return
         assert isinstance(result, Authenticated)
         tx.tenant = result.tenant
-        tx.policy = ctx.tenant_policy(result.tenant.name)
+        self._tenant_policy = policy = ctx.tenant_policy(result.tenant.name)
+        tx.max_scan_size = policy.decision.max_scan_size
         tx.user = username
         if username:
             ctx.recorder.record(UserSeen(
@@ -646,7 +649,7 @@ class ICAPServerProtocol(Protocol):
             return
         tx.take(data)
         ctx = self.ctx
-        policy = self._policy(tx)
+        policy = self._policy().decision
         if tx.body_bytes > policy.max_scan_size:
             early = decision.oversize_answer(tx.body_bytes, policy, self._allows(tx))
             if early is not None:
@@ -658,17 +661,18 @@ class ICAPServerProtocol(Protocol):
         if out:
             self._write(out)
 
-    def _policy(self, tx: Transaction) -> decision.Policy:
-        """The transaction's tenant's (authenticated: every body has one)."""
-        if tx.policy is None:
-            tx.policy = self.ctx.tenant_policy("")
-        return tx.policy.decision
+    def _policy(self) -> TenantPolicy:
+        """The current transaction's tenant's (set once authenticated: every
+        body has one; an answer before that gets [scan]'s)."""
+        if self._tenant_policy is None:
+            self._tenant_policy = self.ctx.tenant_policy("")
+        return self._tenant_policy
 
     def _on_preview_end(self) -> None:
         tx = self.tx
         if tx is None or tx.answered:
             return
-        kind = tx.skipped_type(tx.policy.skip_types if tx.policy else self.ctx.skip_types)
+        kind = tx.skipped_type(self._policy().skip_types)
         if kind:  # decided on the preview alone: the rest never crosses the wire
             self._answer(tx, decision.pass_unscanned(f"type:{kind}", self._allows(tx)))
             return
@@ -686,7 +690,7 @@ class ICAPServerProtocol(Protocol):
             self._answer(tx, decision.pass_without_body(self._allows(tx)))
             return
         tx.spool.finish()
-        kind = None if tx.committed else tx.skipped_type(tx.policy.skip_types if tx.policy else self.ctx.skip_types)
+        kind = None if tx.committed else tx.skipped_type(self._policy().skip_types)
         if kind:
             self._answer(tx, decision.pass_unscanned(f"type:{kind}", self._allows(tx)))
             return
@@ -703,7 +707,7 @@ class ICAPServerProtocol(Protocol):
     def _on_verdict(self, verdict: Verdict, tx: Transaction) -> None:
         if self.transport is None or self.tx is not tx or not self.connected:
             return
-        verdict = decision.normalise(verdict, self._policy(tx))
+        verdict = decision.normalise(verdict, self._policy().decision)
         self.ctx.observer.scan_finished(verdict, tx.direction)
         self._busy = False
         self._answer(tx, decision.decide(verdict, self._allows(tx)), verdict)
@@ -716,7 +720,7 @@ class ICAPServerProtocol(Protocol):
     def _answer(self, tx: Transaction, answer: decision.Answer, verdict: Verdict | None = None) -> None:
         """Send ``answer`` (one transport write, except an echo's later
         blocks) and finish the transaction's record."""
-        answer = decision.monitor(answer, self._policy(tx), self._allows(tx))
+        answer = decision.monitor(answer, self._policy().decision, self._allows(tx))
         if isinstance(answer, decision.NoContent):
             headers = self._common_headers()
             if answer.scan_status:
@@ -812,7 +816,7 @@ class ICAPServerProtocol(Protocol):
     def _answer_block(self, tx: Transaction, answer: decision.BlockPage, verdict: Verdict | None) -> None:
         reference = new_reference()
         url = tx.url
-        policy = tx.policy or self.ctx.tenant_policy("")
+        policy = self._policy()
         head, body = policy.block_page.render(
             url=url, rules=list(answer.rules), reference=reference, explanation=answer.explanation,
             support_contact=policy.support_contact)

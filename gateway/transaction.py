@@ -35,7 +35,6 @@ from gateway.interfaces import (
     TransactionRecord,
     Verdict,
 )
-from gateway.policy import TenantPolicy
 from gateway.scanning.filetypes import SNIFF_BYTES, sniff
 from gateway.scanning.filetypes import matches as type_matches
 
@@ -99,7 +98,7 @@ class Transaction:
     prefix: bytearray = field(default_factory=bytearray)  # the body's first bytes
     trickled: int = 0  # body bytes sent before the verdict
     bad_headers: tuple[str, ...] = ()  # identity headers refused (see register.users)
-    policy: TenantPolicy | None = None  # the tenant's, set once authenticated (gateway.policy)
+    max_scan_size: int = 0  # the tenant's ([tenants.NAME], gateway.policy); 0: the scanner's
     state: State = State.RECEIVING
 
     # --- state ------------------------------------------------------------
@@ -185,7 +184,7 @@ class Transaction:
             filetype=facts.mime_type,
             tenant=self.tenant.name if self.tenant else "",
             content_encoding=facts.content_encoding,
-            max_scan_size=self.policy.decision.max_scan_size if self.policy else 0,
+            max_scan_size=self.max_scan_size,
         )
 
     @property
