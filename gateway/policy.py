@@ -5,7 +5,8 @@ transaction after authentication: a pure lookup in a table built from the
 config file (a tenant without a table, or no tenant, gets ``[scan]``'s).
 SIGHUP re-reads the file and swaps the table whole; a file that does not
 parse, or a block page template that does not load, keeps the old table and
-logs why.  Only the policy reloads: the other sections need a restart.
+logs why.  Only the tenant tables reload: they apply over the running
+``[scan]`` (the scanner's), and the other sections need a restart.
 
 What each key overrides, and where it acts:
 
@@ -102,6 +103,7 @@ class Policies:
     def __init__(self, config: GatewayConfig, default_block_page: BlockPage,
                  load: Callable[[str], GatewayConfig] = load_config) -> None:
         self.source = config.source
+        self._scan = config.scan  # what the scanner runs with: [scan] reloads only at a restart
         self._default_block_page = default_block_page
         self._load = load
         self.table = PolicyTable(config, default_block_page)
@@ -115,12 +117,15 @@ class Policies:
             return False
         try:
             config = self._load(self.source)
-            table = PolicyTable(config, self._default_block_page)
+            table = PolicyTable(replace(config, scan=self._scan), self._default_block_page)
         except (ConfigErrors, OSError, ValueError, KeyError) as e:
             # ValueError, KeyError: a template with a bad placeholder (string.Template).
             log.error("SIGHUP: tenant policies not reloaded, keeping the old ones: {why}", why=str(e))
             return False
         self.table = table
+        if config.scan != self._scan:
+            log.warn("SIGHUP: [scan] changed in {source}: the tenant tables apply over the running [scan] "
+                     "until a restart", source=self.source)
         log.info("SIGHUP: tenant policies reloaded from {source} ({count} tenants with a table)",
                  source=self.source, count=len(table.tenants))
         return True

@@ -278,6 +278,17 @@ def test_reload_swaps_the_table_and_a_bad_file_keeps_the_old(tmp_path: Path) -> 
     assert not policies.reload()
 
 
+def test_reload_keeps_the_running_scan_section(tmp_path: Path) -> None:
+    # The scanner keeps [scan] until a restart: tenants must inherit what it runs with.
+    path = tmp_path / "gateway.toml"
+    path.write_text("[scan]\nmax_scan_size = 1000\n[tenants.acme]\nmode = \"monitor\"\n")
+    policies = Policies(load_config(path), BlockPage())
+    path.write_text("[scan]\nmax_scan_size = 99\n[tenants.acme]\nmode = \"block\"\n")
+    assert policies.reload()
+    assert policies.policy_for("acme").decision == Policy(max_scan_size=1000, mode="block")
+    assert policies.policy_for("other").decision.max_scan_size == 1000
+
+
 def test_the_protocol_asks_the_reloaded_table(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text('[tenants.acme]\nmode = "monitor"\n')
