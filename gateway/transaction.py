@@ -232,5 +232,5 @@ class Transaction:
             detail=(reference and f"ref={reference} {detail}".strip()) or detail,
             bad_headers=self.bad_headers,
             unscannable=(verdict.reason if verdict else "") or (
-                detail if outcome == "unscanned" and detail in UNSCANNABLE_REASONS else ""),
+                detail if outcome in ("unscanned", "monitored") and detail in UNSCANNABLE_REASONS else ""),
         )

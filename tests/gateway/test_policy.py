@@ -247,6 +247,15 @@ def test_tenant_max_scan_size_is_honoured() -> None:
     assert r.status == 204 and h.scanner.contexts[0].max_scan_size == 1000  # the scanner's limit too
 
 
+def test_monitor_mode_passes_a_body_the_size_policy_would_block() -> None:
+    h = harness('[scan]\noversize_policy = "block"\nmax_scan_size = 1000\n[tenants.acme]\nmode = "monitor"\n')
+    h.send(respmod(b"a" * 5000, "Allow: 204"))
+    [r] = parse_responses(h.output())
+    assert r.status == 204 and r.headers["x-scan-status"] == "unscanned; reason=too-large"
+    [rec] = h.observer.records
+    assert (rec.outcome, rec.unscannable) == ("monitored", "too-large")
+
+
 def test_tenant_skip_types_are_honoured() -> None:
     h = harness('[scan]\nskip_types = ["image/*"]\n[tenants.acme]\nskip_types = []\n')
     h.send(respmod(PNG + EICAR, "Allow: 204"))
