@@ -266,6 +266,27 @@ class TenantSettings:
         None, "HTML template of this tenant's block page (absent: [scan]'s); must exist",
         validate=_template_problem,
     )
+    rules: str | None = setting(
+        None, "A ruleset named in [rulesets] that scans this tenant's bodies instead of [scan] rules "
+        "(absent: [scan]'s)",
+    )
+
+
+def load_rulesets(table: Any, source: str) -> tuple[dict[str, str], list[ConfigError]]:
+    """``[rulesets] NAME = "dir"``: rule directories loaded beside ``[scan] rules``."""
+    if not isinstance(table, dict):
+        return {}, [ConfigError(source, "[rulesets]", "expected a table of NAME = \"directory\"")]
+    rulesets: dict[str, str] = {}
+    errors: list[ConfigError] = []
+    for name, directory in table.items():
+        if not valid_tenant_name(name):
+            errors.append(ConfigError(source, f"[rulesets] {name!r}", "not a ruleset name (lower-case letters, "
+                                      "digits, - and _, starting with a letter or digit, at most 63)"))
+        elif not isinstance(directory, str) or not directory:
+            errors.append(ConfigError(source, f"[rulesets] {name}", f"expected a directory, got {directory!r}"))
+        else:
+            rulesets[name] = directory
+    return rulesets, errors
 
 
 def load_tenants(table: Any, source: str) -> tuple[dict[str, TenantSettings], list[ConfigError]]:
@@ -309,6 +330,7 @@ class GatewayConfig:
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     tenants: dict[str, TenantSettings] = field(default_factory=dict)  # [tenants.NAME]
+    rulesets: dict[str, str] = field(default_factory=dict)  # [rulesets] NAME = "dir"
     source: str = "<defaults>"
 
     def state_path(self, *parts: str) -> Path:
@@ -320,7 +342,7 @@ class GatewayConfig:
 
 def _section_types() -> dict[str, type]:
     hints = {f.name: f.default_factory for f in dataclasses.fields(GatewayConfig)
-             if f.name not in ("source", "tenants")}
+             if f.name not in ("source", "tenants", "rulesets")}
     return hints  # type: ignore[return-value]
 
 
@@ -330,14 +352,14 @@ def parse_config(data: dict[str, Any], source: str) -> GatewayConfig:
     sections: dict[str, Any] = {}
     types_ = _section_types()
     for name, table in data.items():
-        if name == "tenants":
-            sections[name], errs = load_tenants(table, source)
+        if name in ("tenants", "rulesets"):
+            sections[name], errs = (load_tenants if name == "tenants" else load_rulesets)(table, source)
             errors.extend(errs)
             continue
         cls = types_.get(name)
         if cls is None:
             errors.append(ConfigError(source, f"[{name}]",
-                                      f"unknown section (known: {', '.join(types_)}, tenants.NAME)"))
+                                      f"unknown section (known: {', '.join(types_)}, rulesets, tenants.NAME)"))
             continue
         sections[name], errs = load_section(cls, table, source, name)
         errors.extend(errs)
@@ -350,6 +372,9 @@ def parse_config(data: dict[str, Any], source: str) -> GatewayConfig:
     if tls is not None and tls.client_certificates != "off" and not tls.client_ca:
         errors.append(ConfigError(source, "[tls] client_ca", f"client_certificates = {tls.client_certificates!r} "
                                   "needs the CA bundle client certificates chain to"))
+    for name, tenant in sections.get("tenants", {}).items():
+        if tenant.rules is not None and tenant.rules not in sections.get("rulesets", {}):
+            errors.append(ConfigError(source, f"[tenants.{name}] rules", f"no ruleset {tenant.rules!r} in [rulesets]"))
     if errors:
         raise ConfigErrors(errors)
     return GatewayConfig(**sections, source=source)
@@ -420,6 +445,10 @@ def render_example() -> str:
             lines.append(f"# {key} = {toml_literal(default)}")
             lines.append("")
         lines.pop()
+    lines += ["", "# [rulesets]: rule directories loaded beside [scan] rules, each compiled, watched",
+              "# and versioned on its own (the ISTag changes when any set changes); a tenant",
+              "# uses one by its name in [tenants.NAME] rules.  They load at a restart.",
+              "#   [rulesets]", "#   strict = \"/etc/icap-gateway/rules-strict\""]
     # Tenant tables: commented deeper ("#   "), an example, not defaults.
     lines += ["", "# [tenants.NAME]: one tenant's policy (NAME as in the register: icap-gateway",
               "# tenant add NAME), overriding [scan] for that tenant's transactions; keys not",
@@ -427,7 +456,7 @@ def render_example() -> str:
               "#   [tenants.acme]"]
     examples = {"mode": "monitor", "unscannable_policy": {"too-large": "block"}, "max_scan_size": "64 MiB",
                 "skip_types": ["video/*"], "support_contact": "IT helpdesk, +358 9 123 4567",
-                "block_page": "config/blockpage.html"}
+                "block_page": "config/blockpage.html", "rules": "strict"}
     for key, _, doc in describe(TenantSettings):
         lines += [f"#   # {line}" for line in textwrap.wrap(doc, 72, break_on_hyphens=False)]
         lines.append(f"#   {key} = {toml_literal(examples[key])}")

@@ -697,7 +697,8 @@ class ICAPServerProtocol(Protocol):
         tx.body_complete()
         self._busy = True
         self._cancel_timer()
-        d = self.ctx.scanner.scan(tx.spool.scan_target(), tx.scan_context())
+        scanner = self._policy().scanner or self.ctx.scanner  # the tenant's ruleset's, if it has one
+        d = scanner.scan(tx.spool.scan_target(), tx.scan_context())
         d.addCallbacks(self._verdict_guarded, self._on_scan_failure, callbackArgs=(tx,), errbackArgs=(tx,))
 
     def _on_scan_failure(self, failure: Failure, tx: Transaction) -> None:

@@ -23,7 +23,7 @@ from gateway.blockpage import BlockPage
 from gateway.config import PROJECT_ROOT, GatewayConfig
 from gateway.connections import count_from_environment
 from gateway.handoff import Handoff, HandoffReceiverService
-from gateway.policy import Policies
+from gateway.policy import Policies, RulesetScanners
 from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.proxyprotocol import inner_endpoint, listener_factory
 from gateway.scanning.cache import VerdictCache
@@ -160,6 +160,7 @@ class Gateway:
     monitoring: Any
     tls: TLSListeners  # the ssl: listeners' certificates, reloaded on SIGHUP
     policies: Policies  # [tenants.NAME] over [scan], reloaded on SIGHUP
+    rulesets: dict[str, RulesManager]  # [rulesets], by name
 
 
 def resolve_path(value: str, config: GatewayConfig) -> Path:
@@ -211,6 +212,9 @@ def build_gateway(
             return False, "shutting down"
         if rules.current is None:
             return False, "no rules loaded"
+        unloaded = [name for name, manager in rulesets.items() if manager.current is None]
+        if unloaded:
+            return False, f"ruleset {unloaded[0]} not loaded"
         if not register.healthy():
             return False, "register unreachable and its queue is full"
         return True, "ok"
@@ -222,11 +226,24 @@ def build_gateway(
     rules.add_observer(monitoring.observer.rules_loaded)
     rules.load_now()
     RulesService(rules).setServiceParent(top)
+    # [rulesets]: each its own directory, watch, compile and last-good copy
+    # (the metrics' rules gauges describe [scan] rules only).
+    rulesets: dict[str, RulesManager] = {}
+    for name, directory in config.rulesets.items():
+        rulesets[name] = manager = RulesManager(
+            resolve_path(directory, config), reactor, rules_pool, config.scan.reload_interval, engine=engine,
+            snapshot_store=state_dir / f"rules-last-good.{name}" if worker else None)
+        manager.load_now()  # RulesError, naming the file, as for [scan] rules
+        RulesService(manager).setServiceParent(top)
 
     cache = VerdictCache(config.scan.cache_entries) if config.scan.cache_entries else None
-    scanner = YaraScanner(rules, reactor, pool, config.scan, spool_dir, cache=cache)
+    default_scanner = YaraScanner(rules, reactor, pool, config.scan, spool_dir, cache=cache)
+    ruleset_scanners = {name: YaraScanner(manager, reactor, pool, config.scan, spool_dir, cache=cache)
+                        for name, manager in rulesets.items()}  # the cache keys on each set's version
+    scanner = RulesetScanners(default_scanner, ruleset_scanners)
     block_page = BlockPage(resolve_path(config.scan.block_page, config) if config.scan.block_page else None)
-    policies = Policies(config, block_page)  # a tenant's template that does not load: ValueError/KeyError
+    # A tenant's template that does not load: ValueError or KeyError (string.Template).
+    policies = Policies(config, block_page, scanners=ruleset_scanners)
     context = GatewayContext(
         scanner=scanner,
         authenticator=register.authenticator,
@@ -283,7 +300,7 @@ def build_gateway(
             listener._raiseSynchronously = True  # a port in use fails the start, loudly
             listener.setServiceParent(top.listeners)
     top.listeners.setServiceParent(top)
-    return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring, tls, policies)
+    return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring, tls, policies, rulesets)
 
 
 def _credentials(headers: Any, peer: str, *, settings: Any) -> Any:

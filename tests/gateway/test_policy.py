@@ -14,10 +14,10 @@ from gateway.blockpage import BlockPage
 from gateway.config import GatewayConfig, load_config, parse_config
 from gateway.decision import Abort, Echo, NoContent, PeerAllows, Policy
 from gateway.decision import BlockPage as BlockAnswer
-from gateway.interfaces import Verdict
-from gateway.policy import Policies, PolicyTable
+from gateway.interfaces import ScanContext, Verdict
+from gateway.policy import Policies, PolicyTable, RulesetScanners
 from gateway.settings import ConfigErrors
-from tests.gateway.fakes import GOOD_KEY, Harness, make_harness
+from tests.gateway.fakes import GOOD_KEY, Harness, SubstringScanner, make_harness
 from tests.icap_responses import parse_responses
 
 AUTH = f"Authorization: Bearer {GOOD_KEY}"  # the fake authenticator's tenant: acme
@@ -72,7 +72,11 @@ block_page = "{page}"
     ('[tenants.acme]\nsupport_contact = "call\\nus"', "[tenants.acme] support_contact", "control characters"),
     (f'[tenants.acme]\nsupport_contact = "{"x" * 201}"', "[tenants.acme] support_contact", "at most 200"),
     ('[tenants.acme]\nblock_page = "/nonexistent/page.html"', "[tenants.acme] block_page", "no such file"),
-    ("[tenants.acme]\nrules = \"x\"", "[tenants.acme] rules", "unknown key"),
+    ('[tenants.acme]\nrules = "x"', "[tenants.acme] rules", "no ruleset 'x' in [rulesets]"),
+    ('[rulesets]\nx = "rules"\n[tenants.acme]\nrules = "y"', "[tenants.acme] rules", "no ruleset 'y'"),
+    ('[rulesets]\n"Strict" = "rules"', "[rulesets] 'Strict'", "not a ruleset name"),
+    ("[rulesets]\nstrict = 1", "[rulesets] strict", "expected a directory"),
+    ('[tenants.acme]\nbogus = "x"', "[tenants.acme] bogus", "unknown key"),
     ('[tenants.Acme]\nmode = "block"', "[tenants.'Acme']", "not a tenant name"),
     ('[tenants."a b"]\nmode = "block"', "[tenants.'a b']", "not a tenant name"),
     ('[tenants."acme\\n"]\nmode = "block"', "[tenants.'acme\\n']", "not a tenant name"),
@@ -310,3 +314,55 @@ def test_the_protocol_asks_the_reloaded_table(tmp_path: Path) -> None:
     policies.reload()
     h.send(respmod(EICAR, "Allow: 204"))
     assert parse_responses(h.output())[0].sections["res-hdr"].startswith(b"HTTP/1.1 403")
+
+
+# --- [rulesets] -------------------------------------------------------------------------
+
+
+class VersionedScanner(SubstringScanner):
+    def __init__(self, needle: bytes, version: str) -> None:
+        super().__init__(needle)
+        self._version = version
+
+    @property  # type: ignore[override]
+    def version(self) -> str:
+        return self._version
+
+
+def test_ruleset_scanners_version_changes_when_any_set_changes() -> None:
+    default, strict = VersionedScanner(b"EVIL", "v1"), VersionedScanner(b"STRICT", "s1")
+    assert RulesetScanners(default, {}).version == "v1"  # no other set: the ISTag as before
+    both = RulesetScanners(default, {"strict": strict})
+    first = both.version
+    assert len(first) == 16 and first != "v1"
+    strict._version = "s2"
+    assert both.version != first
+    default._version = "v2"
+    second = both.version
+    strict._version = "s1"
+    assert len({first, second, both.version}) == 3
+    both.scan(b"x", ScanContext(direction="response"))
+    assert default.contexts and not strict.contexts  # the protocol's scanner scans with [scan] rules
+
+
+def test_a_tenant_with_a_ruleset_is_scanned_with_it() -> None:
+    strict = VersionedScanner(b"STRICT", "s1")
+    table = PolicyTable(config('[rulesets]\nstrict = "rules"\n[tenants.acme]\nrules = "strict"\n'), BlockPage(),
+                        {"strict": strict})
+    assert table("acme").scanner is strict and table("other").scanner is None
+    h = make_harness(policy_for=table)
+    h.send(respmod(b"STRICT bytes", "Allow: 204"))
+    [r] = parse_responses(h.output())
+    assert r.sections["res-hdr"].startswith(b"HTTP/1.1 403") and strict.contexts and not h.scanner.contexts
+    h.send(respmod(b"EVIL bytes", "Allow: 204"))  # [scan] rules' match: not in acme's set
+    assert parse_responses(h.output())[0].status == 204
+
+
+def test_reload_cannot_name_a_ruleset_loaded_only_by_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('[rulesets]\nstrict = "rules"\n[tenants.acme]\nrules = "strict"\n')
+    strict = VersionedScanner(b"STRICT", "s1")
+    policies = Policies(load_config(path), BlockPage(), scanners={"strict": strict})
+    path.write_text('[rulesets]\nstrict = "rules"\nnew = "rules"\n[tenants.acme]\nrules = "new"\n')
+    assert not policies.reload()
+    assert policies.policy_for("acme").scanner is strict
