@@ -105,3 +105,59 @@ def test_monitor_and_block_tenants_and_sighup(workers: int) -> None:
         for _ in range(4):  # connections spread over the workers
             assert b"HTTP/1.1 403" in answer(gw.port, keys["acme"])
             assert answer(gw.port, keys["beta"]).startswith(b"ICAP/1.0 204")
+
+
+STRICT_RULE = 'rule strict_marker { strings: $a = "STRICT-POLICY-MARKER" condition: $a }\n'
+MARKER_BODY = b"some text with STRICT-POLICY-MARKER inside"
+
+
+def marker_respmod(key: str) -> bytes:
+    res_hdr = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(MARKER_BODY)
+    enc = f"req-hdr=0, res-hdr={len(REQ_HDR)}, res-body={len(REQ_HDR) + len(res_hdr)}"
+    head = (f"RESPMOD icap://127.0.0.1/respmod ICAP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            f"Allow: 204\r\nEncapsulated: {enc}\r\n\r\n").encode()
+    return head + REQ_HDR + res_hdr + b"%x\r\n%s\r\n0\r\n\r\n" % (len(MARKER_BODY), MARKER_BODY)
+
+
+def exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        out = b""
+        while data := sock.recv(65536):
+            out += data
+            if (out.startswith((b"ICAP/1.0 204", b"ICAP/1.0 200 OK\r\nMethods")) and b"\r\n\r\n" in out) \
+                    or out.endswith(b"0\r\n\r\n"):
+                break
+        return out
+
+
+def istag(port: int) -> bytes:
+    answer = exchange(port, b"OPTIONS icap://127.0.0.1/respmod ICAP/1.0\r\nHost: 127.0.0.1\r\n"
+                            b"Encapsulated: null-body=0\r\n\r\n")
+    [line] = [x for x in answer.split(b"\r\n") if x.lower().startswith(b"istag:")]
+    return line
+
+
+def test_a_tenant_ruleset_scans_its_bodies_and_its_changes_change_the_istag(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    strict = tmp_path_factory.mktemp("strict-rules")
+    (strict / "strict.yar").write_text(STRICT_RULE)
+
+    def bootstrap(gw: GatewayProcess) -> None:
+        _bootstrap(gw)
+        text = gw.config_path.read_text().replace("[tenants.beta]\n", '[tenants.beta]\nrules = "strict"\n')
+        text = text.replace('mode = "monitor"', 'mode = "block"')  # both block: a pass is the rules' doing
+        gw.config_path.write_text(text + f'\n[rulesets]\nstrict = "{strict}"\n')
+
+    with gateway_process(auth_required=True, before_start=bootstrap,
+                         settings={"scan": {"reload_interval": "200ms"}}) as gw:
+        keys = gw.keys  # type: ignore[attr-defined]
+        assert b"HTTP/1.1 403" in exchange(gw.port, marker_respmod(keys["beta"]))  # beta's set matches
+        assert exchange(gw.port, marker_respmod(keys["acme"])).startswith(b"ICAP/1.0 204")  # [scan] rules do not
+        assert b"HTTP/1.1 403" in exchange(gw.port, respmod(keys["acme"]))  # EICAR: [scan] rules
+        # beta's set does not hold EICAR's rule: a per-tenant ruleset replaces [scan] rules
+        assert exchange(gw.port, respmod(keys["beta"])).startswith(b"ICAP/1.0 204")
+        before = istag(gw.port)
+        (strict / "more.yar").write_text(STRICT_RULE.replace("strict_marker", "strict_other"))
+        assert wait_for(lambda: istag(gw.port) != before, timeout=15)
