@@ -84,13 +84,17 @@ def _template(value: str) -> Path:
     return PROJECT_ROOT / path if not path.is_absolute() and not path.exists() else path
 
 
+def _decision(scan: ScanSettings, **tenant: Any) -> decision.Policy:
+    # What the transaction decides without a scan (an oversize body, a
+    # failed scan) follows the same table as the scanner's verdicts.
+    return decision.Policy(
+        error_policy="fail-open" if scan.policy_for("engine-error") == "pass" else "fail-closed",
+        oversize_policy=scan.policy_for("too-large"), max_scan_size=scan.max_scan_size, **tenant)
+
+
 def scan_policy(scan: ScanSettings, block_page: BlockPage) -> TenantPolicy:
     """[scan]'s policy: every tenant without a table of its own."""
-    return TenantPolicy(
-        decision=decision.Policy(
-            error_policy="fail-open" if scan.policy_for("engine-error") == "pass" else "fail-closed",
-            oversize_policy=scan.policy_for("too-large"), max_scan_size=scan.max_scan_size),
-        block_page=block_page, skip_types=list(scan.skip_types))
+    return TenantPolicy(decision=_decision(scan), block_page=block_page, skip_types=list(scan.skip_types))
 
 
 def tenant_policy(scan: ScanSettings, tenant: TenantSettings, default: TenantPolicy,
@@ -101,14 +105,10 @@ def tenant_policy(scan: ScanSettings, tenant: TenantSettings, default: TenantPol
     if tenant.rules is not None and tenant.rules not in scanners:
         raise ValueError(f"ruleset {tenant.rules!r} is not loaded ([rulesets] load at a restart)")
     overrides = dict(tenant.unscannable_policy)
-    effective = replace(scan, unscannable_policy={**scan.unscannable_policy, **overrides})
-    base = default.decision
+    effective = replace(scan, unscannable_policy={**scan.unscannable_policy, **overrides},
+                        max_scan_size=tenant.max_scan_size or scan.max_scan_size)
     return TenantPolicy(
-        decision=decision.Policy(
-            error_policy="fail-open" if effective.policy_for("engine-error") == "pass" else "fail-closed",
-            oversize_policy=effective.policy_for("too-large"),
-            max_scan_size=tenant.max_scan_size or base.max_scan_size,
-            mode=tenant.mode, unscannable_policy=overrides),
+        decision=_decision(effective, mode=tenant.mode, unscannable_policy=overrides),
         block_page=templates[tenant.block_page] if tenant.block_page else default.block_page,
         skip_types=list(default.skip_types if tenant.skip_types is None else tenant.skip_types),
         support_contact=tenant.support_contact,

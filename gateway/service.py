@@ -267,8 +267,8 @@ def build_gateway(
         max_connection_transactions=server.max_connection_transactions,
         # What the transaction decides itself (an oversize body passed before
         # it is all read, a scanner that failed to answer): the same policy.
-        error_policy="fail-open" if config.scan.policy_for("engine-error") == "pass" else "fail-closed",
-        oversize_policy=config.scan.policy_for("too-large"),
+        error_policy=policies.table.default.decision.error_policy,
+        oversize_policy=policies.table.default.decision.oversize_policy,
         write_timeout=server.write_timeout,
         max_pipelined_bytes=server.max_pipelined_bytes,
         # A worker of several shares the gateway's count (gateway.workers).
