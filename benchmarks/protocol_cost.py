@@ -11,6 +11,8 @@ Rows (server CPU per transaction, getrusage of the serving process):
   twisted-writes   every answer through Twisted's transport.write
                    (an epoll register/unregister per answer)
   line-access-log  the access log written line by line, one write() each
+  tenant-tables    per-tenant policy: 100 [tenants.NAME] tables, the
+                   bench tenant's among them (the lookup after authentication)
 """
 
 from __future__ import annotations
@@ -94,6 +96,15 @@ def _serve(variant: str, count: int, out: Any) -> None:
         new_spool=lambda: BodySpool(1 << 20, workdir), block_page=BlockPage(), clock=reactor,  # type: ignore[arg-type]
         identify=lambda headers, peer: Identity(None, peer),
     )
+    if variant == "tenant-tables":
+        import tomllib
+
+        from gateway.config import parse_config
+        from gateway.policy import PolicyTable
+
+        tables = "".join(f'[tenants.t{i}]\nmax_scan_size = "{i + 1} MiB"\n' for i in range(99))
+        tables += '[tenants.bench]\nsupport_contact = "bench"\nskip_types = []\n'
+        ctx.policy_for = PolicyTable(parse_config(tomllib.loads(tables), "bench"), ctx.block_page)
     factory = ICAPFactory(ctx)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
     ready = multiprocessing.Event()
@@ -129,7 +140,7 @@ def measure(variant: str, count: int) -> tuple[float, float]:
     return cpu / count * 1e6, count / wall
 
 
-VARIANTS = ("shipped", "twisted-writes", "line-access-log")
+VARIANTS = ("shipped", "twisted-writes", "line-access-log", "tenant-tables")
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from gateway.settings import (
 )
 from gateway.tls import tls_endpoint_problem
 from monitoring.settings import MonitoringSettings
+from register.keys import valid_tenant_name
 from register.settings import AuthSettings, RegisterSettings
 
 # The bundled rules and templates sit beside the package in a source checkout.
@@ -230,6 +231,91 @@ class ScanSettings:
         return UNSCANNABLE_DEFAULTS.get(reason, "block")
 
 
+# A support contact is a line of text on a block page, not a document.
+SUPPORT_CONTACT_MAX = 200
+
+
+def _support_contact_problem(value: str) -> str | None:
+    if len(value) > SUPPORT_CONTACT_MAX:
+        return f"at most {SUPPORT_CONTACT_MAX} characters"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "no control characters (one line of text)"
+    return None
+
+
+def _template_problem(value: str) -> str | None:
+    # Relative to the working directory, or to a source checkout (as [scan] rules).
+    if Path(value).is_file() or (PROJECT_ROOT / value).is_file():
+        return None
+    return f"no such file: {value!r}"
+
+
+@dataclass(frozen=True)
+class TenantSettings:
+    """``[tenants.NAME]``: one tenant's overrides of ``[scan]``.  A key not
+    given (None) takes ``[scan]``'s value; ``unscannable_policy`` overrides
+    ``[scan]``'s reason by reason (see gateway.policy)."""
+
+    mode: Literal["block", "monitor"] = setting(
+        "block", "block (the global behaviour) or monitor: nothing is ever blocked; a match or an "
+        "unscannable body the policy would block passes, counted and logged with outcome \"monitored\"",
+    )
+    unscannable_policy: dict[str, str] = setting(
+        {}, "As [scan] unscannable_policy, reason by reason; reasons not listed follow [scan]",
+        validate=lambda table: _unscannable_policy_problems(table),
+    )
+    max_scan_size: int | None = setting(
+        None, "As [scan] max_scan_size (absent: [scan]'s)", kind="size", validate=positive,
+    )
+    skip_types: list[str] | None = setting(None, "As [scan] skip_types, replacing it (absent: [scan]'s)")
+    support_contact: str = setting(
+        "", "Whom the person should contact, shown on this tenant's block page (one line, at most "
+        f"{SUPPORT_CONTACT_MAX} characters)", validate=_support_contact_problem,
+    )
+    block_page: str | None = setting(
+        None, "HTML template of this tenant's block page (absent: [scan]'s); must exist",
+        validate=_template_problem,
+    )
+    rules: str | None = setting(
+        None, "A ruleset named in [rulesets] that scans this tenant's bodies instead of [scan] rules "
+        "(absent: [scan]'s)",
+    )
+
+
+def load_rulesets(table: Any, source: str) -> tuple[dict[str, str], list[ConfigError]]:
+    """``[rulesets] NAME = "dir"``: rule directories loaded beside ``[scan] rules``."""
+    if not isinstance(table, dict):
+        return {}, [ConfigError(source, "[rulesets]", "expected a table of NAME = \"directory\"")]
+    rulesets: dict[str, str] = {}
+    errors: list[ConfigError] = []
+    for name, directory in table.items():
+        if not valid_tenant_name(name):
+            errors.append(ConfigError(source, f"[rulesets] {name!r}", "not a ruleset name (lower-case letters, "
+                                      "digits, - and _, starting with a letter or digit, at most 63)"))
+        elif not isinstance(directory, str) or not directory:
+            errors.append(ConfigError(source, f"[rulesets] {name}", f"expected a directory, got {directory!r}"))
+        else:
+            rulesets[name] = directory
+    return rulesets, errors
+
+
+def load_tenants(table: Any, source: str) -> tuple[dict[str, TenantSettings], list[ConfigError]]:
+    """``[tenants.NAME]`` tables: names checked for syntax only (tenants live
+    in the register), every value strictly."""
+    if not isinstance(table, dict):
+        return {}, [ConfigError(source, "[tenants]", "expected tables such as [tenants.acme]")]
+    tenants: dict[str, TenantSettings] = {}
+    errors: list[ConfigError] = []
+    for name, values in table.items():
+        if not valid_tenant_name(name):
+            errors.append(ConfigError(source, f"[tenants.{name!r}]", "not a tenant name (lower-case letters, "
+                                      "digits, - and _, starting with a letter or digit, at most 63)"))
+            continue
+        tenants[name], errs = load_section(TenantSettings, values, source, f"tenants.{name}")
+        errors.extend(errs)
+    return tenants, errors
+
+
 @dataclass(frozen=True)
 class TLSSettings:
     """ICAPS (``ssl:`` listeners, gateway.tls): who may finish a handshake."""
@@ -253,6 +339,8 @@ class GatewayConfig:
     auth: AuthSettings = field(default_factory=AuthSettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    tenants: dict[str, TenantSettings] = field(default_factory=dict)  # [tenants.NAME]
+    rulesets: dict[str, str] = field(default_factory=dict)  # [rulesets] NAME = "dir"
     source: str = "<defaults>"
 
     def state_path(self, *parts: str) -> Path:
@@ -263,7 +351,8 @@ class GatewayConfig:
 
 
 def _section_types() -> dict[str, type]:
-    hints = {f.name: f.default_factory for f in dataclasses.fields(GatewayConfig) if f.name != "source"}
+    hints = {f.name: f.default_factory for f in dataclasses.fields(GatewayConfig)
+             if f.name not in ("source", "tenants", "rulesets")}
     return hints  # type: ignore[return-value]
 
 
@@ -273,9 +362,14 @@ def parse_config(data: dict[str, Any], source: str) -> GatewayConfig:
     sections: dict[str, Any] = {}
     types_ = _section_types()
     for name, table in data.items():
+        if name in ("tenants", "rulesets"):
+            sections[name], errs = (load_tenants if name == "tenants" else load_rulesets)(table, source)
+            errors.extend(errs)
+            continue
         cls = types_.get(name)
         if cls is None:
-            errors.append(ConfigError(source, f"[{name}]", f"unknown section (known: {', '.join(types_)})"))
+            errors.append(ConfigError(source, f"[{name}]",
+                                      f"unknown section (known: {', '.join(types_)}, rulesets, tenants.NAME)"))
             continue
         sections[name], errs = load_section(cls, table, source, name)
         errors.extend(errs)
@@ -288,6 +382,9 @@ def parse_config(data: dict[str, Any], source: str) -> GatewayConfig:
     if tls is not None and tls.client_certificates != "off" and not tls.client_ca:
         errors.append(ConfigError(source, "[tls] client_ca", f"client_certificates = {tls.client_certificates!r} "
                                   "needs the CA bundle client certificates chain to"))
+    for name, tenant in sections.get("tenants", {}).items():
+        if tenant.rules is not None and tenant.rules not in sections.get("rulesets", {}):
+            errors.append(ConfigError(source, f"[tenants.{name}] rules", f"no ruleset {tenant.rules!r} in [rulesets]"))
     if errors:
         raise ConfigErrors(errors)
     return GatewayConfig(**sections, source=source)
@@ -358,4 +455,19 @@ def render_example() -> str:
             lines.append(f"# {key} = {toml_literal(default)}")
             lines.append("")
         lines.pop()
+    lines += ["", "# [rulesets]: rule directories loaded beside [scan] rules, each compiled, watched",
+              "# and versioned on its own (the ISTag changes when any set changes); a tenant",
+              "# uses one by its name in [tenants.NAME] rules.  They load at a restart.",
+              "#   [rulesets]", "#   strict = \"/etc/icap-gateway/rules-strict\""]
+    # Tenant tables: commented deeper ("#   "), an example, not defaults.
+    lines += ["", "# [tenants.NAME]: one tenant's policy (NAME as in the register: icap-gateway",
+              "# tenant add NAME), overriding [scan] for that tenant's transactions; keys not",
+              "# given take [scan]'s.  SIGHUP re-reads these tables (a bad file keeps the old).",
+              "#   [tenants.acme]"]
+    examples = {"mode": "monitor", "unscannable_policy": {"too-large": "block"}, "max_scan_size": "64 MiB",
+                "skip_types": ["video/*"], "support_contact": "IT helpdesk, +358 9 123 4567",
+                "block_page": "config/blockpage.html", "rules": "strict"}
+    for key, _, doc in describe(TenantSettings):
+        lines += [f"#   # {line}" for line in textwrap.wrap(doc, 72, break_on_hyphens=False)]
+        lines.append(f"#   {key} = {toml_literal(examples[key])}")
     return "\n".join(lines) + "\n"

@@ -18,8 +18,8 @@ so the record and the bytes on the wire cannot disagree.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from gateway import sanitise
@@ -35,12 +35,17 @@ _ERROR_REASONS = frozenset({"scan-timeout", "engine-error"})
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """The [scan] settings the answer depends on (the scanner applies
-    ``unscannable_policy`` itself; these decide the older spellings)."""
+    """The settings the answer depends on: [scan]'s, or a tenant's
+    ([tenants.NAME], gateway.policy).  The scanner applies [scan]
+    ``unscannable_policy`` itself; ``unscannable_policy`` here is a tenant's
+    overrides of it, reason by reason (``normalise``)."""
 
     error_policy: Literal["fail-closed", "fail-open"] | str = "fail-closed"
     oversize_policy: Literal["pass", "block"] | str = "pass"
     max_scan_size: int = 256 * 1024**2
+    # monitor: nothing is blocked; what would be is passed as "monitored" (``monitor``)
+    mode: Literal["block", "monitor"] | str = "block"
+    unscannable_policy: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +147,11 @@ def oversize_answer(body_bytes: int, policy: Policy, allows: PeerAllows) -> Answ
     spooled to disk.  A pass without 204 must echo the body: it reads on."""
     if body_bytes <= policy.max_scan_size:
         return None
+    if policy.oversize_policy == "block" and policy.mode == "monitor":
+        # Would be blocked, so "monitored"; without 204 it reads on (an echo
+        # needs the whole body) and the scanner's too-large verdict passes.
+        may_204 = allows.no_content and not allows.committed
+        return _pass("monitored", "too-large", "too-large", allows) if may_204 else None
     if policy.oversize_policy == "pass":
         return pass_unscanned("too-large", allows) if allows.no_content and not allows.committed else None
     return decide(normalise(Verdict("unscanned", detail="too-large"), policy), allows)
@@ -151,6 +161,8 @@ def normalise(verdict: Verdict, policy: Policy) -> Verdict:
     """The older spellings ("error", "unscanned" without a reason, e.g. a
     failed scan Deferred) become unscannable verdicts: the scanner's policy
     did not see them, the transaction's settings decide."""
+    if verdict.outcome == "unscannable" and verdict.reason in policy.unscannable_policy:
+        return replace(verdict, action=policy.unscannable_policy[verdict.reason])  # type: ignore[arg-type]
     if verdict.outcome not in ("error", "unscanned") or verdict.reason:
         return verdict
     if verdict.outcome == "unscanned":
@@ -187,6 +199,17 @@ def remembered_block(remembered: Verdict | None, ruleset_version: str) -> BlockP
     if not isinstance(answer, BlockPage):  # a remembered pass: nothing to refuse
         return None
     return replace(answer, detail=f"late-block {answer.detail}".strip())
+
+
+def monitor(answer: Answer, policy: Policy, allows: PeerAllows) -> Answer:
+    """Monitor mode (a tenant trying the gateway out): what would have been
+    blocked passes, recorded with outcome "monitored" and the rules that
+    matched (metrics count it per tenant, the access log names the rules);
+    the detail keeps what the block would have said.  Block mode: unchanged."""
+    if policy.mode != "monitor" or not isinstance(answer, BlockPage | Abort):
+        return answer
+    detail = answer.detail.removeprefix("aborted ").strip()
+    return _pass("monitored", detail, "", allows)
 
 
 def pass_unscanned(detail: str, allows: PeerAllows) -> NoContent | Echo:

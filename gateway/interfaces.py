@@ -136,6 +136,8 @@ class ScanContext:
     # Not an external: how the body is encoded (Content-Encoding); the
     # scanner decodes gzip, deflate, br and zstd before matching, off the reactor.
     content_encoding: str = ""
+    # Not an external: the tenant's max_scan_size ([tenants.NAME]); 0: the scanner's own.
+    max_scan_size: int = 0
 
 
 # Why a body could not be vouched for, a fixed set (metric labels, access log,
@@ -181,7 +183,8 @@ class Verdict:
 # --- observation ----------------------------------------------------------
 
 
-Outcome = Literal["clean", "blocked", "error", "unauthenticated", "unscanned"]
+# monitored: a tenant in monitor mode passed what would have been blocked.
+Outcome = Literal["clean", "blocked", "error", "unauthenticated", "unscanned", "monitored"]
 
 
 @dataclass(slots=True)

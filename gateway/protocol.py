@@ -64,6 +64,7 @@ from gateway.interfaces import (
 )
 from gateway.lateblock import LateBlockMemory
 from gateway.options import AnswerHeaders, istag
+from gateway.policy import RulesetScanners, TenantPolicy
 from gateway.tls import client_certificate_sha256
 from gateway.transaction import Spool, Transaction
 
@@ -121,6 +122,10 @@ class GatewayContext:
     # Verdicts of transfers cut after our early commit, for the next request
     # of the URL (gateway.lateblock); None: off.
     late_blocks: LateBlockMemory | None = None
+    # Tenant name -> its policy ([tenants.NAME] over [scan], gateway.policy),
+    # asked once per transaction after authentication.  None: every tenant
+    # gets the fields above (error_policy ... skip_types, block_page).
+    policy_for: Callable[[str], TenantPolicy] | None = None
     wall_time: Callable[[], float] = time.time
     connections: int = field(default=0)  # this process's open connections
     # The whole gateway's count (all workers): gateway.connections
@@ -134,6 +139,14 @@ class GatewayContext:
 
     def istag(self) -> str:
         return istag(self.service_id, self.scanner.version)
+
+    def tenant_policy(self, tenant: str) -> TenantPolicy:
+        if self.policy_for is not None:
+            return self.policy_for(tenant)
+        return TenantPolicy(
+            decision=decision.Policy(error_policy=self.error_policy, oversize_policy=self.oversize_policy,
+                                     max_scan_size=self.max_scan_size),
+            block_page=self.block_page, skip_types=self.skip_types)
 
 
 def _first_ip(peer: Any) -> str:
@@ -182,6 +195,7 @@ class ICAPServerProtocol(Protocol):
         self._opened_at = ctx.clock.seconds()  # for max_connection_age (see _recycle_due)
         self._direct: tcp.Connection | None = None  # the TCP connection _write may send on
         self._client_cert: str | None = None  # TLS client certificate's SHA-256, read at a request
+        self._tenant_policy: TenantPolicy | None = None  # the current transaction's tenant's
 
     # --- connection lifecycle ---------------------------------------------
 
@@ -592,6 +606,7 @@ class ICAPServerProtocol(Protocol):
         self.tx = tx = Transaction(
             request=req, started=ctx.clock.seconds(), direction=direction, peer=self._peer, client_ip=self._peer,
         )
+        self._tenant_policy = None
         refusal = decision.route(req.method, req.service, over_limit=self._over_limit)
         if refusal is not None:
             self._answer_now(refusal)
@@ -612,6 +627,8 @@ class ICAPServerProtocol(Protocol):
             return
         assert isinstance(result, Authenticated)
         tx.tenant = result.tenant
+        self._tenant_policy = policy = ctx.tenant_policy(result.tenant.name)
+        tx.max_scan_size = policy.decision.max_scan_size
         tx.user = username
         if username:
             ctx.recorder.record(UserSeen(
@@ -634,8 +651,14 @@ class ICAPServerProtocol(Protocol):
         transfer (this tenant's) was cut after our early commit; the body,
         if any, is read and dropped.  False when there is none to give."""
         assert tx.tenant is not None
+        if self._policy().decision.mode == "monitor":
+            return False  # a tenant in monitor mode is never refused (an entry may predate the switch)
         remembered = late_blocks.recall(tx.tenant.id, tx.url)
-        answer = decision.remembered_block(remembered, self.ctx.scanner.version)
+        # The version of the set this tenant's scans use (its [rulesets] one,
+        # or [scan] rules): a verdict of any other is not given.
+        scanner = self._policy().scanner or self.ctx.scanner
+        version = scanner.default.version if isinstance(scanner, RulesetScanners) else scanner.version
+        answer = decision.remembered_block(remembered, version)
         if answer is None:
             return False
         self.ctx.observer.late_block("reqmod-refused" if tx.request.method == "REQMOD" else "respmod-blocked")
@@ -652,8 +675,9 @@ class ICAPServerProtocol(Protocol):
             return
         tx.take(data)
         ctx = self.ctx
-        if tx.body_bytes > ctx.max_scan_size:
-            early = decision.oversize_answer(tx.body_bytes, self._policy(), self._allows(tx))
+        policy = self._policy().decision
+        if tx.body_bytes > policy.max_scan_size:
+            early = decision.oversize_answer(tx.body_bytes, policy, self._allows(tx))
             if early is not None:
                 # It will not be scanned: say so now, and the rest is read and
                 # dropped instead of spooled to disk.
@@ -663,16 +687,18 @@ class ICAPServerProtocol(Protocol):
         if out:
             self._write(out)
 
-    def _policy(self) -> decision.Policy:
-        ctx = self.ctx
-        return decision.Policy(error_policy=ctx.error_policy, oversize_policy=ctx.oversize_policy,
-                               max_scan_size=ctx.max_scan_size)
+    def _policy(self) -> TenantPolicy:
+        """The current transaction's tenant's (set once authenticated: every
+        body has one; an answer before that gets [scan]'s)."""
+        if self._tenant_policy is None:
+            self._tenant_policy = self.ctx.tenant_policy("")
+        return self._tenant_policy
 
     def _on_preview_end(self) -> None:
         tx = self.tx
         if tx is None or tx.answered:
             return
-        kind = tx.skipped_type(self.ctx.skip_types)
+        kind = tx.skipped_type(self._policy().skip_types)
         if kind:  # decided on the preview alone: the rest never crosses the wire
             self._answer(tx, decision.pass_unscanned(f"type:{kind}", self._allows(tx)))
             return
@@ -690,14 +716,15 @@ class ICAPServerProtocol(Protocol):
             self._answer(tx, decision.pass_without_body(self._allows(tx)))
             return
         tx.spool.finish()
-        kind = None if tx.committed else tx.skipped_type(self.ctx.skip_types)
+        kind = None if tx.committed else tx.skipped_type(self._policy().skip_types)
         if kind:
             self._answer(tx, decision.pass_unscanned(f"type:{kind}", self._allows(tx)))
             return
         tx.body_complete()
         self._busy = True
         self._cancel_timer()
-        d = self.ctx.scanner.scan(tx.spool.scan_target(), tx.scan_context())
+        scanner = self._policy().scanner or self.ctx.scanner  # the tenant's ruleset's, if it has one
+        d = scanner.scan(tx.spool.scan_target(), tx.scan_context())
         d.addCallbacks(self._verdict_guarded, self._on_scan_failure, callbackArgs=(tx,), errbackArgs=(tx,))
 
     def _on_scan_failure(self, failure: Failure, tx: Transaction) -> None:
@@ -707,7 +734,7 @@ class ICAPServerProtocol(Protocol):
     def _on_verdict(self, verdict: Verdict, tx: Transaction) -> None:
         if self.transport is None or self.tx is not tx or not self.connected:
             return
-        verdict = decision.normalise(verdict, self._policy())
+        verdict = decision.normalise(verdict, self._policy().decision)
         self.ctx.observer.scan_finished(verdict, tx.direction)
         self._busy = False
         self._answer(tx, decision.decide(verdict, self._allows(tx)), verdict)
@@ -720,6 +747,7 @@ class ICAPServerProtocol(Protocol):
     def _answer(self, tx: Transaction, answer: decision.Answer, verdict: Verdict | None = None) -> None:
         """Send ``answer`` (one transport write, except an echo's later
         blocks) and finish the transaction's record."""
+        answer = decision.monitor(answer, self._policy().decision, self._allows(tx))
         if isinstance(answer, decision.NoContent):
             headers = self._common_headers()
             if answer.scan_status:
@@ -819,9 +847,10 @@ class ICAPServerProtocol(Protocol):
     def _answer_block(self, tx: Transaction, answer: decision.BlockPage, verdict: Verdict | None) -> None:
         reference = new_reference()
         url = tx.url
-        head, body = self.ctx.block_page.render(
+        policy = self._policy()
+        head, body = policy.block_page.render(
             url=url, rules=list(answer.rules), reference=reference, explanation=answer.explanation,
-            reason=answer.reason,
+            reason=answer.reason, support_contact=policy.support_contact,
             accept_language=tx.http_request.headers.get("Accept-Language") if tx.http_request else None)
         headers = self._common_headers()
         if answer.rules:

@@ -19,7 +19,7 @@ def add_commands(subparsers: Any) -> None:
         "serve",
         help="run the ICAP gateway",
         description="Run the ICAP gateway in the foreground until SIGTERM or SIGINT. "
-        "SIGHUP reloads the rules; SIGUSR1 reopens the access log.",
+        "SIGHUP reloads the rules, certificates and tenant policies; SIGUSR1 reopens the access log.",
     )
     serve.add_argument("--config", metavar="FILE", help="TOML config file (default: embedded defaults)")
     serve.add_argument("--listen", metavar="ENDPOINT", action="append",
@@ -88,6 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
 
     from gateway.handoff import Handoff, parse_listeners_argument
+    from gateway.policy import chain_sighup
     from gateway.service import build_gateway, worker_count
     from gateway.workers import parse_worker_fds
 
@@ -139,6 +140,9 @@ def run_serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     gateway.rules.install_sighup()
     gateway.tls.install_sighup(reactor)  # after the rules: it chains their handler
+    gateway.policies.install_sighup(reactor)  # chains both: re-reads [tenants.NAME]
+    for manager in gateway.rulesets.values():  # [rulesets]: each set reloads too
+        chain_sighup(reactor, manager.reload)
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(gateway.reopen_logs))  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return exit_code[0]
@@ -166,13 +170,14 @@ def run_supervisor(args: argparse.Namespace, config: Any, count: int) -> int:
 
     # Fail here, once, rather than in every worker; in a child process, as
     # compiled rules (100 MiB and more) would stay in the supervisor's heap.
-    check = subprocess.run(
-        [sys.executable, "-m", "gateway", "rules", "check", str(resolve_path(config.scan.rules, config))],
-        capture_output=True, text=True,
-    )
-    if check.returncode != 0:
-        print(f"cannot load rules: {check.stderr.strip() or check.stdout.strip()}", file=sys.stderr)
-        return 1
+    for directory in (config.scan.rules, *config.rulesets.values()):  # [rulesets] too
+        check = subprocess.run(
+            [sys.executable, "-m", "gateway", "rules", "check", str(resolve_path(directory, config))],
+            capture_output=True, text=True,
+        )
+        if check.returncode != 0:
+            print(f"cannot load rules: {check.stderr.strip() or check.stdout.strip()}", file=sys.stderr)
+            return 1
     worker_argv = ["serve"]
     if args.config:
         worker_argv += ["--config", args.config]

@@ -24,6 +24,7 @@ from gateway.config import PROJECT_ROOT, GatewayConfig
 from gateway.connections import count_from_environment
 from gateway.handoff import Handoff, HandoffReceiverService
 from gateway.lateblock import LateBlockMemory
+from gateway.policy import Policies, RulesetScanners
 from gateway.protocol import GatewayContext, ICAPFactory
 from gateway.proxyprotocol import inner_endpoint, listener_factory
 from gateway.scanning.cache import VerdictCache
@@ -159,6 +160,8 @@ class Gateway:
     register: Any
     monitoring: Any
     tls: TLSListeners  # the ssl: listeners' certificates, reloaded on SIGHUP
+    policies: Policies  # [tenants.NAME] over [scan], reloaded on SIGHUP
+    rulesets: dict[str, RulesManager]  # [rulesets], by name
 
 
 def resolve_path(value: str, config: GatewayConfig) -> Path:
@@ -210,6 +213,9 @@ def build_gateway(
             return False, "shutting down"
         if rules.current is None:
             return False, "no rules loaded"
+        unloaded = [name for name, manager in rulesets.items() if manager.current is None]
+        if unloaded:
+            return False, f"ruleset {unloaded[0]} not loaded"
         if not register.healthy():
             return False, "register unreachable and its queue is full"
         return True, "ok"
@@ -221,14 +227,28 @@ def build_gateway(
     rules.add_observer(monitoring.observer.rules_loaded)
     rules.load_now()
     RulesService(rules).setServiceParent(top)
+    # [rulesets]: each its own directory, watch, compile and last-good copy
+    # (the metrics' rules gauges describe [scan] rules only).
+    rulesets: dict[str, RulesManager] = {}
+    for name, directory in config.rulesets.items():
+        rulesets[name] = manager = RulesManager(
+            resolve_path(directory, config), reactor, rules_pool, config.scan.reload_interval, engine=engine,
+            snapshot_store=state_dir / f"rules-last-good.{name}" if worker else None)
+        manager.load_now()  # RulesError, naming the file, as for [scan] rules
+        RulesService(manager).setServiceParent(top)
 
     cache = VerdictCache(config.scan.cache_entries) if config.scan.cache_entries else None
-    scanner = YaraScanner(rules, reactor, pool, config.scan, spool_dir, cache=cache)
+    default_scanner = YaraScanner(rules, reactor, pool, config.scan, spool_dir, cache=cache)
+    ruleset_scanners = {name: YaraScanner(manager, reactor, pool, config.scan, spool_dir, cache=cache)
+                        for name, manager in rulesets.items()}  # the cache keys on each set's version
+    scanner = RulesetScanners(default_scanner, ruleset_scanners)
     late_blocks = None
     if config.scan.late_block_ttl and config.scan.late_block_entries:
         late_blocks = LateBlockMemory(ttl=config.scan.late_block_ttl, max_entries=config.scan.late_block_entries,
                                       clock=reactor.seconds, count=monitoring.observer.late_block)
     block_page = BlockPage(resolve_path(config.scan.block_page, config) if config.scan.block_page else None)
+    # A tenant's template that does not load: ValueError or KeyError (string.Template).
+    policies = Policies(config, block_page, scanners=ruleset_scanners)
     context = GatewayContext(
         scanner=scanner,
         authenticator=register.authenticator,
@@ -252,8 +272,8 @@ def build_gateway(
         max_connection_transactions=server.max_connection_transactions,
         # What the transaction decides itself (an oversize body passed before
         # it is all read, a scanner that failed to answer): the same policy.
-        error_policy="fail-open" if config.scan.policy_for("engine-error") == "pass" else "fail-closed",
-        oversize_policy=config.scan.policy_for("too-large"),
+        error_policy=policies.table.default.decision.error_policy,
+        oversize_policy=policies.table.default.decision.oversize_policy,
         write_timeout=server.write_timeout,
         max_pipelined_bytes=server.max_pipelined_bytes,
         # A worker of several shares the gateway's count (gateway.workers).
@@ -262,6 +282,7 @@ def build_gateway(
         early_response_after=server.early_response_after,
         skip_types=list(config.scan.skip_types),
         late_blocks=late_blocks,
+        policy_for=policies.policy_for,
     )
     top.factory = factory = ICAPFactory(context)
     # The register first: it stops last, after the connections drained, so
@@ -285,7 +306,7 @@ def build_gateway(
             listener._raiseSynchronously = True  # a port in use fails the start, loudly
             listener.setServiceParent(top.listeners)
     top.listeners.setServiceParent(top)
-    return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring, tls)
+    return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring, tls, policies, rulesets)
 
 
 def _credentials(headers: Any, peer: str, *, settings: Any) -> Any:

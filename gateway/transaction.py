@@ -98,6 +98,7 @@ class Transaction:
     prefix: bytearray = field(default_factory=bytearray)  # the body's first bytes
     trickled: int = 0  # body bytes sent before the verdict
     bad_headers: tuple[str, ...] = ()  # identity headers refused (see register.users)
+    max_scan_size: int = 0  # the tenant's ([tenants.NAME], gateway.policy); 0: the scanner's
     state: State = State.RECEIVING
 
     # --- state ------------------------------------------------------------
@@ -183,6 +184,7 @@ class Transaction:
             filetype=facts.mime_type,
             tenant=self.tenant.name if self.tenant else "",
             content_encoding=facts.content_encoding,
+            max_scan_size=self.max_scan_size,
         )
 
     @property
@@ -230,5 +232,5 @@ class Transaction:
             detail=(reference and f"ref={reference} {detail}".strip()) or detail,
             bad_headers=self.bad_headers,
             unscannable=(verdict.reason if verdict else "") or (
-                detail if outcome == "unscanned" and detail in UNSCANNABLE_REASONS else ""),
+                detail if outcome in ("unscanned", "monitored") and detail in UNSCANNABLE_REASONS else ""),
         )

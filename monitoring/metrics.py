@@ -36,7 +36,7 @@ OTHER = "other"  # the label value every capped-away value is counted under
 NONE = "none"  # the label value for an empty tenant / absent outcome
 
 METHODS = ("OPTIONS", "REQMOD", "RESPMOD")
-OUTCOMES = ("clean", "blocked", "error", "unauthenticated", "unscanned")
+OUTCOMES = ("clean", "blocked", "error", "unauthenticated", "unscanned", "monitored")
 DIRECTIONS = ("request", "response")
 RELOAD_RESULTS = ("success", "failure")
 # What became of a body not scanned whole: its reason's policy blocked or

@@ -55,6 +55,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -215,7 +216,8 @@ class YaraScanner:
     def _cache_key(body: bytes | str, context: ScanContext, compiled: CompiledRules) -> tuple[object, ...]:
         externals = externals_for(context)
         relevant = tuple(sorted((k, v) for k, v in externals.items() if k in compiled.externals_used))
-        return (compiled.version, context.content_encoding, relevant, body_digest(body))
+        # A tenant's max_scan_size changes a verdict (too-large): part of the key.
+        return (compiled.version, context.content_encoding, context.max_scan_size, relevant, body_digest(body))
 
     def _scan_uncached(self, body: bytes | str, context: ScanContext, compiled: CompiledRules) -> Verdict:
         started = time.perf_counter()
@@ -240,6 +242,8 @@ class YaraScanner:
             codings = parse_encodings(context.content_encoding)
             externals = externals_for(context)
             s = self.settings
+            if context.max_scan_size and context.max_scan_size != s.max_scan_size:  # a tenant's
+                s = replace(s, max_scan_size=context.max_scan_size)
             if raw_size > s.max_scan_size:
                 return unscannable("too-large")
             if not codings:
