@@ -204,3 +204,23 @@ def test_new_rules_forget_what_the_old_ones_cut() -> None:
     h.scanner.version = "test2"  # a reload: the rule may be the false positive just fixed
     again.send(reqmod_get())
     assert "res-hdr" not in parse_responses(again.output())[0].sections
+
+
+def test_a_tenant_switched_to_monitor_mode_is_not_refused_by_an_older_entry() -> None:
+    from dataclasses import replace
+
+    from gateway import decision
+
+    h, observer = harness()
+    cut_download(h)
+    assert observer.late_blocks == ["remembered"]
+    # The tenant goes to monitor mode (a SIGHUP-reloaded [tenants.NAME]) while
+    # its entry is still fresh: monitor never blocks, remembered or not.
+    ctx = h.proto.ctx
+    monitored = replace(ctx.tenant_policy("acme"), decision=decision.Policy(mode="monitor"))
+    ctx.policy_for = lambda tenant: monitored
+    again = another_connection(h)
+    again.send(reqmod_get())
+    [r] = parse_responses(again.output())
+    assert r.status in (200, 204) and b"403 Forbidden" not in again.transport.value()
+    assert observer.late_blocks == ["remembered"]
