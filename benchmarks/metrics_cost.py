@@ -21,7 +21,7 @@ from monitoring.metrics import GatewayMetrics, metrics_registry
 from monitoring.observer import MonitoringObserver
 
 
-def measure(fn: Callable[[], None], calls: int) -> float:
+def measure(fn: Callable[[], object], calls: int) -> float:
     """Best of three runs, ns per call (the best filters out scheduler noise)."""
     best = float("inf")
     for _ in range(3):

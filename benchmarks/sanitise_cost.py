@@ -10,23 +10,11 @@ and 1 MiB show it.  Prints best of three; a few seconds in all.
 
 from __future__ import annotations
 
-import gc
-import time
 from collections.abc import Callable
 
+from benchmarks.metrics_cost import measure
 from gateway import sanitise
 from register.users import canonical_ip, decode_username
-
-
-def measure(fn: Callable[[], object], calls: int) -> float:
-    best = float("inf")
-    for _ in range(3):
-        gc.collect()
-        start = time.perf_counter_ns()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter_ns() - start) / calls)
-    return best / 1000
 
 
 def main() -> None:
@@ -43,7 +31,7 @@ def main() -> None:
         ("decode_username(): 1 MiB base64", lambda: decode_username("QUFB" * 2**18, "base64"), 200),
     ]
     for name, fn, calls in cases:
-        print(f"{name:<40} {measure(fn, calls):>10,.2f} µs/call")
+        print(f"{name:<40} {measure(fn, calls) / 1000:>10,.2f} µs/call")
 
 
 if __name__ == "__main__":
