@@ -30,6 +30,7 @@ from monitoring.accesslog import (
     install_sigusr1,
     redact_url,
 )
+from monitoring.metrics import QUIET_INTERVAL
 from monitoring.service import build_monitoring
 from monitoring.settings import MonitoringSettings
 
@@ -276,10 +277,12 @@ def test_access_log_none_writes_nothing(tmp_path: Path, monkeypatch: pytest.Monk
                                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     config = GatewayConfig(monitoring=MonitoringSettings(access_log="none"))
-    c = build_monitoring(config, task.Clock(), ready=lambda: (True, ""))
+    clock = task.Clock()
+    c = build_monitoring(config, clock, ready=lambda: (True, ""))
     c.observer.transaction_finished(record())
     c.reopen_logs()  # harmless
     assert capsys.readouterr().out == ""
+    clock.advance(QUIET_INTERVAL)  # counts are folded once the gateway is quiet
     assert c.registry.get_sample_value("icap_gateway_requests_total", {
         "method": "RESPMOD", "service": "yara", "tenant": "acme", "outcome": "blocked"}) == 1
 
