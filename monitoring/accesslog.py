@@ -113,6 +113,10 @@ def _cut_query(s: str) -> str:
 _last_second: tuple[int, str] = (-1, "")
 
 
+# ".000Z" to ".999Z": a lookup is cheaper than formatting the number.
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
+
+
 def format_time(t: float) -> str:
     """ISO 8601 UTC with milliseconds, e.g. 2026-11-26T07:16:00.123Z."""
     global _last_second
@@ -121,7 +125,9 @@ def format_time(t: float) -> str:
     cached = _last_second
     if cached[0] != secs:
         cached = _last_second = (secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)))
-    return f"{cached[1]}.{ms:03d}Z"
+    if 0 <= ms < 1000:
+        return cached[1] + _MILLIS[ms]
+    return f"{cached[1]}.{ms:03d}Z"  # before 1970: as it always was
 
 
 # Caps on what one access line carries.  Every string field is the peer's
@@ -189,7 +195,7 @@ _text_json: dict[str, str] = {}
 _raw_json: dict[str | None, str] = {}
 _detail_json: dict[str, str] = {"": '""'}
 # What JSON would escape in a string (ensure_ascii=False): quote, backslash, C0.
-_JSON_ESCAPED = re.compile('["\\\x00-\x1f]')
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
 
 
 def _text_json_miss(value: str) -> str:
@@ -229,13 +235,33 @@ def _number_json(value: Any) -> str:
 
 
 def _seconds_json(value: float) -> str:
-    """``round(value, 6)`` as the encoder writes it."""
-    if type(value) is float and value - value == 0:
+    """``round(value, 6)`` as the encoder writes it (repr of the float)."""
+    if type(value) is float and 1e-4 <= value < 6e7:
+        # round(v, 6) is float(f"{v:.6f}") (both correctly rounded), and in
+        # this range that float's repr is the same digits, trailing zeros
+        # dropped: floats there are far closer together than 1e-6 and repr
+        # is positional from 1e-4 to 1e16.  A test compares the two.
+        text = f"{value:.6f}".rstrip("0")
+        return text + "0" if text[-1] == "." else text
+    if type(value) is float and value - value == 0:  # not inf, not NaN
         return repr(round(value, 6))
     return _number_json(round(value, 6))
 
 
+# In no-query mode, a URL with no "@" that this matches up to its end, a "?"
+# or a "#" is its own redacted form (see redact_url), already what
+# sanitise.url keeps (visible ASCII) and holds nothing JSON escapes.
+_URL_PLAIN_CHARS = "".join(re.escape(chr(c)) for c in range(0x21, 0x7F) if chr(c) not in '"#/?@\\')
+_PLAIN_URL = re.compile(f"[A-Za-z][A-Za-z0-9+.\\-]*://[{_URL_PLAIN_CHARS}]*(?:/[{_URL_PLAIN_CHARS}/]*)?")
+
+
 def _url_json(url: str, redaction: UrlRedaction) -> str:
+    if redaction == "no-query" and "@" not in url:
+        plain = _PLAIN_URL.match(url)
+        if plain is not None:
+            end = plain.end()
+            if end <= URL_MAX and (end == len(url) or url[end] in "?#"):
+                return f'"{plain.group()}"'
     safe = sanitise.url(redact_url(url, redaction), URL_MAX)
     if _JSON_ESCAPED.search(safe) is None:
         return f'"{safe}"'

@@ -610,7 +610,8 @@ class GatewayMetrics:
             if amount:  # a gauge's +1 -1 nets to 0: nothing to write
                 child.inc(amount)
         for pending in self._pending_histograms.values():
-            pending.fold()
+            if pending.waiting:
+                pending.fold()
 
     def stop(self) -> None:
         """Fold what waits and record at once from now on (the service's

@@ -477,3 +477,56 @@ def test_access_line_caches_are_bounded() -> None:
     assert long_value not in accesslog._text_json
     assert long_value not in accesslog._detail_json
     assert long_value not in accesslog._raw_json
+
+
+def test_seconds_are_written_as_the_encoder_writes_the_rounded_float() -> None:
+    import math
+    import random
+    import struct
+
+    from monitoring.accesslog import _encode, _seconds_json
+
+    rng = random.Random(6)
+    values = [0.0, -0.0, 1e-4, 6e7, 0.00009999999, 59999999.9999999, 0.0000005, 0.0000015, 0.0001005, 0.5, 3.0,
+              123.4565, -0.25, 1e300, math.inf, -math.inf]
+    for _ in range(20000):
+        magnitude = 10 ** rng.uniform(-8, 9)
+        values += [magnitude, round(magnitude, rng.randrange(0, 9)), rng.randrange(1, 10**6) / 1e6 + 5e-7,
+                   struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0]]
+    for value in values:
+        if math.isnan(value):
+            continue
+        assert _seconds_json(value) == _encode(round(value, 6)), value
+    assert _seconds_json(math.nan) == "NaN"
+    assert _seconds_json(7) == "7"  # an int stays an int, as round() keeps it
+
+
+def test_format_time_matches_the_plain_formatting() -> None:
+    import random
+    import time as time_module
+
+    rng = random.Random(7)
+    odd = [0.0, 0.9995, 1_700_000_000.0, 1_700_000_000.999, -0.5, -1.25]
+    for t in [*odd, *(rng.uniform(0, 2e9) for _ in range(5000))]:
+        secs = int(t)
+        ms = int((t - secs) * 1000)
+        plain = f"{time_module.strftime('%Y-%m-%dT%H:%M:%S', time_module.gmtime(secs))}.{ms:03d}Z"
+        assert format_time(t) == plain, t
+
+
+def test_access_line_on_random_urls() -> None:
+    import random
+
+    from monitoring.accesslog import _encode, access_line
+
+    rng = random.Random(1344)
+    alphabet = 'ahZ09+-.:/?#@%"\\\x7f é\n'
+    for i in range(5000):
+        url = rng.choice(("http://", "https://h.example/", "x+y://", "/", "")) + \
+            "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+        if i % 500 == 0:
+            url += "p" * (URL_MAX + rng.randrange(-20, 20))
+        for mode in ("full", "no-query", "host-only", "none"):
+            rec = record(url=url)
+            assert access_line(rec, users=False, redaction=mode) == \
+                _encode(access_fields(rec, users=False, redaction=mode)), (url, mode)  # type: ignore[arg-type]
