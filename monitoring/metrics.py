@@ -592,13 +592,13 @@ class GatewayMetrics:
 
     def _tick(self) -> None:
         self._timer = None
-        assert self._clock is not None
-        if (self._records == self._records_at_tick
-                or self._clock.seconds() - self._waiting_since >= self._flush_interval):
+        clock = self._clock
+        if (clock is None or self._records == self._records_at_tick
+                or clock.seconds() - self._waiting_since >= self._flush_interval):
             self.flush()
             return
         self._records_at_tick = self._records
-        self._timer = self._clock.callLater(self._quiet_interval, self._tick)
+        self._timer = clock.callLater(self._quiet_interval, self._tick)
 
     def flush(self) -> None:
         """Fold every waiting count and observation into the metric children."""
