@@ -593,6 +593,8 @@ class GatewayMetrics:
     def _tick(self) -> None:
         self._timer = None
         clock = self._clock
+        if not self._counts and not any(p.waiting for p in self._pending_histograms.values()):
+            return  # a close folded everything already: the next count arms anew
         if (clock is None or self._records == self._records_at_tick
                 or clock.seconds() - self._waiting_since >= self._flush_interval):
             self.flush()
@@ -602,9 +604,8 @@ class GatewayMetrics:
 
     def flush(self) -> None:
         """Fold every waiting count and observation into the metric children."""
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        # A pending tick stays: it finds nothing or what came since, and costs
+        # less than cancelling and scheduling one per closing connection.
         counts, self._counts = self._counts, {}
         for child, amount in counts.items():
             if amount:  # a gauge's +1 -1 nets to 0: nothing to write
@@ -617,6 +618,9 @@ class GatewayMetrics:
         """Fold what waits and record at once from now on (the service's
         stop: nothing may be left in memory at exit)."""
         self._clock = None
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         self.flush()
 
     # --- rare events --------------------------------------------------------

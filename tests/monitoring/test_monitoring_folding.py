@@ -94,6 +94,19 @@ def test_the_last_connection_closing_folds_at_once() -> None:
     assert registry.get_sample_value("icap_gateway_active_connections") == 0.0
 
 
+def test_one_connection_per_request_keeps_one_timer() -> None:
+    clock = task.Clock()
+    metrics, registry = make(clock)
+    for n in range(1, 101):
+        metrics.connection_opened()
+        finish(metrics)
+        metrics.connection_closed()
+        assert requests(registry) == n  # each close folds ...
+        assert len(clock.getDelayedCalls()) == 1  # ... but schedules nothing new
+    clock.advance(QUIET_INTERVAL)
+    assert not clock.getDelayedCalls()  # the tick found nothing waiting and ended
+
+
 def test_stop_folds_and_later_counts_are_written_at_once() -> None:
     clock = task.Clock()
     metrics, registry = make(clock)
