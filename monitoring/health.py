@@ -65,7 +65,28 @@ class IndexResource(resource.Resource):
         return pages.notFound()
 
 
-def build_root(registry: CollectorRegistry, ready: ReadyCheck) -> resource.Resource:
+class FoldFirst(resource.Resource):
+    """Calls ``fold`` on the reactor thread, then lets ``inner`` render: the
+    metric objects of this process fold their waiting counts
+    (GatewayMetrics.flush) before the scrape reads them in a thread."""
+
+    isLeaf = True
+
+    def __init__(self, inner: resource.Resource, fold: Callable[[], None]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._fold = fold
+
+    def render(self, request: IRequest) -> bytes | int:
+        try:
+            self._fold()
+        except Exception:  # a scrape a moment behind beats no scrape
+            log.failure("folding metrics before a scrape failed")
+        return self._inner.render(request)  # type: ignore[no-any-return]
+
+
+def build_root(registry: CollectorRegistry, ready: ReadyCheck,
+               before_scrape: Callable[[], None] | None = None) -> resource.Resource:
     # Imported here: prometheus_client.twisted imports the global reactor,
     # which must not happen before the gateway has chosen and installed one.
     from prometheus_client.twisted import MetricsResource
@@ -73,7 +94,10 @@ def build_root(registry: CollectorRegistry, ready: ReadyCheck) -> resource.Resou
     root = IndexResource()
     # MetricsResource renders in the reactor's thread pool, so a slow
     # collector (many multiprocess files) never stalls ICAP traffic.
-    root.putChild(b"metrics", MetricsResource(registry))
+    metrics: resource.Resource = MetricsResource(registry)
+    if before_scrape is not None:
+        metrics = FoldFirst(metrics, before_scrape)
+    root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", HealthResource())
     root.putChild(b"readyz", ReadyResource(ready))
     return root
@@ -88,4 +112,4 @@ class QuietSite(server.Site):
         pass
 
 
-__all__ = ["HealthResource", "IndexResource", "QuietSite", "ReadyResource", "build_root"]
+__all__ = ["FoldFirst", "HealthResource", "IndexResource", "QuietSite", "ReadyResource", "build_root"]

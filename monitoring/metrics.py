@@ -9,7 +9,11 @@ processes are supported through prometheus_client's multiprocess mode: see
 :func:`metrics_registry`.
 
 Recording sits on the request path, so label children are resolved once and
-cached; a transaction costs a few dict lookups and two locked increments.
+cached, and with a clock (the reactor) handed in, increments and observations
+are summed in plain dicts and folded into the prometheus_client children
+later: a transaction costs a few dict operations instead of seven locked
+(in multiprocess mode: mmap-written) value updates.  See FLUSH_INTERVAL for
+how far a scrape may lag.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from typing import Any
@@ -26,6 +31,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from gateway.interfaces import BAD_HEADER_NAMES, UNSCANNABLE_REASONS
 from gateway.lateblock import LATE_BLOCK_EVENTS
@@ -61,6 +67,17 @@ MAX_REASON_LABELS = 32  # auth failure reasons are a small fixed set; the cap is
 # files' text, and every distinct value is kept in every scrape.
 MAX_LABEL_VALUE_LENGTH = 128
 RAW_CACHE_SIZE = 4096  # (method, service, tenant, outcome) combinations remembered as seen
+
+# Folding: with a clock, counts wait in memory and reach the metric children
+# (and, in multiprocess mode, the files a scrape reads) when the gateway has
+# been quiet for QUIET_INTERVAL (no record for one tick of it), when the last
+# connection closed, or at the latest FLUSH_INTERVAL after the first waiting
+# count.  So an idle gateway's scrape is current within ~2 QUIET_INTERVAL and
+# a busy one's lags by at most FLUSH_INTERVAL (documented in docs/metrics.md).
+# The service's stop folds the rest (GatewayMetrics.stop); a process killed
+# outright (SIGKILL, OOM) loses at most that interval's counts.
+FLUSH_INTERVAL = 1.0
+QUIET_INTERVAL = 0.01
 
 
 class MultiProcessRegistry(CollectorRegistry):
@@ -215,6 +232,47 @@ def _safe_number(f: Callable[[], float]) -> float:
         return float("nan")
 
 
+class _PendingHistogram:
+    """Observations of one histogram child not yet folded into it: a count
+    per bucket and their sum, as Histogram.observe would have added them."""
+
+    __slots__ = ("bounds", "buckets", "child", "sum", "waiting")
+
+    def __init__(self, child: Histogram) -> None:
+        self.child = child
+        # prometheus_client's own bounds (ending in +Inf): the first bound
+        # >= the value is the bucket observe() increments, as bisect_left finds.
+        self.bounds: list[float] = list(child._upper_bounds)  # type: ignore[attr-defined]
+        self.buckets = [0] * len(self.bounds)
+        self.sum = 0.0
+        self.waiting = False
+
+    def observe(self, value: float) -> None:
+        if value == value:  # NaN: observe() counts it in no bucket, only in the sum
+            self.buckets[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.waiting = True
+
+    def fold(self) -> None:
+        if not self.waiting:
+            return
+        buckets, self.buckets = self.buckets, [0] * len(self.bounds)
+        total, self.sum, self.waiting = self.sum, 0.0, False
+        # observe() adds to _sum and to one bucket's value; the same values,
+        # added once per bucket.  A test pins the result to observe()'s.
+        child = self.child
+        child._sum.inc(total)  # type: ignore[attr-defined]
+        for value, n in zip(child._buckets, buckets, strict=True):  # type: ignore[attr-defined]
+            if n:
+                value.inc(n)
+
+
+def _foldable(child: Histogram) -> bool:
+    """Whether this prometheus_client's histogram children have the parts
+    _PendingHistogram folds into (else observations go to them at once)."""
+    return all(hasattr(child, name) for name in ("_upper_bounds", "_buckets", "_sum"))
+
+
 def _version() -> str:
     try:
         return metadata.version("icap-gateway")
@@ -237,6 +295,9 @@ class GatewayMetrics:
         max_rules: int = 200,
         queue_depth: Callable[[], int] = lambda: 0,
         write_errors: Callable[[], int] = lambda: 0,
+        clock: IReactorTime | None = None,
+        flush_interval: float = FLUSH_INTERVAL,
+        quiet_interval: float = QUIET_INTERVAL,
     ) -> None:
         self.registry = registry
         self.multiprocess = isinstance(registry, MultiProcessRegistry)
@@ -362,7 +423,7 @@ class GatewayMetrics:
         self.service_label = LabelCap(MAX_SERVICE_LABELS, fixed=SERVED_SERVICES)
         self.reason_label = LabelCap(MAX_REASON_LABELS)
         self._requests_children: dict[tuple[str, str, str, str], Counter] = {}
-        self._requests_by_raw: dict[tuple[str, str, str, str | None], tuple[Counter, Histogram]] = {}
+        self._requests_by_raw: dict[tuple[str, str, str, str | None], tuple[Counter, Callable[[float], None]]] = {}
         self._method_label = {m: m for m in METHODS}
         self._outcome_label: dict[str | None, str] = {o: o for o in OUTCOMES}
         self._outcome_label[None] = NONE
@@ -373,6 +434,26 @@ class GatewayMetrics:
         self._reason_children: dict[str, Counter] = {}
         self._reload_children = {r: self.rules_reloads.labels(r) for r in RELOAD_RESULTS}
 
+        # Waiting counts (see FLUSH_INTERVAL): counter or gauge child -> amount
+        # to add; the dict's keys are bounded by the label caps above.
+        self._counts: dict[Any, float] = {}
+        self._pending_histograms: dict[Any, _PendingHistogram] = {}
+        for child in (*self._duration_children.values(), *self._scan_duration_children.values()):
+            if _foldable(child):
+                self._pending_histograms[child] = _PendingHistogram(child)
+        # direction -> (scanned bytes child, how to observe a scan's duration)
+        self._scan_children = {
+            d: (self._scanned_children[d], self._observer_of(self._scan_duration_children[d])) for d in DIRECTIONS
+        }
+        self._clock = clock
+        self._flush_interval = flush_interval
+        self._quiet_interval = quiet_interval
+        self._timer: IDelayedCall | None = None
+        self._records = 0  # records so far; unchanged over a tick means quiet
+        self._records_at_tick = 0
+        self._waiting_since = 0.0
+        self._open_connections = 0
+
     # --- hot path -----------------------------------------------------------
 
     def request_finished(
@@ -382,12 +463,17 @@ class GatewayMetrics:
         hit = self._requests_by_raw.get(raw)
         if hit is None:
             hit = self._resolve_request(raw)
-        hit[0].inc()
-        hit[1].observe(duration)
+        counts = self._counts
+        child = hit[0]
+        counts[child] = counts.get(child, 0) + 1
+        hit[1](duration)
+        self._records += 1
+        if self._timer is None:
+            self._arm()
 
     def _resolve_request(
         self, raw: tuple[str, str, str, str | None]
-    ) -> tuple[Counter, Histogram]:
+    ) -> tuple[Counter, Callable[[float], None]]:
         """Cap the labels of a new combination and find its children.
 
         The cache is keyed by the raw values so the usual call is one tuple
@@ -405,37 +491,52 @@ class GatewayMetrics:
         child = self._requests_children.get(key)
         if child is None:
             child = self._requests_children[key] = self.requests.labels(*key)
-        hit = (child, self._duration_children[method_label])
+        hit = (child, self._observer_of(self._duration_children[method_label]))
         if len(self._requests_by_raw) < RAW_CACHE_SIZE:
             self._requests_by_raw[raw] = hit
         return hit
 
+    def _observer_of(self, child: Histogram) -> Callable[[float], None]:
+        pending = self._pending_histograms.get(child)
+        return child.observe if pending is None else pending.observe
+
+    def _add(self, child: Any, amount: float = 1) -> None:
+        counts = self._counts
+        counts[child] = counts.get(child, 0) + amount
+        if self._timer is None:
+            self._arm()
+
     def scan_finished(self, direction: str, outcome: str, scanned_bytes: int, duration: float,
                       rules: Iterable[str], cached: bool = False) -> None:
-        counter = self._scanned_children.get(direction)
-        if counter is None:  # not a Direction: nothing sensible to count it under
+        children = self._scan_children.get(direction)
+        if children is None:  # not a Direction: nothing sensible to count it under
             return
+        self._records += 1
+        counts = self._counts
         if outcome != "unscanned":
-            self._cache_children["hit" if cached else "miss"].inc()
-        if cached:  # YARA did not run: neither bytes nor time belong to a scan
-            for rule in rules:
-                self._rule_child(rule).inc()
-            return
-        if scanned_bytes:
-            counter.inc(scanned_bytes)
-        # An "unscanned" verdict (too large, passed) never ran YARA: a zero
-        # there would drag the latency quantiles down.
-        if outcome != "unscanned":
-            self._scan_duration_children[direction].observe(duration)
+            child = self._cache_children["hit" if cached else "miss"]
+            counts[child] = counts.get(child, 0) + 1
+        # A cached verdict: YARA did not run, neither bytes nor time belong to a scan.
+        if not cached:
+            scanned, observe = children
+            if scanned_bytes:
+                counts[scanned] = counts.get(scanned, 0) + scanned_bytes
+            # An "unscanned" verdict (too large, passed) never ran YARA: a zero
+            # there would drag the latency quantiles down.
+            if outcome != "unscanned":
+                observe(duration)
         for rule in rules:
-            self._rule_child(rule).inc()
+            matched = self._rule_child(rule)
+            counts[matched] = counts.get(matched, 0) + 1
+        if self._timer is None:
+            self._arm()
 
     def unscannable_body(self, direction: str | None, reason: str, action: str) -> None:
         """A body not scanned whole (``reason`` from UNSCANNABLE_REASONS)."""
         child = self._unscannable_children.get(
             (direction or "", reason if reason in UNSCANNABLE_REASONS else OTHER, action))
         if child is not None:  # not a Direction or an action: nothing sensible to count it under
-            child.inc()
+            self._add(child)
 
     def _rule_child(self, rule: str) -> Any:
         label = self.rule_label(rule)
@@ -445,36 +546,87 @@ class GatewayMetrics:
         return child
 
     def connection_opened(self) -> None:
-        self.connections.inc()
-        self.active_connections.inc()
+        self._open_connections += 1
+        self._add(self.connections)
+        self._add(self.active_connections)
 
     def connection_closed(self) -> None:
-        self.active_connections.dec()
+        self._open_connections -= 1
+        self._add(self.active_connections, -1)
+        if self._open_connections <= 0:
+            # Nothing in flight: a scrape now must see every transaction so far.
+            self.flush()
 
     def connection_dropped(self, reason: str) -> None:
-        self.connections_dropped.labels(reason).inc()
+        self._add(self.connections_dropped.labels(reason))
 
     def late_block(self, event: str) -> None:
         child = self._late_block_children.get(event)
         if child is not None:  # a fixed set: anything else is not ours to count
-            child.inc()
+            self._add(child)
 
     def auth_failed(self, reason: str) -> None:
         label = self.reason_label(reason or NONE)
         child = self._reason_children.get(label)
         if child is None:
             child = self._reason_children[label] = self.auth_failures.labels(label)
-        child.inc()
+        self._add(child)
 
     def bad_header(self, header: str) -> None:
         child = self._bad_header_children.get(header)
         if child is not None:  # a fixed set: anything else is not ours to count
-            child.inc()
+            self._add(child)
+
+    # --- folding ------------------------------------------------------------
+
+    def _arm(self) -> None:
+        """Counts wait now: fold them at the next quiet tick (or at once
+        without a clock)."""
+        clock = self._clock
+        if clock is None:
+            self.flush()
+            return
+        self._waiting_since = clock.seconds()
+        self._records_at_tick = self._records
+        self._timer = clock.callLater(self._quiet_interval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        clock = self._clock
+        if not self._counts and not any(p.waiting for p in self._pending_histograms.values()):
+            return  # a close folded everything already: the next count arms anew
+        if (clock is None or self._records == self._records_at_tick
+                or clock.seconds() - self._waiting_since >= self._flush_interval):
+            self.flush()
+            return
+        self._records_at_tick = self._records
+        self._timer = clock.callLater(self._quiet_interval, self._tick)
+
+    def flush(self) -> None:
+        """Fold every waiting count and observation into the metric children."""
+        # A pending tick stays: it finds nothing or what came since, and costs
+        # less than cancelling and scheduling one per closing connection.
+        counts, self._counts = self._counts, {}
+        for child, amount in counts.items():
+            if amount:  # a gauge's +1 -1 nets to 0: nothing to write
+                child.inc(amount)
+        for pending in self._pending_histograms.values():
+            if pending.waiting:
+                pending.fold()
+
+    def stop(self) -> None:
+        """Fold what waits and record at once from now on (the service's
+        stop: nothing may be left in memory at exit)."""
+        self._clock = None
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.flush()
 
     # --- rare events --------------------------------------------------------
 
     def internal_error(self) -> None:
-        self.internal_errors.inc()
+        self._add(self.internal_errors)
 
     def rules_loaded(self, ok: bool, rule_count: int, now: float) -> None:
         """A (re)load finished.  On failure the previous rules stay in force,
@@ -502,9 +654,11 @@ class GatewayMetrics:
 
 
 __all__ = [
+    "FLUSH_INTERVAL",
     "NONE",
     "OTHER",
     "PREFIX",
+    "QUIET_INTERVAL",
     "GatewayMetrics",
     "LabelCap",
     "MultiProcessRegistry",

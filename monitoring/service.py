@@ -125,6 +125,8 @@ class MonitoringService(Service):
         if self._refresh is not None and self._refresh.running:
             self._refresh.stop()
         self._refresh = None
+        if self.metrics is not None:
+            self.metrics.stop()  # counts waiting in memory reach the files before exit
         if self.access_file is not None:
             self.access_file.close()
         port, self.port = self.port, None
@@ -166,6 +168,7 @@ def build_monitoring(
         max_rules=settings.max_rule_labels,
         queue_depth=queue_depth,
         write_errors=write_errors,
+        clock=reactor,  # folds counts at intervals (monitoring.metrics.FLUSH_INTERVAL)
     )
 
     access_file: AccessLogFile | None = None
@@ -181,7 +184,8 @@ def build_monitoring(
         access = AccessLog(access_file, users=settings.access_log_users, redaction=settings.url_redaction)
 
     observer = MonitoringObserver(metrics, access, clock=reactor.seconds)
-    site = QuietSite(build_root(registry, ready)) if serve_http else None
+    # A scrape this process serves sees every count so far (see FLUSH_INTERVAL).
+    site = QuietSite(build_root(registry, ready, before_scrape=metrics.flush)) if serve_http else None
     service = MonitoringService(
         reactor, settings.metrics_listen if serve_http else None, site,
         access_file=access_file, metrics=metrics,

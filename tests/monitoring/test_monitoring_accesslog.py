@@ -30,6 +30,7 @@ from monitoring.accesslog import (
     install_sigusr1,
     redact_url,
 )
+from monitoring.metrics import QUIET_INTERVAL
 from monitoring.service import build_monitoring
 from monitoring.settings import MonitoringSettings
 
@@ -276,10 +277,12 @@ def test_access_log_none_writes_nothing(tmp_path: Path, monkeypatch: pytest.Monk
                                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     config = GatewayConfig(monitoring=MonitoringSettings(access_log="none"))
-    c = build_monitoring(config, task.Clock(), ready=lambda: (True, ""))
+    clock = task.Clock()
+    c = build_monitoring(config, clock, ready=lambda: (True, ""))
     c.observer.transaction_finished(record())
     c.reopen_logs()  # harmless
     assert capsys.readouterr().out == ""
+    clock.advance(QUIET_INTERVAL)  # counts are folded once the gateway is quiet
     assert c.registry.get_sample_value("icap_gateway_requests_total", {
         "method": "RESPMOD", "service": "yara", "tenant": "acme", "outcome": "blocked"}) == 1
 
@@ -371,3 +374,159 @@ def test_reopen_flushes_batched_lines_to_the_old_file(tmp_path: Path) -> None:
     f.close()
     assert json.loads((tmp_path / "access.log.1").read_text())["tenant"] == "old"
     assert json.loads(path.read_text())["tenant"] == "new"
+
+
+# --- the line built from cached pieces ------------------------------------------
+
+HOSTILE_TEXT = [
+    "", "acme", "a\x00b\r\nc", "\x1b[31mred", "\x7f\x85\x9f", "lone \ud800 surrogate", "\udfff",
+    "line\u2028sep\u2029", 'quo"te \\ back\\slash', "é ü 漢字 🙂", "x" * 255, "y" * 256, "z" * 257,
+    "w" * 5000, '"' * 300, "\\" * 300, "\t\x01" * 200,
+]
+HOSTILE_URLS = [
+    "", "http://example.com/a/b?q=1#f", "http://user:pw@example.com/x?y", "https://[2001:db8::1]:8443/p",
+    "/origin/form?q", "example.com:443", "http://h/\r\n\x00?x", 'http://h/"quoted"\\', "http://h/é?ü",
+    "http://h/" + "a" * 5000, "http://h/" + "%" * 5000, "HTTP://h?x@y/z", "h+t.t-p://h/p#f", "1http://x/",
+    "http://h/\ud800", "ftp://h@", "http:///nohost", "://x", "http://h#frag/x?y",
+]
+
+
+def hostile_records() -> list[TransactionRecord]:
+    out = []
+    for i, text in enumerate(HOSTILE_TEXT):
+        out.append(record(
+            tenant=text, client_ip=text[::-1], peer=text[:40], method=text or "RESPMOD", service=text,
+            user=text, url=HOSTILE_URLS[i % len(HOSTILE_URLS)], detail=text * 3,
+            rules=(text, "sig.Eicar") * (i % 3), bad_headers=("X-Client-IP",) if i % 2 else (),
+            http_status=None if i % 3 == 0 else 200 + i, outcome=None if i % 4 == 0 else "clean",
+            direction=None if i % 5 == 0 else "request", scan_duration=None if i % 2 else 1 / (i + 3),
+            duration=i / 7, body_bytes=i * 1000, unscannable="too-large" if i % 2 else "",
+            started=1_700_000_000 + i * 0.3217,
+        ))
+    for url in HOSTILE_URLS:
+        out.append(record(url=url))
+    out.append(record(rules=tuple(f"ns.rule{i}" for i in range(RULES_MAX + 5))))
+    out.append(record(duration=float("inf"), scan_duration=float("nan"), body_bytes=True, icap_status=204))
+    out.append(record(duration=3, scan_duration=0, http_status=0))
+    return out
+
+
+@pytest.mark.parametrize("redaction", ["full", "no-query", "host-only", "none"])
+@pytest.mark.parametrize("users", [True, False])
+def test_access_line_is_the_encoded_fields(users: bool, redaction: Any) -> None:
+    from monitoring.accesslog import _encode, access_line
+
+    for rec in hostile_records():
+        try:
+            expected = _encode(access_fields(rec, users=users, redaction=redaction))
+        except UnicodeEncodeError:  # sanitise.url on a lone surrogate (never from the wire's Latin-1)
+            with pytest.raises(UnicodeEncodeError):
+                access_line(rec, users=users, redaction=redaction)
+            continue
+        for _ in range(2):  # the second time from the caches
+            assert access_line(rec, users=users, redaction=redaction) == expected, rec
+
+
+def test_the_file_gets_the_same_line_as_an_event_observer() -> None:
+    from monitoring.accesslog import _encode
+
+    out = io.StringIO()
+    fast = AccessLog(AccessLogFile("stdout", stdout=out), users=True, redaction="no-query")
+    events: list[dict[str, Any]] = []
+
+    @implementer(ILogObserver)
+    def capture(event: dict[str, Any]) -> None:
+        events.append(event)
+
+    slow = AccessLog(capture, users=True, redaction="no-query")
+    for rec in hostile_records():
+        if "\ud800" in rec.url:  # sanitise.url cannot encode it: no line either way
+            continue
+        fast.write(rec)
+        slow.write(rec)
+    assert out.getvalue().splitlines() == [_encode(e["access"]) for e in events]
+
+
+def test_redact_url_shortcut_equals_the_general_path() -> None:
+    import random
+
+    from monitoring.accesslog import _redact
+
+    rng = random.Random(3507)
+    alphabet = "ahZ09+-.:/?#@%é[] \n\x00"
+    urls = [*HOSTILE_URLS, *("".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 24)))
+                             for _ in range(20000))]
+    urls += [rng.choice(("http://", "a://", "x+y.z://", "http:/", "")) + u for u in urls[:5000]]
+    for url in urls:
+        for mode in ("full", "no-query", "host-only", "none"):
+            assert redact_url(url, mode) == _redact(url, mode), (url, mode)  # type: ignore[arg-type]
+
+
+def test_access_line_caches_are_bounded() -> None:
+    from monitoring import accesslog
+
+    for i in range(accesslog.TEXT_CACHE_SIZE + 100):
+        accesslog.access_line(record(tenant=f"t{i}", detail=f"d{i}", direction=f"r{i}"),  # type: ignore[arg-type]
+                              users=False, redaction="full")
+    assert len(accesslog._text_json) <= accesslog.TEXT_CACHE_SIZE
+    assert len(accesslog._detail_json) <= accesslog.TEXT_CACHE_SIZE
+    assert len(accesslog._raw_json) <= accesslog.TEXT_CACHE_SIZE
+    long_value = "L" * 100_000  # never a key: a cache entry costs at most FIELD_MAX characters
+    accesslog.access_line(record(tenant=long_value, detail=long_value, outcome=long_value),  # type: ignore[arg-type]
+                          users=False, redaction="full")
+    assert long_value not in accesslog._text_json
+    assert long_value not in accesslog._detail_json
+    assert long_value not in accesslog._raw_json
+
+
+def test_seconds_are_written_as_the_encoder_writes_the_rounded_float() -> None:
+    import math
+    import random
+    import struct
+
+    from monitoring.accesslog import _encode, _seconds_json
+
+    rng = random.Random(6)
+    values = [0.0, -0.0, 1e-4, 6e7, 0.00009999999, 59999999.9999999, 0.0000005, 0.0000015, 0.0001005, 0.5, 3.0,
+              123.4565, -0.25, 1e300, math.inf, -math.inf]
+    for _ in range(20000):
+        magnitude = 10 ** rng.uniform(-8, 9)
+        values += [magnitude, round(magnitude, rng.randrange(0, 9)), rng.randrange(1, 10**6) / 1e6 + 5e-7,
+                   struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0]]
+    for value in values:
+        if math.isnan(value):
+            continue
+        assert _seconds_json(value) == _encode(round(value, 6)), value
+    assert _seconds_json(math.nan) == "NaN"
+    assert _seconds_json(7) == "7"  # an int stays an int, as round() keeps it
+
+
+def test_format_time_matches_the_plain_formatting() -> None:
+    import random
+    import time as time_module
+
+    rng = random.Random(7)
+    odd = [0.0, 0.9995, 1_700_000_000.0, 1_700_000_000.999, -0.5, -1.25]
+    for t in [*odd, *(rng.uniform(0, 2e9) for _ in range(5000))]:
+        secs = int(t)
+        ms = int((t - secs) * 1000)
+        plain = f"{time_module.strftime('%Y-%m-%dT%H:%M:%S', time_module.gmtime(secs))}.{ms:03d}Z"
+        assert format_time(t) == plain, t
+
+
+def test_access_line_on_random_urls() -> None:
+    import random
+
+    from monitoring.accesslog import _encode, access_line
+
+    rng = random.Random(1344)
+    alphabet = 'ahZ09+-.:/?#@%"\\\x7f é\n'
+    for i in range(5000):
+        url = rng.choice(("http://", "https://h.example/", "x+y://", "/", "")) + \
+            "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+        if i % 500 == 0:
+            url += "p" * (URL_MAX + rng.randrange(-20, 20))
+        for mode in ("full", "no-query", "host-only", "none"):
+            rec = record(url=url)
+            assert access_line(rec, users=False, redaction=mode) == \
+                _encode(access_fields(rec, users=False, redaction=mode)), (url, mode)  # type: ignore[arg-type]
