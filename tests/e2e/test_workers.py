@@ -20,6 +20,23 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def _libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def _assert_supervisor_is_lean(supervisor: int, workers: list[int]) -> None:
+    """The supervisor never scans nor opens the register: YARA and the
+    register's modules (psycopg's compiled library shows in the memory map)
+    stay out of it, about 45 MiB of a worker's baseline; the workers load them."""
+    deadline = time.monotonic() + 30
+    while not all("/yara" in _libraries(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)  # a worker still importing
+    for worker in workers:
+        assert "/yara" in _libraries(worker)
+    assert "/yara" not in _libraries(supervisor)
+    assert "psycopg" not in _libraries(supervisor)
+
+
 def test_two_workers_serve_and_metrics_sum_them(tmp_path: Path) -> None:
     client = require_binary("c-icap-client")
     with gateway_process(settings={"server": {"workers": 2}}) as gw:
@@ -27,6 +44,7 @@ def test_two_workers_serve_and_metrics_sum_them(tmp_path: Path) -> None:
         while len(_children(gw.proc.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(_children(gw.proc.pid)) == 2
+        _assert_supervisor_is_lean(gw.proc.pid, _children(gw.proc.pid))
         sample = tmp_path / "eicar.com"
         sample.write_bytes(EICAR)
         for _ in range(20):
