@@ -96,6 +96,12 @@ def run_serve(args: argparse.Namespace) -> int:
         # supervisor never uses them, and imports cannot be undone.
         return run_supervisor(args, config, count)
 
+    from gateway.alloc import tune_malloc
+
+    # Before the first body: in-memory bodies stay in the heap instead of
+    # being unmapped and faulted back in every transaction (gateway.alloc).
+    tune_malloc(config.server.body_memory_budget)
+
     from gateway.handoff import Handoff, parse_listeners_argument
     from gateway.policy import chain_sighup
     from gateway.service import build_gateway
