@@ -46,13 +46,19 @@ def _config_example(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand; with ``command="serve"`` only that one: the other
+    commands' modules (the register's, with SQLAlchemy and Alembic, the rules
+    tools) would stay imported in the supervisor for its whole life, about
+    40 MiB it never uses (a worker imports what it needs itself)."""
     parser = argparse.ArgumentParser(prog="icap-gateway", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from gateway.serve import add_commands as add_serve_commands
 
     add_serve_commands(sub)
+    if command == "serve":
+        return parser
 
     config = sub.add_parser("config", help="check a config file or print an example").add_subparsers(
         dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -79,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

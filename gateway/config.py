@@ -422,6 +422,15 @@ def with_overrides(config: GatewayConfig, **overrides: Any) -> GatewayConfig:
     return dataclasses.replace(config, **changes)
 
 
+def resolve_path(value: str, config: GatewayConfig) -> Path:
+    """Relative paths in a config file are relative to the working directory,
+    but the embedded default ``rules`` also works from anywhere in a checkout."""
+    path = Path(value)
+    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        return PROJECT_ROOT / path
+    return path
+
+
 def toml_literal(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

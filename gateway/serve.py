@@ -87,15 +87,26 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
 
-    from gateway.handoff import Handoff, parse_listeners_argument
-    from gateway.policy import chain_sighup
-    from gateway.service import build_gateway, worker_count
-    from gateway.workers import parse_worker_fds
+    from gateway.workers import worker_count
 
     count = worker_count(config)
     worker = args.worker_fds is not None or args.handoff_fd is not None
     if not worker and count > 1:
+        # Before the worker's modules (the register, scanning, YARA...): the
+        # supervisor never uses them, and imports cannot be undone.
         return run_supervisor(args, config, count)
+
+    from gateway.alloc import tune_malloc
+
+    # Before the first body: in-memory bodies stay in the heap instead of
+    # being unmapped and faulted back in every transaction (gateway.alloc).
+    tune_malloc(config.server.body_memory_budget)
+
+    from gateway.handoff import Handoff, parse_listeners_argument
+    from gateway.policy import chain_sighup
+    from gateway.service import build_gateway
+    from gateway.workers import parse_worker_fds
+
     adopted = parse_worker_fds(args.worker_fds) if args.worker_fds else None
     handoff = None
     if args.handoff_fd is not None:
@@ -165,7 +176,7 @@ def run_supervisor(args: argparse.Namespace, config: Any, count: int) -> int:
 
     from twisted.internet import reactor
 
-    from gateway.service import resolve_path
+    from gateway.config import resolve_path
     from gateway.workers import build_supervisor
 
     # Fail here, once, rather than in every worker; in a child process, as

@@ -20,7 +20,7 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
 from gateway.blockpage import BlockPage
-from gateway.config import PROJECT_ROOT, GatewayConfig
+from gateway.config import GatewayConfig, resolve_path
 from gateway.connections import count_from_environment
 from gateway.handoff import Handoff, HandoffReceiverService
 from gateway.lateblock import LateBlockMemory
@@ -162,15 +162,6 @@ class Gateway:
     tls: TLSListeners  # the ssl: listeners' certificates, reloaded on SIGHUP
     policies: Policies  # [tenants.NAME] over [scan], reloaded on SIGHUP
     rulesets: dict[str, RulesManager]  # [rulesets], by name
-
-
-def resolve_path(value: str, config: GatewayConfig) -> Path:
-    """Relative paths in a config file are relative to the working directory,
-    but the embedded default ``rules`` also works from anywhere in a checkout."""
-    path = Path(value)
-    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
-        return PROJECT_ROOT / path
-    return path
 
 
 def build_gateway(
@@ -318,8 +309,3 @@ def makeService(config: GatewayConfig, reactor: Any) -> GatewayService:
 
 
 __all__ = ["Gateway", "build_gateway", "makeService"]
-
-
-def worker_count(config: GatewayConfig) -> int:
-    """``[server] workers``, 0 meaning one per core."""
-    return config.server.workers or os.cpu_count() or 1

@@ -149,6 +149,11 @@ def bind_listener(description: str) -> Listener:
 PROXY_FD_FLAG = "proxy"
 
 
+def worker_count(config: Any) -> int:
+    """``[server] workers``, 0 meaning one per core."""
+    return int(config.server.workers or os.cpu_count() or 1)
+
+
 def worker_fds_argument(listeners: Sequence[Listener]) -> str:
     """``3:2,4:10:proxy``: child fd and address family of each adopted
     listener, and ``proxy`` for a ``haproxy:`` one."""

@@ -32,6 +32,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from register.limits import IP_MAX, REASON_MAX, SHA256_HEX, TENANT_NAME_MAX, USERNAME_MAX
+
 UTC = dt.UTC
 
 # Explicit constraint names keep Alembic migrations identical on SQLite and PostgreSQL.
@@ -43,11 +45,6 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-TENANT_NAME_MAX = 63
-USERNAME_MAX = 255
-IP_MAX = 45  # the longest textual IPv6 address (with an embedded IPv4 part)
-REASON_MAX = 32  # auth-failure reasons are short fixed words ("unknown-key")
-SHA256_HEX = 64  # a certificate fingerprint: lower-case hex of the SHA-256 of its DER bytes
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -246,6 +243,11 @@ class AuditRecord(Base):
 
 
 __all__ = [
+    "IP_MAX",  # the column widths, from register.limits
+    "REASON_MAX",
+    "SHA256_HEX",
+    "TENANT_NAME_MAX",
+    "USERNAME_MAX",
     "ApiKey",
     "AuditRecord",
     "AuthFailureRecord",

@@ -34,13 +34,13 @@ from gateway.interfaces import Authenticator, Credentials, Identity, Recorder
 from register import auth, users
 from register.db import database_url, open_register, redacted
 from register.gdpr import purge_engine
-from register.listener import KeyChangeListener
 from register.recorder import BatchRecorder
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from gateway.config import GatewayConfig
+    from register.listener import KeyChangeListener
 
 log = Logger()
 
@@ -100,6 +100,10 @@ class RegisterService(Service):
         if self.authenticator is not None:
             self._every(self.config.auth.refresh_interval, self.refresh_keys)
             if self.engine.dialect.name == "postgresql":
+                # Imported here: psycopg is about 8 MiB of every worker's
+                # memory, and a SQLite register never needs it.
+                from register.listener import KeyChangeListener
+
                 self.listener = KeyChangeListener(self.engine, self._heard_change)
                 self.listener.start()
         if self.config.register.purge_interval > 0:

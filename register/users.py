@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 from gateway.interfaces import BAD_CLIENT_IP, BAD_USER, Identity
 from gateway.sanitise import has_control
-from register.models import USERNAME_MAX
+from register.limits import USERNAME_MAX
 from register.settings import AuthSettings
 
 # The longest client-IP header value looked at: the longest textual IPv6
