@@ -151,6 +151,13 @@ class ServerConnection:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        # The last bytes object received, held as it came while ``_buf`` is
+        # empty, and how much of it was consumed: body data is handed on as
+        # that object (or one slice of it), not copied into ``_buf`` and out
+        # again.  Invariant: while ``_raw`` is set, ``_buf`` is empty (any
+        # other state than CHUNK_DATA first moves it into ``_buf``).
+        self._raw: bytes | None = None
+        self._raw_pos = 0
         self._eof = False
         self._events: deque[Event] = deque()
         self.their_state: str = IDLE
@@ -180,24 +187,40 @@ class ServerConnection:
         if data:
             if self._eof:
                 raise LocalProtocolError("data received after end of file")
-            self._buf += data
+            if self._raw is not None:
+                self._absorb_raw()
+            if not self._buf and type(data) is bytes:  # immutable: safe to hold
+                self._raw = data
+                self._raw_pos = 0
+            else:
+                self._buf += data
         else:
             self._eof = True
 
+    def _absorb_raw(self) -> None:
+        """Move the held bytes object's unconsumed rest into ``_buf``."""
+        raw, pos = self._raw, self._raw_pos
+        assert raw is not None
+        self._raw = None
+        self._buf += memoryview(raw)[pos:] if pos else raw
+
     @property
     def has_buffered_input(self) -> bool:
-        return bool(self._buf)
+        return bool(self._buf) or self._raw is not None
 
     @property
     def buffered_bytes(self) -> int:
         """Input received but not yet turned into events (pipelined requests)."""
-        return len(self._buf)
+        raw = self._raw
+        return len(self._buf) + (len(raw) - self._raw_pos if raw is not None else 0)
 
     @property
     def mid_request(self) -> bool:
         """A request has started arriving but is not complete: a read stall
         now is a timeout (408), not an idle keep-alive connection."""
         if self.their_state == IDLE:
+            if self._raw is not None:
+                self._absorb_raw()
             return not self._idle_input_is_blank()
         return self.their_state in (CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER)
 
@@ -210,6 +233,8 @@ class ServerConnection:
                 if self._events:
                     return self._events.popleft()
                 state = self.their_state
+                if self._raw is not None and state != CHUNK_DATA:
+                    self._absorb_raw()
                 if state == IDLE:
                     if not self._read_head():
                         return self._need_data()
@@ -394,20 +419,35 @@ class ServerConnection:
         return True
 
     def _read_chunk_data(self) -> bool:
-        buf = self._buf
-        if not buf:
-            return False
-        n = min(self._chunk_left, len(buf))
-        if n == len(buf):
-            data = bytes(buf)
-            self._consume(n)
+        raw = self._raw
+        discarding = self._discarding
+        if raw is not None:
+            # The common case, a read inside a large chunk: the bytes object
+            # Twisted read is the event's data, uncopied.
+            pos = self._raw_pos
+            n = min(self._chunk_left, len(raw) - pos)
+            if discarding:
+                data = b""
+            elif pos == 0 and n == len(raw):
+                data = raw
+            else:
+                data = raw[pos : pos + n]
+            pos += n
+            if pos == len(raw):
+                self._raw = None
+            else:
+                self._raw_pos = pos
         else:
-            data = bytes(buf[:n])
+            buf = self._buf
+            if not buf:
+                return False
+            n = min(self._chunk_left, len(buf))
+            data = b"" if discarding else bytes(buf[:n]) if n < len(buf) else bytes(buf)
             self._consume(n)
         self._chunk_left -= n
         if self._chunk_left == 0:
             self.their_state = CHUNK_CRLF
-        if not self._discarding:
+        if not discarding:
             self._events.append(BodyData(data))
         return True
 

@@ -25,6 +25,38 @@ def test_small_body_stays_in_memory(tmp_path: Path) -> None:
     spool.close()
 
 
+def test_body_in_one_piece_is_handed_to_the_scanner_uncopied(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    with BodySpool(1024**2, tmp_path) as spool:
+        spool.write(data)
+        assert spool.scan_target() is data
+        assert next(spool.iter_chunks(block=65536 * 2)) is data  # one block: no copy for the echo
+
+
+def test_large_pieces_are_joined_once_in_order(tmp_path: Path) -> None:
+    pieces = [os.urandom(65536) for _ in range(5)] + [b"tail"]
+    with BodySpool(1024**2, tmp_path) as spool:
+        for piece in pieces:
+            spool.write(piece)
+        assert spool.scan_target() == b"".join(pieces)
+        assert b"".join(spool.iter_chunks(block=1000, start=3)) == b"".join(pieces)[3:]
+
+
+def test_tiny_pieces_share_buffers_and_mutable_ones_are_copied(tmp_path: Path) -> None:
+    """One-byte writes (a peer sending one-byte chunks) must not cost an
+    object each: memory stays near the body's size."""
+    with BodySpool(1024**2, tmp_path) as spool:
+        expected = bytearray()
+        for i in range(100_000):
+            spool.write(bytes([i % 256]))
+            expected.append(i % 256)
+        assert len(spool._pieces) == 1
+        reused = bytearray(b"m" * 65536)
+        spool.write(reused)
+        reused[:] = b"X" * 65536  # the caller reuses its buffer: the spool kept a copy
+        assert spool.scan_target() == bytes(expected) + b"m" * 65536
+
+
 def test_switches_to_file_past_threshold(tmp_path: Path) -> None:
     spool_dir = tmp_path / "var" / "spool"  # created on demand
     data = os.urandom(300_000)
