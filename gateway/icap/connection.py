@@ -361,13 +361,12 @@ class ServerConnection:
             return False  # wait for the encapsulated header blocks
         self._pending = None
         sections: dict[str, bytes] = {}
-        view = memoryview(buf)
-        for (name, start), (_, stop) in pairwise(entries):
-            block = bytes(view[head_len + start : head_len + stop])
-            if not block.endswith(b"\r\n\r\n"):
-                raise ProtocolError(400, f"encapsulated {name} does not end with an empty line")
-            sections[name] = block
-        view.release()  # before the buffer is resized
+        with memoryview(buf) as view:  # released even on an error: the buffer must stay resizable
+            for (name, start), (_, stop) in pairwise(entries):
+                block = bytes(view[head_len + start : head_len + stop])
+                if not block.endswith(b"\r\n\r\n"):
+                    raise ProtocolError(400, f"encapsulated {name} does not end with an empty line")
+                sections[name] = block
         self._consume(head_len + body_offset)
 
         preview: int | None = None

@@ -150,3 +150,17 @@ def test_response_fields_match_field_by_field_check(headers: list[tuple[str, str
 ])
 def test_response_fields_cases(headers: list[tuple[str, str]]) -> None:
     assert answer_outcome(_safe_fields, headers) == answer_outcome(reference.response_fields, headers)
+
+
+def test_input_after_a_bad_encapsulated_block_does_not_break_the_buffer() -> None:
+    """The error is raised while the head's blocks are being cut out: the
+    buffer must stay resizable for what the peer still sends."""
+    conn = ServerConnection()
+    bad = b"GET / HTTP/1.1\r\nHost: a\r\n"  # no empty line at its end
+    conn.receive_data(b"REQMOD icap://gw/reqmod ICAP/1.0\r\nHost: gw\r\n"
+                      b"Encapsulated: req-hdr=0, null-body=%d\r\n\r\n" % len(bad) + bad)
+    with pytest.raises(ProtocolError) as caught:
+        conn.next_event()
+    assert caught.value.status == 400
+    conn.receive_data(b"more bytes from the peer")  # no BufferError
+    assert conn.send_error(400).startswith(b"ICAP/1.0 400 Bad Request\r\n")
