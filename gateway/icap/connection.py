@@ -486,7 +486,13 @@ class ServerConnection:
             if not buf:
                 return False
             n = min(self._chunk_left, len(buf))
-            data = b"" if discarding else bytes(buf[:n]) if n < len(buf) else bytes(buf)
+            if discarding:
+                data = b""
+            elif n < len(buf):
+                with memoryview(buf) as view:  # one copy, not a bytearray slice and then bytes
+                    data = view[:n].tobytes()
+            else:
+                data = bytes(buf)
             self._consume(n)
         self._chunk_left -= n
         if self._chunk_left == 0:
