@@ -61,8 +61,11 @@ class Headers:
     def tokens(self, name: str) -> set[str]:
         """Comma-separated tokens of a field, lower-cased (e.g. ``Allow: 204, trailers``)."""
         out: set[str] = set()
-        for value in self.get_all(name):
-            out.update(t.strip().lower() for t in value.split(",") if t.strip())
+        for value in self._lookup().get(name.lower(), ()):  # most fields are absent: no list copy
+            for token in value.split(","):
+                token = token.strip()
+                if token:
+                    out.add(token.lower())
         return out
 
     def to_bytes(self) -> bytes:
