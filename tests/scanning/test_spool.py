@@ -200,7 +200,7 @@ def test_tuned_allocator_reuses_memory_for_bodies(tmp_path: Path) -> None:
 
 
 def test_allocator_settings_cover_the_memory_threshold() -> None:
-    assert allocator_settings(1024**2) == (4 * 1024**2, 32 * 1024**2)
+    assert allocator_settings(1024**2) == (4 * 1024**2, 16 * 1024**2)
     mmap_threshold, trim = allocator_settings(10 * 1024**2)
     assert mmap_threshold > 2 * 10 * 1024**2 and trim >= mmap_threshold
     assert allocator_settings(1024**3) == (32 * 1024**2, 64 * 1024**2)  # glibc's ceiling, bounded retention
