@@ -38,7 +38,15 @@ from gateway.icap.events import (
     Request,
     _Sentinel,
 )
-from gateway.icap.headers import Headers, has_control, is_token, parse_header_lines
+from gateway.icap.headers import (
+    _TOKEN_TABLE,
+    CONTROL_BYTES,
+    Headers,
+    has_control,
+    has_control_between_lines,
+    is_token,
+    parse_header_block,
+)
 
 METHODS: Final = frozenset({"OPTIONS", "REQMOD", "RESPMOD"})
 
@@ -101,23 +109,28 @@ def parse_encapsulated(value: str | None, method: str) -> list[tuple[str, int]]:
     heads, bodies = _ALLOWED_SECTIONS[method]
     entries: list[tuple[str, int]] = []
     for item in value.split(","):
-        name, sep, offset = item.strip().partition("=")
-        name = name.strip().lower()
+        name, sep, offset = item.partition("=")
         offset = offset.strip()
-        if not sep or not is_decimal(offset, 12):
+        # isascii() first: str.isdigit() alone accepts "\xb2" (see is_decimal).
+        if not sep or not 0 < len(offset) <= 12 or not offset.isascii() or not offset.isdigit():
             raise ProtocolError(400, f"malformed Encapsulated entry {item.strip()[:40]!r}")
-        entries.append((name, int(offset)))
-    *head_entries, (body_name, body_offset) = entries
+        entries.append((name.strip().lower(), int(offset)))
+    body_name, body_offset = entries[-1]
     if body_name not in bodies:
         raise ProtocolError(400, f"Encapsulated must end with one of {', '.join(bodies)} for {method}")
-    order = [heads.index(n) if n in heads else -1 for n, _ in head_entries]
-    if -1 in order or order != sorted(set(order)):
-        raise ProtocolError(400, f"Encapsulated sections not allowed or out of order for {method}")
-    offsets = [o for _, o in entries]
-    if offsets[0] != 0:
+    last = -1  # the head sections must be allowed ones, each once, in their order
+    for name, _ in entries[:-1]:
+        index = heads.index(name) if name in heads else -1
+        if index <= last:
+            raise ProtocolError(400, f"Encapsulated sections not allowed or out of order for {method}")
+        last = index
+    if entries[0][1] != 0:
         raise ProtocolError(400, "Encapsulated offsets must start at 0")
-    if any(b <= a for a, b in pairwise(offsets)):
-        raise ProtocolError(400, "Encapsulated offsets must increase")
+    previous = -1
+    for _, offset_value in entries:
+        if offset_value <= previous:
+            raise ProtocolError(400, "Encapsulated offsets must increase")
+        previous = offset_value
     if body_offset > limits.MAX_ENCAPSULATED_HEAD_SIZE:
         raise ProtocolError(
             400, f"encapsulated HTTP headers larger than {limits.MAX_ENCAPSULATED_HEAD_SIZE} bytes"
@@ -133,6 +146,30 @@ def service_of(uri: str) -> str:
         slash = rest.find("/")
         rest = rest[slash:] if slash >= 0 else "/"
     return rest.split("?", 1)[0].strip("/")
+
+
+def _safe_fields(headers: list[tuple[str, str]]) -> bytes:
+    """``Name: value`` lines for a response head.  The last guard against
+    response-header injection: whatever built a value, it cannot start a
+    header of its own (a CRLF is allowed only as a fold, which
+    X-Violations-Found uses), and a name is a token.
+
+    All the fields are checked together: with every name a token (so no
+    field starts with a blank and no fold can span two fields), unfolded
+    they hold exactly one CRLF each and no other control byte.  Otherwise
+    they are checked one by one, which names the unsafe one."""
+    fields = "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("latin-1")
+    names = "".join([name for name, _ in headers]).encode("latin-1")
+    unfolded = fields.replace(b"\r\n\t", b"\t").replace(b"\r\n ", b" ")
+    if (all(name for name, _ in headers) and not names.translate(None, _TOKEN_TABLE)
+            and len(unfolded) - len(unfolded.translate(None, CONTROL_BYTES)) == 2 * len(headers)):
+        return fields
+    for name, value in headers:
+        field = f"{name}: {value}\r\n".encode("latin-1")
+        line = field[:-2].replace(b"\r\n\t", b"\t").replace(b"\r\n ", b" ")
+        if has_control(line) or not is_token(name.encode("latin-1")):
+            raise LocalProtocolError(f"unsafe response header {name[:40]!r}")
+    raise LocalProtocolError("unsafe response headers")  # pragma: no cover - the loop names one
 
 
 @dataclass(slots=True)
@@ -151,6 +188,13 @@ class ServerConnection:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        # The last bytes object received, held as it came while ``_buf`` is
+        # empty, and how much of it was consumed: body data is handed on as
+        # that object (or one slice of it), not copied into ``_buf`` and out
+        # again.  Invariant: while ``_raw`` is set, ``_buf`` is empty (any
+        # other state than CHUNK_DATA first moves it into ``_buf``).
+        self._raw: bytes | None = None
+        self._raw_pos = 0
         self._eof = False
         self._events: deque[Event] = deque()
         self.their_state: str = IDLE
@@ -180,24 +224,40 @@ class ServerConnection:
         if data:
             if self._eof:
                 raise LocalProtocolError("data received after end of file")
-            self._buf += data
+            if self._raw is not None:
+                self._absorb_raw()
+            if not self._buf and type(data) is bytes:  # immutable: safe to hold
+                self._raw = data
+                self._raw_pos = 0
+            else:
+                self._buf += data
         else:
             self._eof = True
 
+    def _absorb_raw(self) -> None:
+        """Move the held bytes object's unconsumed rest into ``_buf``."""
+        raw, pos = self._raw, self._raw_pos
+        assert raw is not None
+        self._raw = None
+        self._buf += memoryview(raw)[pos:] if pos else raw
+
     @property
     def has_buffered_input(self) -> bool:
-        return bool(self._buf)
+        return bool(self._buf) or self._raw is not None
 
     @property
     def buffered_bytes(self) -> int:
         """Input received but not yet turned into events (pipelined requests)."""
-        return len(self._buf)
+        raw = self._raw
+        return len(self._buf) + (len(raw) - self._raw_pos if raw is not None else 0)
 
     @property
     def mid_request(self) -> bool:
         """A request has started arriving but is not complete: a read stall
         now is a timeout (408), not an idle keep-alive connection."""
         if self.their_state == IDLE:
+            if self._raw is not None:
+                self._absorb_raw()
             return not self._idle_input_is_blank()
         return self.their_state in (CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER)
 
@@ -210,6 +270,8 @@ class ServerConnection:
                 if self._events:
                     return self._events.popleft()
                 state = self.their_state
+                if self._raw is not None and state != CHUNK_DATA:
+                    self._absorb_raw()
                 if state == IDLE:
                     if not self._read_head():
                         return self._need_data()
@@ -282,9 +344,14 @@ class ServerConnection:
                 if len(buf) > limits.MAX_ICAP_HEAD_SIZE:
                     raise ProtocolError(400, f"ICAP head larger than {limits.MAX_ICAP_HEAD_SIZE} bytes")
                 return False
-            lines = bytes(buf[:end]).split(b"\r\n")
-            method, uri = self._parse_request_line(lines[0])
-            headers = parse_header_lines(lines[1:], limits.MAX_ICAP_HEADERS, "ICAP")
+            head = bytes(memoryview(buf)[:end])
+            # One pass over the head for control bytes; a head with one is
+            # parsed line by line, which finds and names it.
+            clean = not has_control_between_lines(head)
+            request_line, sep, header_block = head.partition(b"\r\n")
+            method, uri = self._parse_request_line(request_line, clean=clean)
+            headers = (parse_header_block(header_block, limits.MAX_ICAP_HEADERS, "ICAP", clean=clean)
+                       if sep else Headers())
             entries = parse_encapsulated(headers.get("Encapsulated"), method)
             pending = self._pending = _PendingHead(method, uri, headers, entries, end + 4)
         method, uri, headers, entries, head_len = (
@@ -294,11 +361,12 @@ class ServerConnection:
             return False  # wait for the encapsulated header blocks
         self._pending = None
         sections: dict[str, bytes] = {}
-        for (name, start), (_, stop) in pairwise(entries):
-            block = bytes(buf[head_len + start : head_len + stop])
-            if not block.endswith(b"\r\n\r\n"):
-                raise ProtocolError(400, f"encapsulated {name} does not end with an empty line")
-            sections[name] = block
+        with memoryview(buf) as view:  # released even on an error: the buffer must stay resizable
+            for (name, start), (_, stop) in pairwise(entries):
+                block = bytes(view[head_len + start : head_len + stop])
+                if not block.endswith(b"\r\n\r\n"):
+                    raise ProtocolError(400, f"encapsulated {name} does not end with an empty line")
+                sections[name] = block
         self._consume(head_len + body_offset)
 
         preview: int | None = None
@@ -337,14 +405,15 @@ class ServerConnection:
         return True
 
     @staticmethod
-    def _parse_request_line(line: bytes) -> tuple[str, str]:
-        if has_control(line):
+    def _parse_request_line(line: bytes, *, clean: bool = False) -> tuple[str, str]:
+        """``clean``: the caller found no control byte in it already."""
+        if not clean and has_control(line):
             raise ProtocolError(400, "control character (NUL, CR, LF...) in the ICAP request line")
         parts = line.split(b" ")
         if len(parts) != 3 or not all(parts):
             raise ProtocolError(400, "malformed ICAP request line")
         try:
-            method, uri, version = (p.decode("ascii") for p in parts)
+            method, uri, version = line.decode("ascii").split(" ")
         except UnicodeDecodeError:
             raise ProtocolError(400, "non-ASCII ICAP request line") from None
         if version != "ICAP/1.0":
@@ -394,20 +463,41 @@ class ServerConnection:
         return True
 
     def _read_chunk_data(self) -> bool:
-        buf = self._buf
-        if not buf:
-            return False
-        n = min(self._chunk_left, len(buf))
-        if n == len(buf):
-            data = bytes(buf)
-            self._consume(n)
+        raw = self._raw
+        discarding = self._discarding
+        if raw is not None:
+            # The common case, a read inside a large chunk: the bytes object
+            # Twisted read is the event's data, uncopied.
+            pos = self._raw_pos
+            n = min(self._chunk_left, len(raw) - pos)
+            if discarding:
+                data = b""
+            elif pos == 0 and n == len(raw):
+                data = raw
+            else:
+                data = raw[pos : pos + n]
+            pos += n
+            if pos == len(raw):
+                self._raw = None
+            else:
+                self._raw_pos = pos
         else:
-            data = bytes(buf[:n])
+            buf = self._buf
+            if not buf:
+                return False
+            n = min(self._chunk_left, len(buf))
+            if discarding:
+                data = b""
+            elif n < len(buf):
+                with memoryview(buf) as view:  # one copy, not a bytearray slice and then bytes
+                    data = view[:n].tobytes()
+            else:
+                data = bytes(buf)
             self._consume(n)
         self._chunk_left -= n
         if self._chunk_left == 0:
             self.their_state = CHUNK_CRLF
-        if not self._discarding:
+        if not discarding:
             self._events.append(BodyData(data))
         return True
 
@@ -509,15 +599,8 @@ class ServerConnection:
         if close:
             self._close_after = True
         out = [f"ICAP/1.0 {status} {REASONS.get(status, 'Unknown')}\r\n".encode()]
-        for name, value in headers:
-            field = f"{name}: {value}\r\n".encode("latin-1")
-            # The last guard against response-header injection: whatever
-            # built the value, it cannot start a header of its own (a CRLF is
-            # allowed only as a fold, which X-Violations-Found uses).
-            line = field[:-2].replace(b"\r\n\t", b"\t").replace(b"\r\n ", b" ")
-            if has_control(line) or not is_token(name.encode("latin-1")):
-                raise LocalProtocolError(f"unsafe response header {name[:40]!r}")
-            out.append(field)
+        if headers:
+            out.append(_safe_fields(headers))
         if self._close_after:
             out.append(b"Connection: close\r\n")
         entries = []

@@ -12,7 +12,13 @@ from urllib.parse import unquote, urlsplit
 
 from gateway.icap import limits
 from gateway.icap.errors import ProtocolError
-from gateway.icap.headers import Headers, has_control, is_token, parse_header_lines
+from gateway.icap.headers import (
+    Headers,
+    has_control,
+    has_control_between_lines,
+    is_token,
+    parse_header_block,
+)
 
 
 @dataclass(slots=True)
@@ -42,24 +48,34 @@ class HTTPResponseHead:
     headers: Headers
 
 
-def _split_head(raw: bytes, what: str) -> tuple[bytes, list[bytes]]:
+def _split_head(raw: bytes, what: str) -> tuple[bytes, bytes | None, bool]:
+    """The start line, the header lines joined by CRLF (None: no header
+    line), and whether the head is free of control bytes within its lines
+    (one pass over it)."""
     if not raw.endswith(b"\r\n\r\n"):
         raise ProtocolError(400, f"encapsulated HTTP {what} head does not end with an empty line")
-    lines = raw[:-4].split(b"\r\n")
-    return lines[0], lines[1:]
+    head = raw[:-4]
+    start, sep, header_block = head.partition(b"\r\n")
+    return start, header_block if sep else None, not has_control_between_lines(head)
+
+
+def _headers(header_block: bytes | None, clean: bool) -> Headers:
+    if header_block is None:
+        return Headers()
+    return parse_header_block(header_block, limits.MAX_HTTP_HEADERS, "HTTP", clean=clean)
 
 
 def parse_request_head(raw: bytes) -> HTTPRequestHead:
     """Parse an encapsulated request head.  Raises ProtocolError(400) for a
     malformed line or header, and for a URL that cannot be split into a host
     and port or is longer than ``limits.MAX_URL_LENGTH``."""
-    start, lines = _split_head(raw, "request")
-    if has_control(start):
+    start, header_block, clean = _split_head(raw, "request")
+    if not clean and has_control(start):
         raise ProtocolError(400, "control character (NUL, CR, LF...) in the encapsulated HTTP request line")
     parts = start.split(b" ")
     if len(parts) != 3 or not is_token(parts[0]) or not parts[1] or not parts[2].startswith(b"HTTP/"):
         raise ProtocolError(400, "malformed encapsulated HTTP request line")
-    headers = parse_header_lines(lines, limits.MAX_HTTP_HEADERS, "HTTP")
+    headers = _headers(header_block, clean)
     if len(headers.get_all("Host")) > 1:
         # RFC 9112 section 3.2: more than one Host is answered 400; which
         # one a rule saw and which one the origin uses must not differ.
@@ -94,14 +110,14 @@ def _check_url(head: HTTPRequestHead) -> None:
 
 
 def parse_response_head(raw: bytes) -> HTTPResponseHead:
-    start, lines = _split_head(raw, "response")
-    if has_control(start):
+    start, header_block, clean = _split_head(raw, "response")
+    if not clean and has_control(start):
         raise ProtocolError(400, "control character (NUL, CR, LF...) in the encapsulated HTTP status line")
     version, _, rest = start.partition(b" ")
     code, _, reason = rest.partition(b" ")
     if not version.startswith(b"HTTP/") or len(code) != 3 or not code.isdigit():
         raise ProtocolError(400, "malformed encapsulated HTTP status line")
-    headers = parse_header_lines(lines, limits.MAX_HTTP_HEADERS, "HTTP")
+    headers = _headers(header_block, clean)
     return HTTPResponseHead(
         version=version.decode("latin-1"),
         status=int(code),

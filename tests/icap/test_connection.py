@@ -292,6 +292,50 @@ def test_large_chunk_streams_in_pieces() -> None:
     assert drain(conn) == [EndOfMessage()]
 
 
+def test_body_read_inside_a_chunk_is_handed_on_uncopied() -> None:
+    """A read that falls inside a chunk becomes the event's data as it is:
+    the bytes object received, not a copy of it."""
+    conn = ServerConnection()
+    conn.receive_data(respmod(b"30000\r\n"))
+    drain(conn)
+    piece = bytes(range(256)) * 256
+    conn.receive_data(piece)
+    (event,) = drain(conn)
+    assert isinstance(event, BodyData) and event.data is piece
+    # the rest of the chunk and what follows it in one read: split correctly
+    conn.receive_data(b"y" * (0x30000 - len(piece)) + b"\r\n5\r\nhello\r\n0\r\n\r\n")
+    events = drain(conn)
+    assert b"".join(e.data for e in events if isinstance(e, BodyData)) == b"y" * (0x30000 - len(piece)) + b"hello"
+    assert events[-1] == EndOfMessage()
+
+
+def test_mutable_input_is_copied_not_held() -> None:
+    conn = ServerConnection()
+    conn.receive_data(respmod(b"4\r\n"))
+    drain(conn)
+    data = bytearray(b"abcd")
+    conn.receive_data(data)
+    data[:] = b"XXXX"  # the caller reuses its buffer
+    (event,) = drain(conn)
+    assert isinstance(event, BodyData) and event.data == b"abcd"
+
+
+def test_buffered_bytes_counts_input_held_while_paused() -> None:
+    """What waits unparsed counts against the pipelining bound whether it
+    sits in the buffer or is the last read held as it came."""
+    conn = ServerConnection()
+    conn.receive_data(respmod(b"10\r\n"))
+    drain(conn)
+    assert conn.buffered_bytes == 0 and not conn.has_buffered_input
+    conn.receive_data(b"a" * 10)
+    assert conn.buffered_bytes == 10 and conn.has_buffered_input
+    conn.receive_data(b"b" * 6 + b"\r\n0\r\n\r\n")
+    assert conn.buffered_bytes == 10 + 6 + 7
+    events = drain(conn)
+    assert b"".join(e.data for e in events if isinstance(e, BodyData)) == b"a" * 10 + b"b" * 6
+    assert events[-1] == EndOfMessage() and conn.buffered_bytes == 0
+
+
 def test_response_encapsulated_forms() -> None:
     conn = ServerConnection()
     conn.receive_data(icap("REQMOD", f"req-hdr=0, null-body={len(REQ_HDR)}") + REQ_HDR)

@@ -19,7 +19,7 @@ from gateway.icap import limits
 from gateway.icap.connection import ServerConnection
 from gateway.icap.errors import LocalProtocolError, ProtocolError
 from gateway.icap.events import NEED_DATA, PAUSED, EndOfMessage, Request
-from gateway.icap.headers import parse_header_lines
+from gateway.icap.headers import parse_header_block, parse_header_lines
 from gateway.icap.http import (
     HTTPRequestHead,
     content_disposition_filename,
@@ -136,11 +136,11 @@ def test_trailer_fed_byte_by_byte_is_searched_once() -> None:
 def test_icap_head_parsed_once_while_encapsulated_heads_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def counting_parse(lines: list[bytes], max_count: int, what: str):  # type: ignore[no-untyped-def]
+    def counting_parse(block: bytes, max_count: int, what: str, *, clean: bool = False):  # type: ignore[no-untyped-def]
         calls.append(what)
-        return parse_header_lines(lines, max_count, what)
+        return parse_header_block(block, max_count, what, clean=clean)
 
-    monkeypatch.setattr(connection_module, "parse_header_lines", counting_parse)
+    monkeypatch.setattr(connection_module, "parse_header_block", counting_parse)
     req_hdr = b"GET http://example.com/ HTTP/1.1\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n"
     data = icap("REQMOD", f"req-hdr=0, null-body={len(req_hdr)}", uri="icap://gw/reqmod") + req_hdr
     events, examined = feed_counting(data)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.scanning.spool import BodySpool, purge_stale
+from gateway.scanning.spool import BodySpool, allocator_settings, purge_stale
 
 
 def test_small_body_stays_in_memory(tmp_path: Path) -> None:
@@ -23,6 +23,38 @@ def test_small_body_stays_in_memory(tmp_path: Path) -> None:
     assert all(len(c) <= 7 for c in spool.iter_chunks(block=7))
     assert not (tmp_path / "spool").exists()  # never needed
     spool.close()
+
+
+def test_body_in_one_piece_is_handed_to_the_scanner_uncopied(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    with BodySpool(1024**2, tmp_path) as spool:
+        spool.write(data)
+        assert spool.scan_target() is data
+        assert next(spool.iter_chunks(block=65536 * 2)) is data  # one block: no copy for the echo
+
+
+def test_large_pieces_are_joined_once_in_order(tmp_path: Path) -> None:
+    pieces = [os.urandom(65536) for _ in range(5)] + [b"tail"]
+    with BodySpool(1024**2, tmp_path) as spool:
+        for piece in pieces:
+            spool.write(piece)
+        assert spool.scan_target() == b"".join(pieces)
+        assert b"".join(spool.iter_chunks(block=1000, start=3)) == b"".join(pieces)[3:]
+
+
+def test_tiny_pieces_share_buffers_and_mutable_ones_are_copied(tmp_path: Path) -> None:
+    """One-byte writes (a peer sending one-byte chunks) must not cost an
+    object each: memory stays near the body's size."""
+    with BodySpool(1024**2, tmp_path) as spool:
+        expected = bytearray()
+        for i in range(100_000):
+            spool.write(bytes([i % 256]))
+            expected.append(i % 256)
+        assert len(spool._pieces) == 1
+        reused = bytearray(b"m" * 65536)
+        spool.write(reused)
+        reused[:] = b"X" * 65536  # the caller reuses its buffer: the spool kept a copy
+        assert spool.scan_target() == bytes(expected) + b"m" * 65536
 
 
 def test_switches_to_file_past_threshold(tmp_path: Path) -> None:
@@ -125,3 +157,50 @@ def test_hash_of_echo_matches_for_memory_body(tmp_path: Path) -> None:
     with BodySpool(10_000, tmp_path) as spool:
         spool.write(data)
         assert hashlib.sha256(b"".join(spool.iter_chunks(1024))).digest() == hashlib.sha256(data).digest()
+
+
+FAULTS_SCRIPT = r"""
+import resource, sys
+from pathlib import Path
+from gateway.scanning.spool import BodySpool, tune_allocator
+
+tuned = tune_allocator(1024**2) if sys.argv[2] == "tuned" else False
+piece = bytes(range(256)) * 256
+
+def body():  # eight 1 MiB bodies in flight, as under load
+    spools = [BodySpool(1024**2, Path(sys.argv[1])) for _ in range(8)]
+    for spool in spools:
+        for _ in range(16):
+            spool.write(bytearray(piece))
+        spool.scan_target()
+    for spool in spools:
+        spool.close()
+
+body()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    body()
+print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 160)
+"""
+
+
+def test_tuned_allocator_reuses_memory_for_bodies(tmp_path: Path) -> None:
+    def faults(mode: str) -> tuple[str, float]:
+        proc = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, str(tmp_path), mode], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).resolve().parents[2])
+        tuned, per_body = proc.stdout.split()
+        return tuned, float(per_body)
+
+    tuned, per_body = faults("tuned")
+    if tuned != "True":
+        pytest.skip("no glibc mallopt here")
+    _, untuned = faults("plain")
+    # A 1 MiB body is 256 pages: untuned, most of them are faulted in anew.
+    assert per_body < 8 < untuned, (per_body, untuned)
+
+
+def test_allocator_settings_cover_the_memory_threshold() -> None:
+    assert allocator_settings(1024**2) == (4 * 1024**2, 16 * 1024**2)
+    mmap_threshold, trim = allocator_settings(10 * 1024**2)
+    assert mmap_threshold > 2 * 10 * 1024**2 and trim >= mmap_threshold
+    assert allocator_settings(1024**3) == (32 * 1024**2, 64 * 1024**2)  # glibc's ceiling, bounded retention
