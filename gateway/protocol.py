@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from twisted.internet import interfaces, tcp
@@ -529,7 +530,8 @@ class ICAPServerProtocol(Protocol):
 
     def _verdict_guarded(self, verdict: Verdict, tx: Transaction) -> None:
         """``_on_verdict`` behind the safety net: an exception there would
-        otherwise vanish into the Deferred and leave the connection busy."""
+        otherwise go to the scanner's completion queue (logged, nothing
+        answered) and leave the connection busy."""
         try:
             self._on_verdict(verdict, tx)
         except Exception:
@@ -724,12 +726,7 @@ class ICAPServerProtocol(Protocol):
         self._busy = True
         self._cancel_timer()
         scanner = self._policy().scanner or self.ctx.scanner  # the tenant's ruleset's, if it has one
-        d = scanner.scan(tx.spool.scan_target(), tx.scan_context())
-        d.addCallbacks(self._verdict_guarded, self._on_scan_failure, callbackArgs=(tx,), errbackArgs=(tx,))
-
-    def _on_scan_failure(self, failure: Failure, tx: Transaction) -> None:
-        log.failure("scanner failed", failure)
-        self._verdict_guarded(Verdict(outcome="error", detail="internal scanner error"), tx)
+        scanner.scan_then(tx.spool.scan_target(), tx.scan_context(), partial(self._verdict_guarded, tx=tx))
 
     def _on_verdict(self, verdict: Verdict, tx: Transaction) -> None:
         if self.transport is None or self.tx is not tx or not self.connected:
