@@ -195,7 +195,10 @@ class ICAPServerProtocol(Protocol):
         self._draining = False  # shutting down: finish what was sent, then close (finish_and_close)
         self._opened_at = ctx.clock.seconds()  # for max_connection_age (see _recycle_due)
         self._direct: tcp.Connection | None = None  # the TCP connection _write may send on
-        self._client_cert: str | None = None  # TLS client certificate's SHA-256, read at a request
+        # The TLS client certificate's SHA-256 (None: none), read at the
+        # first request (the handshake is done by then): fixed for the connection.
+        self._client_cert: str | None = None
+        self._client_cert_read = False
         self._tenant_policy: TenantPolicy | None = None  # the current transaction's tenant's
 
     # --- connection lifecycle ---------------------------------------------
@@ -619,9 +622,13 @@ class ICAPServerProtocol(Protocol):
         username, tx.client_ip, tx.bad_headers = ctx.identify(headers, self._peer)
         # The authenticator records its own refusals: only it knows which
         # tenant a key claimed and how it rate-limits a source.
-        self._client_cert = self._client_cert or client_certificate_sha256(self.transport)  # handshake done
-        result = ctx.authenticator.authenticate(
-            replace(ctx.credentials(headers, self._peer), client_cert_sha256=self._client_cert))
+        if not self._client_cert_read:
+            self._client_cert = client_certificate_sha256(self.transport)  # handshake done
+            self._client_cert_read = True
+        credentials = ctx.credentials(headers, self._peer)
+        if self._client_cert is not None:
+            credentials = replace(credentials, client_cert_sha256=self._client_cert)
+        result = ctx.authenticator.authenticate(credentials)
         refusal = decision.authorise(result)
         if refusal is not None:
             ctx.observer.auth_failed(refusal.detail)
