@@ -56,6 +56,15 @@ class PeerAllows:
     committed: bool = False  # our 200 head (the original one) is already out
 
 
+# The four there are, shared: the protocol asks for one per answer.
+_PEER_ALLOWS = {(n, c): PeerAllows(n, c) for n in (False, True) for c in (False, True)}
+
+
+def peer_allows(no_content: bool, committed: bool) -> PeerAllows:
+    """``PeerAllows(no_content, committed)``, without building one."""
+    return _PEER_ALLOWS[no_content, committed]
+
+
 # --- answers ----------------------------------------------------------------
 
 

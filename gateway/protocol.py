@@ -676,7 +676,7 @@ class ICAPServerProtocol(Protocol):
         return True
 
     def _allows(self, tx: Transaction) -> decision.PeerAllows:
-        return decision.PeerAllows(no_content=self.conn.can_send_204, committed=tx.committed)
+        return decision.peer_allows(self.conn.can_send_204, tx.committed)
 
     def _on_body(self, data: bytes) -> None:
         tx = self.tx
@@ -751,7 +751,9 @@ class ICAPServerProtocol(Protocol):
     def _answer(self, tx: Transaction, answer: decision.Answer, verdict: Verdict | None = None) -> None:
         """Send ``answer`` (one transport write, except an echo's later
         blocks) and finish the transaction's record."""
-        answer = decision.monitor(answer, self._policy().decision, self._allows(tx))
+        policy = self._policy().decision
+        if policy.mode != "block":  # monitor mode: a block becomes a pass
+            answer = decision.monitor(answer, policy, self._allows(tx))
         if isinstance(answer, decision.NoContent):
             headers = self._common_headers()
             if answer.scan_status:

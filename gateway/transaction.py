@@ -66,6 +66,10 @@ class State(enum.Enum):
     SCANNING_COMMITTED = "scanning-committed"  # the same, with our head out
     ANSWERED = "answered"  # the answer is decided and its record went out
 
+    # Members are singletons compared by identity: hash them so too (Enum's
+    # __hash__ hashes the name in Python, and the table is asked per step).
+    __hash__ = object.__hash__
+
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.RECEIVING: frozenset({State.TRICKLING, State.SCANNING, State.ANSWERED}),
@@ -74,8 +78,6 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.SCANNING_COMMITTED: frozenset({State.ANSWERED}),
     State.ANSWERED: frozenset(),
 }
-
-_COMMITTED = frozenset({State.TRICKLING, State.SCANNING_COMMITTED})
 
 
 class TransitionError(RuntimeError):
@@ -115,7 +117,8 @@ class Transaction:
     @property
     def committed(self) -> bool:
         """Our 200 head (the original HTTP head) went out before the verdict."""
-        return self.state in _COMMITTED
+        state = self.state  # asked several times per body piece: two identity tests
+        return state is State.TRICKLING or state is State.SCANNING_COMMITTED
 
     # --- the body -----------------------------------------------------------
 
