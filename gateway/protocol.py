@@ -663,6 +663,8 @@ class ICAPServerProtocol(Protocol):
         if self._policy().decision.mode == "monitor":
             return False  # a tenant in monitor mode is never refused (an entry may predate the switch)
         remembered = late_blocks.recall(tx.tenant.id, tx.url)
+        if remembered is None:  # nearly always: nothing else to look up
+            return False
         # The version of the set this tenant's scans use (its [rulesets] one,
         # or [scan] rules): a verdict of any other is not given.
         scanner = self._policy().scanner or self.ctx.scanner
