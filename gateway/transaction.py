@@ -102,6 +102,10 @@ class Transaction:
     bad_headers: tuple[str, ...] = ()  # identity headers refused (see register.users)
     max_scan_size: int = 0  # the tenant's ([tenants.NAME], gateway.policy); 0: the scanner's
     state: State = State.RECEIVING
+    # Our 200 head (the original HTTP head) went out before the verdict: the
+    # state is TRICKLING or SCANNING_COMMITTED.  Kept by _to, as it is asked
+    # several times per body piece.
+    committed: bool = field(default=False, init=False)
 
     # --- state ------------------------------------------------------------
 
@@ -109,16 +113,11 @@ class Transaction:
         if new not in TRANSITIONS[self.state]:
             raise TransitionError(f"transaction cannot go from {self.state.value} to {new.value}")
         self.state = new
+        self.committed = new is State.TRICKLING or new is State.SCANNING_COMMITTED
 
     @property
     def answered(self) -> bool:
         return self.state is State.ANSWERED
-
-    @property
-    def committed(self) -> bool:
-        """Our 200 head (the original HTTP head) went out before the verdict."""
-        state = self.state  # asked several times per body piece: two identity tests
-        return state is State.TRICKLING or state is State.SCANNING_COMMITTED
 
     # --- the body -----------------------------------------------------------
 

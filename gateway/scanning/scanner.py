@@ -98,22 +98,23 @@ def make_scan_pool(settings: ScanSettings) -> ScanPool:
 
 def externals_for(context: ScanContext) -> dict[str, str]:
     """The per-transaction values of the externals (NULs dropped: C strings)."""
-    return {
-        "filename": _c_string(context.filename),
-        "filepath": _c_string(context.filepath),
-        "extension": _c_string(context.extension),
-        "filetype": _c_string(context.filetype),
-        "url": _c_string(context.url),
-        "host": _c_string(context.host),
-        "direction": _c_string(context.direction),
-        "tenant": _c_string(context.tenant),
+    values: dict[str, str] = {
+        "filename": context.filename,
+        "filepath": context.filepath,
+        "extension": context.extension,
+        "filetype": context.filetype,
+        "url": context.url,
+        "host": context.host,
+        "direction": context.direction,
+        "tenant": context.tenant,
     }
-
-
-def _c_string(value: object) -> str:
-    if isinstance(value, str):  # what a ScanContext holds: no copy unless it has a NUL
-        return value.replace("\0", "") if "\0" in value else value
-    return str(value or "").replace("\0", "")
+    try:
+        # The usual case, strings without a NUL, is one join and one search.
+        if "\0" not in "".join(values.values()):
+            return values
+    except TypeError:  # a value that is not a string (None): made one below
+        pass
+    return {k: str(v or "").replace("\0", "") for k, v in values.items()}
 
 
 class _Timeout(Exception):
