@@ -106,6 +106,7 @@ class Transaction:
     # state is TRICKLING or SCANNING_COMMITTED.  Kept by _to, as it is asked
     # several times per body piece.
     committed: bool = field(default=False, init=False)
+    _url: str | None = field(default=None, init=False, repr=False)  # see url
 
     # --- state ------------------------------------------------------------
 
@@ -191,7 +192,14 @@ class Transaction:
 
     @property
     def url(self) -> str:
-        return self.http_request.url if self.http_request else ""
+        # Asked by the late-block memory, the record, a block page: an
+        # origin-form target rebuilds the URL from Host each time it is asked.
+        url = self._url
+        if url is None:
+            if self.http_request is None:  # not parsed (yet): not kept
+                return ""
+            url = self._url = self.http_request.url
+        return url
 
     def release(self) -> None:
         """Close the spool (idempotent): its file, if any, is deleted."""
