@@ -117,6 +117,9 @@ def externals_for(context: ScanContext) -> dict[str, str]:
     return {k: str(v or "").replace("\0", "") for k, v in values.items()}
 
 
+_TRANSACTION_EXTERNALS = frozenset(externals_for(ScanContext(direction="response")))
+
+
 class _Timeout(Exception):
     pass
 
@@ -233,7 +236,9 @@ class YaraScanner:
         known = self._key_names
         if known[0] is compiled:
             return known[1]
-        names = tuple(sorted(compiled.externals_used))
+        # Only those a transaction gives a value (externals_for): "owner" is
+        # declared for rule sets written for other scanners, and stays empty.
+        names = tuple(sorted(n for n in compiled.externals_used if n in _TRANSACTION_EXTERNALS))
         self._key_names = (compiled, names)  # one assignment: safe between the scanning threads
         return names
 
