@@ -76,6 +76,9 @@ def _serve(variant: str, count: int, out: Any) -> None:
         def scan(self, body: object, context: object) -> Any:
             return succeed(Verdict("clean", scanned_bytes=1024))
 
+        def scan_then(self, body: object, context: object, on_verdict: Any) -> None:
+            on_verdict(Verdict("clean", scanned_bytes=1024))
+
     class Accept:
         def authenticate(self, credentials: object) -> Authenticated:
             return Authenticated(Tenant(1, "bench"))

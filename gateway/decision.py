@@ -56,6 +56,15 @@ class PeerAllows:
     committed: bool = False  # our 200 head (the original one) is already out
 
 
+# The four there are, shared: the protocol asks for one per answer.
+_PEER_ALLOWS = {(n, c): PeerAllows(n, c) for n in (False, True) for c in (False, True)}
+
+
+def peer_allows(no_content: bool, committed: bool) -> PeerAllows:
+    """``PeerAllows(no_content, committed)``, without building one."""
+    return _PEER_ALLOWS[no_content, committed]
+
+
 # --- answers ----------------------------------------------------------------
 
 
@@ -222,7 +231,14 @@ def pass_without_body(allows: PeerAllows) -> NoContent | Echo:
     return _pass("clean", "no-body", "", allows)
 
 
+# The answer to nearly every transaction, built once.
+_CLEAN_NO_CONTENT = NoContent("clean")
+_CLEAN_ECHO = Echo("clean")
+
+
 def _pass(outcome: Outcome, detail: str, reason: str, allows: PeerAllows) -> NoContent | Echo:
+    if outcome == "clean" and not detail and not reason:
+        return _CLEAN_NO_CONTENT if allows.no_content and not allows.committed else _CLEAN_ECHO
     scan_status = ""
     if reason or outcome == "unscanned":
         scan_status = sanitise.header_value(f"unscanned; reason={reason or detail or 'unknown'}", 128)

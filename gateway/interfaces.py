@@ -7,12 +7,12 @@ this module (it imports nothing heavy) but never the protocol.
 
 Everything here is called on the reactor thread and must not block: an
 implementation that needs the database or YARA defers to a thread pool and
-returns a Deferred (scan) or enqueues (record).
+calls back (scan) or enqueues (record).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
@@ -276,15 +276,23 @@ class NullObserver:
 
 class Scanner(Protocol):
     """Scans a complete body off the reactor.  ``body`` is bytes or a path to
-    a spooled file.  The Deferred fires with a Verdict; it never errbacks
-    (errors and timeouts become unscannable verdicts: engine-error, scan-timeout)."""
+    a spooled file.  It never fails: errors and timeouts become unscannable
+    verdicts (engine-error, scan-timeout)."""
 
     @property
     def version(self) -> str:
         """The ISTag-worthy identity of the loaded ruleset."""
         ...
 
-    def scan(self, body: bytes | str, context: ScanContext) -> Deferred[Verdict]: ...
+    def scan(self, body: bytes | str, context: ScanContext) -> Deferred[Verdict]:
+        """The verdict as a Deferred that never errbacks (tools, tests, reloads)."""
+        ...
+
+    def scan_then(self, body: bytes | str, context: ScanContext, on_verdict: Callable[[Verdict], object]) -> None:
+        """Call ``on_verdict(verdict)`` once, on the reactor thread (maybe
+        before returning).  What the protocol calls per transaction: no
+        Deferred and its callback chain per scan."""
+        ...
 
 
 __all__ = [

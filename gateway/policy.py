@@ -77,6 +77,9 @@ class RulesetScanners:
     def scan(self, body: bytes | str, context: ScanContext) -> Deferred[Verdict]:
         return self.default.scan(body, context)
 
+    def scan_then(self, body: bytes | str, context: ScanContext, on_verdict: Callable[[Verdict], object]) -> None:
+        self.default.scan_then(body, context, on_verdict)
+
 
 def _template(value: str) -> Path:
     # As gateway.service.resolve_path: relative to the working directory, or to a source checkout.

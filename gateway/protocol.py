@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from twisted.internet import interfaces, tcp
@@ -194,7 +195,10 @@ class ICAPServerProtocol(Protocol):
         self._draining = False  # shutting down: finish what was sent, then close (finish_and_close)
         self._opened_at = ctx.clock.seconds()  # for max_connection_age (see _recycle_due)
         self._direct: tcp.Connection | None = None  # the TCP connection _write may send on
-        self._client_cert: str | None = None  # TLS client certificate's SHA-256, read at a request
+        # The TLS client certificate's SHA-256 (None: none), read at the
+        # first request (the handshake is done by then): fixed for the connection.
+        self._client_cert: str | None = None
+        self._client_cert_read = False
         self._tenant_policy: TenantPolicy | None = None  # the current transaction's tenant's
 
     # --- connection lifecycle ---------------------------------------------
@@ -529,7 +533,8 @@ class ICAPServerProtocol(Protocol):
 
     def _verdict_guarded(self, verdict: Verdict, tx: Transaction) -> None:
         """``_on_verdict`` behind the safety net: an exception there would
-        otherwise vanish into the Deferred and leave the connection busy."""
+        otherwise go to the scanner's completion queue (logged, nothing
+        answered) and leave the connection busy."""
         try:
             self._on_verdict(verdict, tx)
         except Exception:
@@ -617,9 +622,13 @@ class ICAPServerProtocol(Protocol):
         username, tx.client_ip, tx.bad_headers = ctx.identify(headers, self._peer)
         # The authenticator records its own refusals: only it knows which
         # tenant a key claimed and how it rate-limits a source.
-        self._client_cert = self._client_cert or client_certificate_sha256(self.transport)  # handshake done
-        result = ctx.authenticator.authenticate(
-            replace(ctx.credentials(headers, self._peer), client_cert_sha256=self._client_cert))
+        if not self._client_cert_read:
+            self._client_cert = client_certificate_sha256(self.transport)  # handshake done
+            self._client_cert_read = True
+        credentials = ctx.credentials(headers, self._peer)
+        if self._client_cert is not None:
+            credentials = replace(credentials, client_cert_sha256=self._client_cert)
+        result = ctx.authenticator.authenticate(credentials)
         refusal = decision.authorise(result)
         if refusal is not None:
             ctx.observer.auth_failed(refusal.detail)
@@ -654,6 +663,8 @@ class ICAPServerProtocol(Protocol):
         if self._policy().decision.mode == "monitor":
             return False  # a tenant in monitor mode is never refused (an entry may predate the switch)
         remembered = late_blocks.recall(tx.tenant.id, tx.url)
+        if remembered is None:  # nearly always: nothing else to look up
+            return False
         # The version of the set this tenant's scans use (its [rulesets] one,
         # or [scan] rules): a verdict of any other is not given.
         scanner = self._policy().scanner or self.ctx.scanner
@@ -667,7 +678,7 @@ class ICAPServerProtocol(Protocol):
         return True
 
     def _allows(self, tx: Transaction) -> decision.PeerAllows:
-        return decision.PeerAllows(no_content=self.conn.can_send_204, committed=tx.committed)
+        return decision.peer_allows(self.conn.can_send_204, tx.committed)
 
     def _on_body(self, data: bytes) -> None:
         tx = self.tx
@@ -724,12 +735,7 @@ class ICAPServerProtocol(Protocol):
         self._busy = True
         self._cancel_timer()
         scanner = self._policy().scanner or self.ctx.scanner  # the tenant's ruleset's, if it has one
-        d = scanner.scan(tx.spool.scan_target(), tx.scan_context())
-        d.addCallbacks(self._verdict_guarded, self._on_scan_failure, callbackArgs=(tx,), errbackArgs=(tx,))
-
-    def _on_scan_failure(self, failure: Failure, tx: Transaction) -> None:
-        log.failure("scanner failed", failure)
-        self._verdict_guarded(Verdict(outcome="error", detail="internal scanner error"), tx)
+        scanner.scan_then(tx.spool.scan_target(), tx.scan_context(), partial(self._verdict_guarded, tx=tx))
 
     def _on_verdict(self, verdict: Verdict, tx: Transaction) -> None:
         if self.transport is None or self.tx is not tx or not self.connected:
@@ -747,7 +753,9 @@ class ICAPServerProtocol(Protocol):
     def _answer(self, tx: Transaction, answer: decision.Answer, verdict: Verdict | None = None) -> None:
         """Send ``answer`` (one transport write, except an echo's later
         blocks) and finish the transaction's record."""
-        answer = decision.monitor(answer, self._policy().decision, self._allows(tx))
+        policy = self._policy().decision
+        if policy.mode != "block":  # monitor mode: a block becomes a pass
+            answer = decision.monitor(answer, policy, self._allows(tx))
         if isinstance(answer, decision.NoContent):
             headers = self._common_headers()
             if answer.scan_status:

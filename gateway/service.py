@@ -251,7 +251,7 @@ def build_gateway(
         block_page=block_page,
         clock=reactor,
         identify=register.identify,
-        credentials=partial(_credentials, settings=config.auth),
+        credentials=partial(credentials_from_headers, settings=config.auth),
         service_id=server.service_id,
         max_connections=server.max_connections,
         options_ttl=server.options_ttl,
@@ -299,10 +299,6 @@ def build_gateway(
             listener.setServiceParent(top.listeners)
     top.listeners.setServiceParent(top)
     return Gateway(top, context, rules, monitoring.reopen_logs, register, monitoring, tls, policies, rulesets)
-
-
-def _credentials(headers: Any, peer: str, *, settings: Any) -> Any:
-    return credentials_from_headers(headers, peer, settings)
 
 
 def makeService(config: GatewayConfig, reactor: Any) -> GatewayService:

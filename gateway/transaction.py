@@ -66,6 +66,10 @@ class State(enum.Enum):
     SCANNING_COMMITTED = "scanning-committed"  # the same, with our head out
     ANSWERED = "answered"  # the answer is decided and its record went out
 
+    # Members are singletons compared by identity: hash them so too (Enum's
+    # __hash__ hashes the name in Python, and the table is asked per step).
+    __hash__ = object.__hash__
+
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.RECEIVING: frozenset({State.TRICKLING, State.SCANNING, State.ANSWERED}),
@@ -74,8 +78,6 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.SCANNING_COMMITTED: frozenset({State.ANSWERED}),
     State.ANSWERED: frozenset(),
 }
-
-_COMMITTED = frozenset({State.TRICKLING, State.SCANNING_COMMITTED})
 
 
 class TransitionError(RuntimeError):
@@ -100,6 +102,11 @@ class Transaction:
     bad_headers: tuple[str, ...] = ()  # identity headers refused (see register.users)
     max_scan_size: int = 0  # the tenant's ([tenants.NAME], gateway.policy); 0: the scanner's
     state: State = State.RECEIVING
+    # Our 200 head (the original HTTP head) went out before the verdict: the
+    # state is TRICKLING or SCANNING_COMMITTED.  Kept by _to, as it is asked
+    # several times per body piece.
+    committed: bool = field(default=False, init=False)
+    _url: str | None = field(default=None, init=False, repr=False)  # see url
 
     # --- state ------------------------------------------------------------
 
@@ -107,15 +114,11 @@ class Transaction:
         if new not in TRANSITIONS[self.state]:
             raise TransitionError(f"transaction cannot go from {self.state.value} to {new.value}")
         self.state = new
+        self.committed = new is State.TRICKLING or new is State.SCANNING_COMMITTED
 
     @property
     def answered(self) -> bool:
         return self.state is State.ANSWERED
-
-    @property
-    def committed(self) -> bool:
-        """Our 200 head (the original HTTP head) went out before the verdict."""
-        return self.state in _COMMITTED
 
     # --- the body -----------------------------------------------------------
 
@@ -189,7 +192,14 @@ class Transaction:
 
     @property
     def url(self) -> str:
-        return self.http_request.url if self.http_request else ""
+        # Asked by the late-block memory, the record, a block page: an
+        # origin-form target rebuilds the URL from Host each time it is asked.
+        url = self._url
+        if url is None:
+            if self.http_request is None:  # not parsed (yet): not kept
+                return ""
+            url = self._url = self.http_request.url
+        return url
 
     def release(self) -> None:
         """Close the spool (idempotent): its file, if any, is deleted."""

@@ -239,20 +239,13 @@ def build_register(
     return RegisterComponents(
         authenticator=authenticator,
         recorder=recorder,
-        identify=functools.partial(_identify, settings=config.auth),
+        identify=functools.partial(users.identify, settings=config.auth),
         service=service,
         queue_depth=recorder.queue_depth,
         write_errors=lambda: recorder.write_errors,
         dropped=lambda: recorder.dropped,
         healthy=recorder.healthy,
-        credentials=functools.partial(_credentials, settings=config.auth),
+        credentials=functools.partial(auth.credentials_from_headers, settings=config.auth),
         engine=engine,
     )
 
-
-def _identify(headers: Mapping[str, str], peer_ip: str, *, settings: Any) -> Identity:
-    return users.identify(headers, peer_ip, settings)
-
-
-def _credentials(headers: Mapping[str, str], peer_ip: str, *, settings: Any) -> Credentials:
-    return auth.credentials_from_headers(headers, peer_ip, settings)

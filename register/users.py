@@ -21,6 +21,7 @@ safe or refused, never stored raw:
 from __future__ import annotations
 
 import binascii
+import functools
 import ipaddress
 import re
 from base64 import b64decode
@@ -66,6 +67,12 @@ def decode_username(value: str | None, encoding: str) -> str | None:
 
 def canonical_ip(value: str) -> str | None:
     """``value`` as a canonical IP address, or None if it is not one."""
+    if len(value) <= _CANONICAL_CACHE_KEY_MAX:
+        return _canonical_ip_cached(value)
+    return _canonical_ip(value)
+
+
+def _canonical_ip(value: str) -> str | None:
     value = value.strip()
     if len(value) > CLIENT_IP_HEADER_MAX or has_control(value):
         return None
@@ -79,6 +86,16 @@ def canonical_ip(value: str) -> str | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ip)
+
+
+# Every request parses the proxy's address (twice: identity and credentials)
+# and usually an X-Client-IP of one of its users: ipaddress takes microseconds
+# for what is a handful of strings.  A pure function, so a bounded LRU; only
+# values short enough to be an address (with some padding) are kept, so the
+# cache holds at most _CANONICAL_CACHE_SIZE * _CANONICAL_CACHE_KEY_MAX characters.
+_CANONICAL_CACHE_SIZE = 4096
+_CANONICAL_CACHE_KEY_MAX = 2 * CLIENT_IP_HEADER_MAX
+_canonical_ip_cached = functools.lru_cache(maxsize=_CANONICAL_CACHE_SIZE)(_canonical_ip)
 
 
 def client_ip(value: str | None, peer_ip: str) -> str:

@@ -98,7 +98,7 @@ def make_scan_pool(settings: ScanSettings) -> ScanPool:
 
 def externals_for(context: ScanContext) -> dict[str, str]:
     """The per-transaction values of the externals (NULs dropped: C strings)."""
-    values = {
+    values: dict[str, str] = {
         "filename": context.filename,
         "filepath": context.filepath,
         "extension": context.extension,
@@ -108,7 +108,16 @@ def externals_for(context: ScanContext) -> dict[str, str]:
         "direction": context.direction,
         "tenant": context.tenant,
     }
+    try:
+        # The usual case, strings without a NUL, is one join and one search.
+        if "\0" not in "".join(values.values()):
+            return values
+    except TypeError:  # a value that is not a string (None): made one below
+        pass
     return {k: str(v or "").replace("\0", "") for k, v in values.items()}
+
+
+_TRANSACTION_EXTERNALS = frozenset(externals_for(ScanContext(direction="response")))
 
 
 class _Timeout(Exception):
@@ -137,6 +146,7 @@ class YaraScanner:
         self.spool_dir = Path(spool_dir)
         self._clock = clock
         self._completions = CompletionQueue(reactor)
+        self._key_names: tuple[CompiledRules | None, tuple[str, ...]] = (None, ())  # see _key_externals
 
     @property
     def version(self) -> str:
@@ -196,10 +206,11 @@ class YaraScanner:
         started = time.perf_counter()
         if isinstance(body, bytearray | memoryview):
             body = bytes(body)
+        externals = externals_for(context)
         if self.cache is None:
-            return self._scan_uncached(body, context, compiled)
+            return self._scan_uncached(body, context, compiled, externals)
         try:
-            key = self._cache_key(body, context, compiled)
+            key = self._cache_key(body, context, compiled, externals)
         except OSError as e:
             return self.unscannable("engine-error", f"{type(e).__name__}: {e.strerror or e}",
                                     ruleset_version=compiled.version)
@@ -208,18 +219,31 @@ class YaraScanner:
             return Verdict(cached.outcome, rules=cached.rules, detail="cached", scanned_bytes=0,
                            duration=time.perf_counter() - started, ruleset_version=compiled.version,
                            reason=cached.reason)
-        result = self._scan_uncached(body, context, compiled)
+        result = self._scan_uncached(body, context, compiled, externals)
         self.cache.put(key, result)
         return result
 
-    @staticmethod
-    def _cache_key(body: bytes | str, context: ScanContext, compiled: CompiledRules) -> tuple[object, ...]:
-        externals = externals_for(context)
-        relevant = tuple(sorted((k, v) for k, v in externals.items() if k in compiled.externals_used))
+    def _cache_key(self, body: bytes | str, context: ScanContext, compiled: CompiledRules,
+                   externals: dict[str, str]) -> tuple[object, ...]:
+        relevant = tuple([externals[name] for name in self._key_externals(compiled)])
         # A tenant's max_scan_size changes a verdict (too-large): part of the key.
         return (compiled.version, context.content_encoding, context.max_scan_size, relevant, body_digest(body))
 
-    def _scan_uncached(self, body: bytes | str, context: ScanContext, compiled: CompiledRules) -> Verdict:
+    def _key_externals(self, compiled: CompiledRules) -> tuple[str, ...]:
+        """The externals ``compiled`` mentions, in a fixed order: the values
+        of these (and only these) enter a cache key.  Worked out once per
+        compiled set (one entry: a reload makes a new set)."""
+        known = self._key_names
+        if known[0] is compiled:
+            return known[1]
+        # Only those a transaction gives a value (externals_for): "owner" is
+        # declared for rule sets written for other scanners, and stays empty.
+        names = tuple(sorted(n for n in compiled.externals_used if n in _TRANSACTION_EXTERNALS))
+        self._key_names = (compiled, names)  # one assignment: safe between the scanning threads
+        return names
+
+    def _scan_uncached(self, body: bytes | str, context: ScanContext, compiled: CompiledRules,
+                       externals: dict[str, str]) -> Verdict:
         started = time.perf_counter()
         deadline = self._clock() + self.settings.timeout
         scanned = 0
@@ -239,13 +263,16 @@ class YaraScanner:
 
         try:
             raw_size = len(body) if isinstance(body, bytes) else os.path.getsize(body)
-            codings = parse_encodings(context.content_encoding)
-            externals = externals_for(context)
             s = self.settings
+            if raw_size > (context.max_scan_size or s.max_scan_size):  # a tenant's, or [scan]'s
+                return unscannable("too-large")
+            if not context.content_encoding:  # the usual case: nothing to undo
+                matches = self._match(compiled, body, externals, deadline)
+                scanned = raw_size
+                return verdict(matches)
+            codings = parse_encodings(context.content_encoding)
             if context.max_scan_size and context.max_scan_size != s.max_scan_size:  # a tenant's
                 s = replace(s, max_scan_size=context.max_scan_size)
-            if raw_size > s.max_scan_size:
-                return unscannable("too-large")
             if not codings:
                 matches = self._match(compiled, body, externals, deadline)
                 scanned = raw_size

@@ -46,11 +46,13 @@ class YaraEngine:
                            tuple(str(w) for w in getattr(rules, "warnings", None) or ()))
 
     def match(self, rules: Any, target: bytes | str, externals: Mapping[str, str], timeout: int) -> list[str]:
+        # yara-python only reads the dict: the scanner's own is passed as it is.
+        values = externals if type(externals) is dict else dict(externals)
         try:
             if isinstance(target, bytes):
-                found = rules.match(data=target, externals=dict(externals), timeout=timeout)
+                found = rules.match(data=target, externals=values, timeout=timeout)
             else:
-                found = rules.match(filepath=target, externals=dict(externals), timeout=timeout)
+                found = rules.match(filepath=target, externals=values, timeout=timeout)
         except yara.TimeoutError as e:
             raise EngineTimeout(str(e) or "yara scan timed out") from None
         except yara.Error as e:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred, succeed
@@ -81,6 +81,9 @@ class SubstringScanner:
             self.pending.append((d, verdict))
             return d
         return succeed(verdict)
+
+    def scan_then(self, body: bytes | str, context: ScanContext, on_verdict: Callable[[Verdict], object]) -> None:
+        self.scan(body, context).addCallback(on_verdict)
 
     def release(self) -> None:
         pending, self.pending = self.pending, []

@@ -169,3 +169,11 @@ def test_remembered_block_is_a_page_at_the_head() -> None:
     assert remembered_block(Verdict("blocked", rules=("ns.Evil",), ruleset_version="v1"), "v2") is None
     page = remembered_block(Verdict("unscannable", detail="too-large", reason="too-large", action="block"), "v1")
     assert isinstance(page, BlockPage) and page.detail == "late-block too-large" and page.explanation
+
+
+@pytest.mark.parametrize("no_content", [False, True])
+@pytest.mark.parametrize("committed", [False, True])
+def test_peer_allows_gives_the_shared_instance_of_that_value(no_content: bool, committed: bool) -> None:
+    shared = decision.peer_allows(no_content, committed)
+    assert shared == decision.PeerAllows(no_content=no_content, committed=committed)
+    assert decision.peer_allows(no_content, committed) is shared

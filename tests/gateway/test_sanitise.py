@@ -5,6 +5,7 @@ per-transaction code drops a connection without an answer."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import partial
 
 import pytest
@@ -191,6 +192,12 @@ class RaisingScanner:
         if self.how == "raise":
             raise RuntimeError("scanner broke")
         return fail(RuntimeError("scanner failed"))
+
+    def scan_then(self, body: bytes | str, context: object, on_verdict: Callable[[Verdict], object]) -> None:
+        if self.how == "raise":
+            raise RuntimeError("scanner broke")
+        # A scanner that failed inside reports it as the older "error" verdict.
+        on_verdict(Verdict("error", detail="internal scanner error"))
 
 
 class RaisingAuthenticator:

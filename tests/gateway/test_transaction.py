@@ -127,3 +127,26 @@ def test_release_closes_the_spool_once() -> None:
     tx.release()
     tx.release()
     assert spool.closed and tx.spool is None
+
+
+def test_url_is_empty_until_the_request_head_is_parsed_then_the_heads() -> None:
+    from gateway.icap.http import parse_request_head
+
+    _, req = _respmod()
+    tx = _tx(req)
+    assert tx.url == ""  # asked before the head is parsed (an early refusal's record): not kept
+    tx.http_request = parse_request_head(b"GET /a?b HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert tx.url == "http://example.com/a?b" == tx.url
+
+
+def test_committed_follows_the_state() -> None:
+    conn, req = _respmod()
+    tx = _tx(req)
+    assert not tx.committed
+    tx.take(b"x" * 10)
+    tx.spool_body(b"x" * 10, conn, 5, _headers)
+    assert tx.state is State.TRICKLING and tx.committed
+    tx.body_complete()
+    assert tx.state is State.SCANNING_COMMITTED and tx.committed
+    tx.answer(now=11.0, wall_time=100.0, icap_status=200, outcome="clean", detail="")
+    assert tx.state is State.ANSWERED and not tx.committed

@@ -96,6 +96,21 @@ def test_revoked_expired_and_disabled() -> None:
     assert [e.reason for e in rec.events] == ["revoked-key", "tenant-disabled", "expired-key"]
 
 
+def test_a_key_accepted_again_and_again_stops_at_once_when_revoked_or_rotated() -> None:
+    # The authenticator keeps the last key's hash: the table is still asked
+    # every time, so a new table (revocation, rotation) applies to the next request.
+    a, _clock, rec = make(GOOD)
+    assert a.authenticate(creds(KEY)) == a.authenticate(creds(KEY)) == Authenticated(ACME)
+    a.replace_table(KeyTable({hash_key(KEY): KeyEntry(ACME, True, None, True)}, frozenset({"acme"})))
+    assert a.authenticate(creds(KEY)) == Refused(403, "revoked-key")
+    rotated = generate_key("acme")
+    a.replace_table(KeyTable({hash_key(rotated): KeyEntry(ACME, True, None, False)}, frozenset({"acme"})))
+    assert a.authenticate(creds(KEY)) == Refused(403, "unknown-key")
+    assert a.authenticate(creds(rotated)) == Authenticated(ACME)
+    assert a.authenticate(creds(KEY)) == Refused(403, "unknown-key")  # the other key's hash is not reused
+    assert [e.reason for e in rec.events] == ["revoked-key", "unknown-key", "unknown-key"]
+
+
 def test_repeated_failures_are_rate_limited_per_source_ip() -> None:
     a, clock, rec = make(GOOD, failure_burst=3, failure_interval=10.0)
     for _ in range(3):

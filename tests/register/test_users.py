@@ -100,3 +100,17 @@ def test_whatever_the_headers_say_only_clean_values_come_out(ip: str, user: str)
     if identity.username is not None:
         assert 0 < len(identity.username) <= USERNAME_MAX and not has_control(identity.username)
     assert set(identity.bad_headers) <= {BAD_CLIENT_IP, BAD_USER}
+
+
+def test_canonical_ip_cache_is_bounded_and_answers_as_the_parse() -> None:
+    from register import users
+
+    users._canonical_ip_cached.cache_clear()
+    padded = " " * 200 + "192.0.2.1"  # too long to be kept: parsed every time, same answer
+    for value in ("::ffff:192.0.2.1", "192.0.2.1", "junk", padded, "::ffff:192.0.2.1"):
+        assert users.canonical_ip(value) == users._canonical_ip(value)
+    info = users._canonical_ip_cached.cache_info()
+    assert (info.hits, info.currsize) == (1, 3)
+    for i in range(users._CANONICAL_CACHE_SIZE + 10):
+        users.canonical_ip(f"10.0.{i // 256}.{i % 256}")
+    assert users._canonical_ip_cached.cache_info().currsize == users._CANONICAL_CACHE_SIZE

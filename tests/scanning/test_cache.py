@@ -105,3 +105,18 @@ def test_mentioned_externals() -> None:
 def test_string_variables_are_not_externals() -> None:
     text = 'rule r { strings: $url = "x" condition: #url > 1 and @url[1] < 5 and !url[1] > 0 }'
     assert mentioned_externals([text], ["url"]) == frozenset()
+
+
+def test_rules_reading_an_external_no_transaction_sets_still_cache(
+    tmp_path: Path, make_scanner: Callable[..., YaraScanner],
+) -> None:
+    # "owner" is declared for rule sets written for other scanners (LOKI,
+    # THOR): always empty here, so not part of the key, and never an error.
+    rules = tmp_path / "rules"
+    write_rule(rules, "owner.yar", 'rule by_owner { condition: owner == "root" and filename == "x" }')
+    scanner = cached_scanner(make_scanner, rules)
+    assert scanner._rules.current is not None and "owner" in scanner._rules.current.externals_used
+    first = scan(scanner, b"same bytes", filename="x")
+    again = scan(scanner, b"same bytes", filename="x")
+    assert (first.outcome, again.outcome, again.detail) == ("clean", "clean", "cached")
+    assert scan(scanner, b"same bytes", filename="y").detail != "cached"  # filename is still in the key

@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from gateway.interfaces import ScanContext
-from gateway.scanning.scanner import YaraScanner
+from gateway.scanning.scanner import YaraScanner, externals_for
 
 from .conftest import EICAR, SyncPool, SyncReactor, result_of, scan, write_rule
 
@@ -355,3 +355,14 @@ def test_empty_bodies(make_scanner: Make) -> None:
     assert scan(scanner, b"").outcome == "clean"
     verdict = scan(scanner, b"", content_encoding="gzip")
     assert (verdict.outcome, verdict.detail, verdict.scanned_bytes) == ("clean", "", 0)
+
+
+def test_externals_are_c_strings_and_shared_when_clean() -> None:
+    clean = ScanContext(direction="response", url="http://a.example/x", host="a.example", tenant="acme")
+    externals = externals_for(clean)
+    assert externals["url"] is clean.url and externals["tenant"] == "acme" and externals["filename"] == ""
+    # A NUL would end the value in YARA's C string: it is dropped, from every value.
+    nul = ScanContext(direction="response", url="http://a.example/\0evil", filename="a\0.exe")
+    assert (externals_for(nul)["url"], externals_for(nul)["filename"]) == ("http://a.example/evil", "a.exe")
+    odd = ScanContext(direction="response", host=None)  # type: ignore[arg-type]
+    assert externals_for(odd)["host"] == ""
