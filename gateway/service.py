@@ -31,7 +31,7 @@ from gateway.scanning.cache import VerdictCache
 from gateway.scanning.engine import Engine
 from gateway.scanning.rules import RulesManager, make_rules_pool
 from gateway.scanning.scanner import YaraScanner, make_scan_pool
-from gateway.scanning.spool import BodySpool, MemoryBudget, purge_stale, tune_allocator
+from gateway.scanning.spool import BodySpool, MemoryBudget, purge_stale
 from gateway.scanning.yara_engine import YaraEngine
 from gateway.scanning.yarax import YaraXEngine
 from gateway.tls import TLSListeners, client_policy, plain_endpoint
@@ -182,7 +182,6 @@ def build_gateway(
     spool_dir = state_dir / "spool"
     spool_dir.mkdir(exist_ok=True)
     purge_stale(spool_dir)  # temp files a crashed run left behind
-    tune_allocator(config.scan.memory_threshold)  # bodies reuse heap memory, not fresh mmaps
 
     server = config.server
     top = GatewayService(server.shutdown_timeout)

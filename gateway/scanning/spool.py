@@ -17,10 +17,8 @@ the copy.  (Keep ``state_dir`` on a local disk or tmpfs, not NFS.)
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,48 +56,6 @@ class MemoryBudget:
 
     def give_back(self, size: int) -> None:
         self.used -= size
-
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-# glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit).
-_MMAP_THRESHOLD_MAX = 32 * 1024**2
-
-
-def allocator_settings(memory_threshold: int) -> tuple[int, int]:
-    """(mmap threshold, trim threshold) for bodies of up to ``memory_threshold``
-    bytes held in memory: a joined body and its pieces come from the heap,
-    and the heap keeps a few bodies' worth of freed memory for the next ones."""
-    mmap_threshold = min(max(4 * 1024**2, 2 * memory_threshold + 65536), _MMAP_THRESHOLD_MAX)
-    # A trim threshold of a few bodies: 8 MiB already stopped the faults at
-    # 1 MiB bodies on 8 connections; more only keeps freed memory longer.
-    return mmap_threshold, min(4 * mmap_threshold, 2 * _MMAP_THRESHOLD_MAX)
-
-
-def tune_allocator(memory_threshold: int) -> bool:
-    """Keep body-sized buffers on the heap.  Call once per process (each
-    worker), before serving.  True when the settings took (glibc only).
-
-    glibc serves allocations above its mmap threshold (128 KiB at first,
-    then the size of the largest one freed) with a fresh mmap, and returns
-    the heap's top to the kernel once more than twice that is free.  With
-    bodies of about the threshold arriving together, each body's buffers
-    were mapped and unmapped again: about 250 page faults per MiB, a tenth
-    of a 1 MiB RESPMOD's CPU, in the kernel.  Fixed thresholds above the
-    body size let freed bodies' memory serve the next ones.  Memory is not
-    unbounded: each allocator arena keeps at most the trim threshold free
-    beyond what is in use, and the body memory budget bounds what is in use."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False  # not glibc: its allocator has its own policy
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    mmap_threshold, trim_threshold = allocator_settings(memory_threshold)
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
 def open_spool_file(spool_dir: Path, prefix: str = "body-") -> tuple[BinaryIO, str]:

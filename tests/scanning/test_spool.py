@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.scanning.spool import BodySpool, allocator_settings, purge_stale
+from gateway.scanning.spool import BodySpool, purge_stale
 
 
 def test_small_body_stays_in_memory(tmp_path: Path) -> None:
@@ -162,9 +162,11 @@ def test_hash_of_echo_matches_for_memory_body(tmp_path: Path) -> None:
 FAULTS_SCRIPT = r"""
 import resource, sys
 from pathlib import Path
-from gateway.scanning.spool import BodySpool, tune_allocator
+from gateway.alloc import tune_malloc
+from gateway.scanning.spool import BodySpool
 
-tuned = tune_allocator(1024**2) if sys.argv[2] == "tuned" else False
+# the thresholds a worker sets at start ([server] body_memory_budget's default as the trim threshold)
+tuned = bool(tune_malloc(64 * 1024**2, environ={})) if sys.argv[2] == "tuned" else False
 piece = bytes(range(256)) * 256
 
 def body():  # eight 1 MiB bodies in flight, as under load
@@ -193,14 +195,10 @@ def test_tuned_allocator_reuses_memory_for_bodies(tmp_path: Path) -> None:
 
     tuned, per_body = faults("tuned")
     if tuned != "True":
+        # Only glibc has mallopt; CI runs on glibc, where not tuning is a failure.
+        if os.environ.get("CI"):
+            pytest.fail("mallopt did not take on the CI machine")
         pytest.skip("no glibc mallopt here")
     _, untuned = faults("plain")
     # A 1 MiB body is 256 pages: untuned, most of them are faulted in anew.
     assert per_body < 8 < untuned, (per_body, untuned)
-
-
-def test_allocator_settings_cover_the_memory_threshold() -> None:
-    assert allocator_settings(1024**2) == (4 * 1024**2, 16 * 1024**2)
-    mmap_threshold, trim = allocator_settings(10 * 1024**2)
-    assert mmap_threshold > 2 * 10 * 1024**2 and trim >= mmap_threshold
-    assert allocator_settings(1024**3) == (32 * 1024**2, 64 * 1024**2)  # glibc's ceiling, bounded retention
