@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sampling slows it a little: do not quote those rows' figures)")
     p.add_argument("--profile-targets", type=_list, default=None,
                    help="servers to profile with --profile (gateway)")
+    p.add_argument("--profile-format", choices=("flamegraph", "raw", "speedscope"), default="flamegraph",
+                   help="py-spy's output: an SVG flame graph, or raw collapsed stacks (.txt, one line a "
+                        "stack: to sum with a script), or speedscope JSON")
     p.add_argument("--balance", type=_list, default=None,
                    help="connection counts of the worker-balance rows (4,8; none skips)")
     p.add_argument("--plot", metavar="FILE", default=DEFAULT_PLOT,
@@ -128,6 +131,7 @@ def options_from(args: argparse.Namespace) -> Options:
     o.profile = args.profile
     if args.profile_targets:
         o.profile_targets = args.profile_targets
+    o.profile_format = args.profile_format
     unknown = [s for s in o.scenarios if s not in SCENARIOS and s != "file"]
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}")

@@ -72,6 +72,7 @@ class Options:
     pause: float = 0.0  # seconds of rest between servers, to let others' tests run
     profile: str | None = None  # directory for py-spy flame graphs of server rows
     profile_targets: list[str] = field(default_factory=lambda: ["gateway"])
+    profile_format: str = "flamegraph"  # py-spy --format: flamegraph (.svg), raw (.txt), speedscope (.json)
     # connection counts of the worker-balance rows (gateway, 1 KiB, the empty
     # ruleset or else the first); empty: none
     balance: list[int] = field(default_factory=lambda: [4, 8])
@@ -343,11 +344,13 @@ class Suite:
             return None
         out = Path(self.opts.profile)
         out.mkdir(parents=True, exist_ok=True)
-        name = f"{target}-{ruleset}-{sc}" + (f"-preview{preview}" if preview else "") + ".svg"
+        fmt = self.opts.profile_format
+        suffix = {"flamegraph": ".svg", "raw": ".txt", "speedscope": ".json"}[fmt]
+        name = f"{target}-{ruleset}-{sc}" + (f"-preview{preview}" if preview else "") + suffix
         seconds = max(1, round(self.opts.warmup + self.opts.duration))
         return subprocess.Popen(
             [exe, "record", "--subprocesses", "--nonblocking", "-r", "100", "-d", str(seconds),
-             "-o", str(out / name), "-p", str(server.pid)],
+             "--format", fmt, "-o", str(out / name), "-p", str(server.pid)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def run_idle(self, target: str) -> None:

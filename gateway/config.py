@@ -166,6 +166,13 @@ class ScanSettings:
         "(YARA-X in as many worker processes as threads); same rules, namespaces and verdicts"
     )
     timeout: float = setting(30.0, "Seconds one scan may take", kind="duration", validate=positive)
+    inline_budget: float = setting(
+        0.0002, "A scan measured to take less CPU than this (a body of at most 64 KiB, not encoded, "
+        "engine yara) runs on the reactor thread: handing it to a scanning thread and back costs "
+        "more (benchmarks/README.md, \"Inline scans\"). \"0.2ms\"; 0: every scan in a scanning thread",
+        kind="duration",
+        validate=non_negative,
+    )
     error_policy: Literal["fail-open", "fail-closed"] = setting(
         "fail-closed", "On a scan error or timeout: pass the content (fail-open) or block it; "
         "unscannable_policy's scan-timeout and engine-error, when given, win"

@@ -200,6 +200,7 @@ class ICAPServerProtocol(Protocol):
         self._client_cert: str | None = None
         self._client_cert_read = False
         self._tenant_policy: TenantPolicy | None = None  # the current transaction's tenant's
+        self._processing = False  # inside _process: see there
 
     # --- connection lifecycle ---------------------------------------------
 
@@ -463,6 +464,20 @@ class ICAPServerProtocol(Protocol):
     # --- event loop ---------------------------------------------------------
 
     def _process(self) -> None:
+        """Take events and act on them until one needs waiting for."""
+        if self._processing:
+            # Called back from inside the loop below (a verdict given at once
+            # by an inline scan, an echo written whole): the loop goes on by
+            # itself.  Recursing instead would nest one level per pipelined
+            # request and run out of stack.
+            return
+        self._processing = True
+        try:
+            self._process_events()
+        finally:
+            self._processing = False
+
+    def _process_events(self) -> None:
         while not self._busy and not self._write_blocked and self.transport is not None:
             try:
                 event = self.conn.next_event()

@@ -101,6 +101,10 @@ class Engine(Protocol):
 
     name: str  # "yara" or "yara-x": logs and the ``rules check --engine`` choice
     tag: bytes  # mixed into the ruleset version: the engine is part of a verdict
+    # True: ``match`` runs in the caller's thread and only as long as the
+    # match itself (yara-python); False: it waits on another process
+    # (YARA-X), which a reactor must never do.
+    runs_in_caller: bool
 
     def compile(self, version: str, sources: Sequence[RuleSource]) -> EngineRules:
         """Compile ``sources`` (each its own namespace, ``EXTERNALS`` declared).

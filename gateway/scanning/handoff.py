@@ -16,6 +16,15 @@ result writes the waker pipe and takes the reactor's lock each time; here a
 finished scan appends to a deque, and only the one that finds it empty
 schedules a drain, so every verdict ready by the time the reactor wakes up
 is delivered in one call.
+
+Neither way at all: :class:`InlineScans`.  Even batched, the round trip
+through a thread costs CPU that a cheap scan does not: a queue put that
+wakes a thread, the GIL handed over and back, the waker pipe and an epoll
+wake-up.  Measured with the benchmark suite (1 KiB RESPMOD, empty ruleset,
+8 connections, 2 workers): 0.41 ms of CPU per transaction through the
+threads, 0.24 ms with the scan run where the body is (see
+benchmarks/README.md).  So a scan the estimate says is cheaper than that
+hand-off runs on the reactor thread; every other one goes to the pool.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -32,7 +42,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["CompletionQueue", "Pool", "ScanPool"]
+__all__ = ["INLINE_MAX_BYTES", "SIZE_CLASSES", "CompletionQueue", "InlineScans", "Pool", "ScanPool", "size_class"]
 
 log = Logger(namespace="gateway.scanning.handoff")
 
@@ -166,3 +176,103 @@ class CompletionQueue:
         d: Deferred[Any] = Deferred()
         pool.callInThreadWithCallback(partial(self._settle, d), func, *args)
         return d
+
+
+# Bodies larger than this never run on the reactor, whatever the estimate:
+# the estimate is learnt mostly from small bodies, and a reactor stall must
+# stay bounded by a small input even when a body hits a rule's worst case.
+# 64 KiB is one Twisted read; two thirds of web responses are smaller
+# (benchmarks/webmix.py).
+INLINE_MAX_BYTES = 64 * 1024
+# Scans of a new ruleset (of one size class) that go to the pool before any
+# of that class may run inline: the estimate needs a few measurements of
+# the set it speaks for.
+INLINE_LEARN_SCANS = 16
+# An inline scan that took this much CPU stops inline scans of its ruleset
+# for INLINE_COOLDOWN seconds: a body that hits a rule's slow path stalls
+# the reactor once, not once per request.  Shorter spikes (a collector
+# pause, a cold cache: up to a few ms in the benchmarks) are not stalls: the
+# running mean absorbs them, and sends the next scans to the threads until
+# it is back under the budget.
+INLINE_STALL_SECONDS = 0.05
+INLINE_COOLDOWN = 10.0
+# Weight of the newest measurement in the running mean (1/8: a few dozen
+# scans move it; one outlier does not).
+_EWMA_WEIGHT = 0.125
+
+
+def size_class(size: int) -> int:
+    """0: up to 1 KiB, 1: up to 2 KiB, ... 6: up to 64 KiB (INLINE_MAX_BYTES).
+    A scan costs a fixed part and a part per byte, in proportions that vary
+    with the rules: a mean per power of two follows both without a model."""
+    return max(0, (size - 1).bit_length() - 10)
+
+
+SIZE_CLASSES = size_class(INLINE_MAX_BYTES) + 1
+
+
+class _Estimate:
+    """One ruleset's: the mean CPU seconds of a scan per size class."""
+
+    __slots__ = ("counts", "means", "quiet_until", "ruleset")
+
+    def __init__(self, ruleset: object) -> None:
+        self.ruleset = ruleset
+        self.means = [0.0] * SIZE_CLASSES
+        self.counts = [0] * SIZE_CLASSES
+        self.quiet_until = 0.0  # no inline scan before this clock time (a stall)
+
+
+class InlineScans:
+    """Decides, per scan, whether it runs on the reactor thread: only a
+    small body (``INLINE_MAX_BYTES``) of a ruleset whose scans of that size
+    were measured to take less than ``budget`` seconds of CPU, never while
+    the ruleset cools down after a stall.  ``budget`` 0: never.
+
+    One estimate per ruleset (the object it is handed; a reload makes a new
+    one, and the estimate starts over).  :meth:`observe` is called from the
+    scanning threads and the reactor at once: each update is one list item
+    (or the whole estimate) replaced, so a race loses a measurement, never
+    corrupts one."""
+
+    def __init__(self, budget: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget = budget
+        self._clock = clock
+        self._estimate = _Estimate(None)
+        self.stalls = 0  # inline scans that took over INLINE_STALL_SECONDS
+
+    def allows(self, ruleset: object, size: int) -> bool:
+        if size > INLINE_MAX_BYTES or self.budget <= 0:
+            return False
+        estimate = self._estimate
+        if estimate.ruleset is not ruleset:
+            return False
+        c = size_class(size)
+        if estimate.counts[c] < INLINE_LEARN_SCANS or estimate.means[c] > self.budget:
+            return False
+        return not estimate.quiet_until or self._clock() >= estimate.quiet_until
+
+    def observe(self, ruleset: object, size: int, seconds: float) -> None:
+        """A scan of ``size`` bytes with ``ruleset`` took ``seconds`` of CPU."""
+        if size > INLINE_MAX_BYTES:
+            return
+        estimate = self._estimate
+        if estimate.ruleset is not ruleset:
+            self._estimate = estimate = _Estimate(ruleset)
+        c = size_class(size)
+        count = estimate.counts[c]
+        # The plain mean while learning, then a running one.
+        weight = 1 / (count + 1) if count < INLINE_LEARN_SCANS else _EWMA_WEIGHT
+        estimate.means[c] += (seconds - estimate.means[c]) * weight
+        estimate.counts[c] = count + 1
+
+    def stalled(self, ruleset: object, seconds: float) -> bool:
+        """An inline scan took ``seconds`` of CPU: True (and inline
+        scans of ``ruleset`` pause) when that was a stall."""
+        if seconds <= INLINE_STALL_SECONDS:
+            return False
+        self.stalls += 1
+        estimate = self._estimate
+        if estimate.ruleset is ruleset:
+            estimate.quiet_until = self._clock() + INLINE_COOLDOWN
+        return True

@@ -4,7 +4,9 @@
 ``RulesManager``'s current set (``gateway.scanning.rules``), whichever engine
 compiled it: in a scanning thread (``gateway.scanning.handoff``) it undoes
 Content-Encoding within limits, then matches; the verdict comes back to the
-reactor through the completion queue.
+reactor through the completion queue.  A small unencoded body whose scan is
+measured to cost less than that round trip (``[scan] inline_budget``) is
+scanned on the reactor thread instead (``handoff.InlineScans``).
 
 Verdicts (what an admin sees in the access log as outcome/unscannable/detail).
 A body the scanner cannot vouch for whole is "unscannable" with a reason from
@@ -76,7 +78,7 @@ from gateway.scanning.decoding import (
     parse_encodings,
 )
 from gateway.scanning.engine import EngineError, EngineTimeout
-from gateway.scanning.handoff import CompletionQueue, Pool, ScanPool
+from gateway.scanning.handoff import INLINE_COOLDOWN, CompletionQueue, InlineScans, Pool, ScanPool
 from gateway.scanning.rules import CompiledRules, RulesManager
 from gateway.scanning.spool import BodySpool
 
@@ -147,6 +149,7 @@ class YaraScanner:
         self._clock = clock
         self._completions = CompletionQueue(reactor)
         self._key_names: tuple[CompiledRules | None, tuple[str, ...]] = (None, ())  # see _key_externals
+        self._inline = InlineScans(settings.inline_budget)  # which scans skip the threads
 
     @property
     def version(self) -> str:
@@ -169,8 +172,42 @@ class YaraScanner:
         if compiled is None:
             on_verdict(self.unscannable("engine-error", "no rules loaded"))
             return
+        inline = self._inline
+        if (type(body) is bytes and not context.content_encoding and compiled.engine.runs_in_caller
+                and inline.allows(compiled, len(body))):
+            self._scan_inline(body, context, compiled, on_verdict)
+            return
         self._pool.callInThreadWithCallback(
-            partial(self._verdict_ready, on_verdict, compiled.version), self.scan_blocking, body, context, compiled)
+            partial(self._verdict_ready, on_verdict, compiled.version), self._scan_measured, body, context, compiled)
+
+    def _scan_measured(self, body: bytes | str, context: ScanContext, compiled: CompiledRules) -> Verdict:
+        """``scan_blocking`` in a scanning thread, its CPU time taught to the
+        inline estimate (unencoded bodies in memory only: what may run inline)."""
+        started = time.thread_time()
+        verdict = self.scan_blocking(body, context, compiled)
+        if type(body) is bytes and not context.content_encoding:
+            self._inline.observe(compiled, len(body), time.thread_time() - started)
+        return verdict
+
+    def _scan_inline(self, body: bytes, context: ScanContext, compiled: CompiledRules,
+                     on_verdict: Callable[[Verdict], object]) -> None:
+        """A scan cheaper than the hand-off, here on the reactor thread (see
+        ``gateway.scanning.handoff.InlineScans``)."""
+        started = time.thread_time()
+        try:
+            verdict = self.scan_blocking(body, context, compiled)
+        except Exception:
+            self._failed(on_verdict, compiled.version, Failure())
+            return
+        # CPU time, not wall time: a reactor the kernel preempted is not a slow scan.
+        took = time.thread_time() - started
+        inline = self._inline
+        inline.observe(compiled, len(body), took)
+        if inline.stalled(compiled, took):
+            log.warn("a {size}-byte scan took {ms:.1f} ms on the reactor thread: ruleset {version} scans only "
+                     "in the scanning threads for {cooldown:.0f} s", size=len(body), ms=took * 1000,
+                     version=compiled.version, cooldown=INLINE_COOLDOWN)
+        on_verdict(verdict)
 
     def _verdict_ready(self, on_verdict: Callable[[Verdict], object], version: str, ok: bool, result: Any) -> None:
         """In the scanning thread (or the caller's, if the pool is stopped)."""

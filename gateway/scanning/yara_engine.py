@@ -35,6 +35,7 @@ class YaraEngine:
 
     name = "yara"
     tag = b""  # versions of yara-compiled sets stay what they were before the engine switch
+    runs_in_caller = True  # see Engine.runs_in_caller
 
     def compile(self, version: str, sources: Sequence[RuleSource]) -> EngineRules:
         fallback = str(sources[0].path if len(sources) == 1 else sources[0].path.parent) if sources else ""

@@ -312,6 +312,7 @@ class YaraXEngine:
 
     name = "yara-x"
     tag = ENGINE_TAG
+    runs_in_caller = False  # see Engine.runs_in_caller
 
     def __init__(self, workers: int = 0, *, start_method: str = "forkserver") -> None:
         self.size = workers or os.cpu_count() or 1

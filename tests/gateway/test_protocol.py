@@ -372,3 +372,20 @@ def test_oversize_without_allow_204_is_still_echoed_whole() -> None:
     h.pump_producer()
     [r] = parse_responses(h.output())
     assert r.status == 200 and r.body == body
+
+
+@pytest.mark.parametrize("allow_204", [True, False])
+def test_pipelined_requests_with_verdicts_given_at_once_do_not_nest(allow_204: bool) -> None:
+    # An inline scan (gateway.scanning.handoff.InlineScans) gives its verdict
+    # while the protocol is still dispatching the request: the answer must not
+    # process the next pipelined request from inside that call, or each
+    # request nests the stack deeper until Python's recursion limit answers 500.
+    h = make_harness()
+    count = 600  # well past sys.getrecursionlimit() / a few frames per request
+    one = respmod(chunked(b"hello world"), AUTH, *(["Allow: 204"] if allow_204 else []))
+    assert len(one) * count < 256 * 1024  # within max_pipelined_bytes: all buffered at once is fine
+    h.send(one * count)
+    statuses = [r.status for r in parse_responses(h.output())]
+    assert statuses == [204 if allow_204 else 200] * count
+    assert not h.transport.disconnecting
+    assert [rec.icap_status for rec in h.observer.records] == statuses

@@ -13,7 +13,17 @@ from twisted.python.failure import Failure
 
 from gateway.config import ScanSettings
 from gateway.interfaces import ScanContext, Verdict
-from gateway.scanning.handoff import CompletionQueue, ScanPool
+from gateway.scanning.handoff import (
+    INLINE_COOLDOWN,
+    INLINE_LEARN_SCANS,
+    INLINE_MAX_BYTES,
+    INLINE_STALL_SECONDS,
+    SIZE_CLASSES,
+    CompletionQueue,
+    InlineScans,
+    ScanPool,
+    size_class,
+)
 from gateway.scanning.rules import RulesManager
 from gateway.scanning.scanner import YaraScanner
 
@@ -161,3 +171,164 @@ def test_a_stopped_pool_is_an_engine_error_verdict(tmp_path: Path) -> None:
     out = fired(scanner.scan(b"anything", ScanContext(direction="response")))
     reactor.wake()
     assert (out[0].outcome, out[0].reason, out[0].action) == ("unscannable", "engine-error", "block")
+
+
+# --- inline scans -------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def learnt(inline: InlineScans, ruleset: object, seconds: float, size: int = 1024,
+           scans: int = INLINE_LEARN_SCANS) -> None:
+    for _ in range(scans):
+        inline.observe(ruleset, size, seconds)
+
+
+def test_inline_only_after_learning_and_within_the_budget() -> None:
+    inline = InlineScans(budget=100e-6)
+    rules = object()
+    assert not inline.allows(rules, 1024)  # nothing known yet: to the threads
+    learnt(inline, rules, 20e-6, scans=INLINE_LEARN_SCANS - 1)
+    assert not inline.allows(rules, 1024)  # still learning
+    learnt(inline, rules, 20e-6, scans=1)
+    assert inline.allows(rules, 1024)
+    assert inline.allows(rules, 1000)  # the same size class
+    assert not inline.allows(rules, 1025)  # the next one: not learnt yet
+    learnt(inline, rules, 90e-6, size=8 * 1024)
+    assert inline.allows(rules, 8 * 1024)
+    learnt(inline, rules, 170e-6, size=16 * 1024)
+    assert not inline.allows(rules, 16 * 1024)  # over the budget
+    assert not inline.allows(object(), 1024)  # another ruleset (a reload): learnt anew
+    assert [size_class(n) for n in (0, 1, 1024, 1025, 2048, 65536)] == [0, 0, 0, 1, 1, SIZE_CLASSES - 1]
+
+
+def test_inline_never_above_the_size_cap_or_with_a_zero_budget() -> None:
+    inline = InlineScans(budget=1.0)
+    rules = object()
+    learnt(inline, rules, 1e-9, size=INLINE_MAX_BYTES)
+    assert inline.allows(rules, INLINE_MAX_BYTES)
+    assert not inline.allows(rules, INLINE_MAX_BYTES + 1)
+    off = InlineScans(budget=0)
+    learnt(off, rules, 1e-9)
+    assert not off.allows(rules, 10)
+
+
+def test_expensive_scans_move_the_estimate_back_to_the_threads() -> None:
+    inline = InlineScans(budget=100e-6)
+    rules = object()
+    learnt(inline, rules, 20e-6)
+    assert inline.allows(rules, 1024)
+    for _ in range(8):  # the ruleset got expensive (or inline scans cost more)
+        inline.observe(rules, 1024, 400e-6)
+    assert not inline.allows(rules, 1024)
+
+
+def test_a_stall_pauses_inline_scans_for_the_cooldown() -> None:
+    clock = FakeClock()
+    inline = InlineScans(budget=100e-6, clock=clock)
+    rules = object()
+    learnt(inline, rules, 20e-6)
+    assert not inline.stalled(rules, INLINE_STALL_SECONDS)  # slow, but not a stall
+    assert inline.stalled(rules, INLINE_STALL_SECONDS * 1.01)
+    assert inline.stalls == 1
+    assert not inline.allows(rules, 1024)
+    clock.now += INLINE_COOLDOWN - 0.1
+    assert not inline.allows(rules, 1024)
+    clock.now += 0.2
+    assert inline.allows(rules, 1024)
+
+
+def _scanner(tmp_path: Path, reactor: Any, pool: ScanPool, **settings: Any) -> YaraScanner:
+    manager = RulesManager(BUNDLED_RULES, reactor, pool, 0)
+    manager.load_now()
+    return YaraScanner(manager, reactor, pool, ScanSettings(**settings), tmp_path)
+
+
+def test_cheap_scans_run_on_the_calling_thread_once_learnt(tmp_path: Path) -> None:
+    reactor = HeldReactor()
+    pool = ScanPool(1)
+    scanner = _scanner(tmp_path, reactor, pool, inline_budget=1.0)  # everything small is "cheap"
+    context = ScanContext(direction="response")
+    verdicts: list[Verdict] = []
+    pool.start()
+    try:
+        for i in range(INLINE_LEARN_SCANS):  # learning: through the pool, back on the reactor's wake-up
+            scanner.scan_then(b"clean %d" % i, context, verdicts.append)
+    finally:
+        pool.stop()
+    assert verdicts == []
+    reactor.wake()
+    assert len(verdicts) == INLINE_LEARN_SCANS
+    # The pool is stopped: only an inline scan can still give real verdicts.
+    verdicts.clear()
+    scanner.scan_then(EICAR, context, verdicts.append)
+    scanner.scan_then(b"clean", context, verdicts.append)
+    assert [v.outcome for v in verdicts] == ["blocked", "clean"]  # at once, in this thread
+    assert verdicts[0].rules
+    # Never inline: an encoded body (decoding is not bounded by its size), a large one.
+    scanner.scan_then(b"clean", ScanContext(direction="response", content_encoding="gzip"), verdicts.append)
+    scanner.scan_then(b"x" * (INLINE_MAX_BYTES + 1), context, verdicts.append)
+    reactor.wake()
+    assert [(v.outcome, v.reason) for v in verdicts[2:]] == [("unscannable", "engine-error")] * 2  # the pool's
+
+
+def test_no_inline_scans_with_a_zero_budget(tmp_path: Path) -> None:
+    reactor = HeldReactor()
+    pool = ScanPool(1)
+    scanner = _scanner(tmp_path, reactor, pool, inline_budget=0)
+    verdicts: list[Verdict] = []
+    pool.start()
+    try:
+        for _ in range(2 * INLINE_LEARN_SCANS):
+            scanner.scan_then(b"clean", ScanContext(direction="response"), verdicts.append)
+    finally:
+        pool.stop()
+    assert verdicts == []  # none given before the reactor woke: all went through the pool
+    reactor.wake()
+    assert len(verdicts) == 2 * INLINE_LEARN_SCANS
+
+
+class NotInCaller:
+    """An engine whose match waits on another process (YARA-X's kind)."""
+
+    name = "fake-remote"
+    tag = b"remote"
+    runs_in_caller = False
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def compile(self, version: str, sources: Any) -> Any:
+        return self.inner.compile(version, sources)
+
+    def match(self, rules: Any, target: Any, externals: Any, timeout: int) -> list[str]:
+        return self.inner.match(rules, target, externals, timeout)
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_engine_that_waits_on_another_process_never_runs_inline(tmp_path: Path) -> None:
+    from gateway.scanning.yara_engine import YaraEngine
+
+    reactor = HeldReactor()
+    pool = ScanPool(1)
+    manager = RulesManager(BUNDLED_RULES, reactor, pool, 0, engine=NotInCaller(YaraEngine()))
+    manager.load_now()
+    scanner = YaraScanner(manager, reactor, pool, ScanSettings(inline_budget=1.0), tmp_path)
+    verdicts: list[Verdict] = []
+    pool.start()
+    try:
+        for _ in range(2 * INLINE_LEARN_SCANS):
+            scanner.scan_then(b"clean", ScanContext(direction="response"), verdicts.append)
+    finally:
+        pool.stop()
+    assert verdicts == []
+    reactor.wake()
+    assert len(verdicts) == 2 * INLINE_LEARN_SCANS
