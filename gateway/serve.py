@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from typing import Any
@@ -96,7 +97,16 @@ def run_serve(args: argparse.Namespace) -> int:
         # supervisor never uses them, and imports cannot be undone.
         return run_supervisor(args, config, count)
 
-    from gateway.alloc import tune_malloc
+    from gateway.alloc import tune_malloc, with_tcache
+
+    if not worker:
+        # One process serves: start again with the thread cache YARA needs on
+        # the reactor thread (gateway.alloc; glibc reads it only at start).
+        # Same pid and arguments; once it is in the environment, no further start.
+        env = with_tcache(os.environ)
+        if env is not None:
+            sys.stderr.flush()
+            os.execve(sys.executable, sys.orig_argv, env)
 
     # Before the first body: in-memory bodies stay in the heap instead of
     # being unmapped and faulted back in every transaction (gateway.alloc).

@@ -35,6 +35,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, protocol, tcp
 from twisted.logger import Logger
 
+from gateway.alloc import with_tcache
 from gateway.connections import SLOTS_ENV, SlotTable, clear_slot, create_slots
 from gateway.handoff import (
     Acceptor,
@@ -617,6 +618,7 @@ def build_supervisor(config: Any, reactor: Any, argv: list[str], count: int) -> 
     TLSListeners(client_policy(config.tls), reactor, config.server.listen, config.source)
     listeners = [bind_listener(d) for d in config.server.listen]
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=mp_dir)
+    env = with_tcache(env) or env  # YARA on a worker's reactor thread (gateway.alloc)
     handoff = config.server.worker_balance == "least-loaded"
     if handoff:
         handed = [HandedListener(lst.family, lst.proxy_protocol, address)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.alloc import TCACHE_COUNT
 from tests.peers import EICAR, gateway_process, require_binary
 
 pytestmark = pytest.mark.cicap
@@ -22,6 +23,21 @@ def _children(pid: int) -> list[int]:
 
 def _libraries(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
+
+
+def _tunables(pid: int) -> str | None:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    found = [item.partition(b"=")[2].decode() for item in environ if item.startswith(b"GLIBC_TUNABLES=")]
+    return found[0] if found else None
+
+
+def test_a_single_process_gateway_starts_again_with_the_thread_cache() -> None:
+    client = require_binary("c-icap-client")
+    with gateway_process(settings={"server": {"workers": 1}}) as gw:
+        assert _tunables(gw.proc.pid) == f"glibc.malloc.tcache_count={TCACHE_COUNT}"  # the same pid
+        result = subprocess.run([client, "-i", "127.0.0.1", "-p", str(gw.port), "-s", "respmod", "-v"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30)
+        assert "ICAP/1.0 200" in result.stdout  # OPTIONS
 
 
 def _assert_supervisor_is_lean(supervisor: int, workers: list[int]) -> None:
@@ -51,6 +67,8 @@ def test_two_workers_serve_and_metrics_sum_them(tmp_path: Path) -> None:
                                     stderr=subprocess.STDOUT, text=True, timeout=30)
             assert "X-Infection-Found" in result.stdout
         _assert_supervisor_is_lean(gw.proc.pid, _children(gw.proc.pid))  # every worker is serving now
+        for worker in _children(gw.proc.pid):  # YARA on their reactor threads needs it (gateway.alloc)
+            assert _tunables(worker) == f"glibc.malloc.tcache_count={TCACHE_COUNT}"
         # Each worker flushes its counters to the shared files; the parent sums them.
         text = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
         blocked = [line for line in text.splitlines()

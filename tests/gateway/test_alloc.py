@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from gateway.alloc import MMAP_THRESHOLD
+from gateway.alloc import MMAP_THRESHOLD, TCACHE_COUNT, with_tcache
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
@@ -64,3 +64,19 @@ def test_an_administrators_environment_wins() -> None:
 
 def test_a_budget_past_a_c_int_is_clamped() -> None:
     assert _tune(2**40, {})["trim_threshold"] == 2**31 - 1
+
+
+def test_the_thread_cache_joins_the_tunables() -> None:
+    setting = f"glibc.malloc.tcache_count={TCACHE_COUNT}"
+    assert with_tcache({"PATH": "/bin"}) == {"PATH": "/bin", "GLIBC_TUNABLES": setting}
+    assert with_tcache({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {
+        "GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{setting}"}
+
+
+def test_an_administrators_thread_cache_wins() -> None:
+    assert with_tcache({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.tcache_count=9"}) is None
+    assert with_tcache({"GLIBC_TUNABLES": setting_of(TCACHE_COUNT)}) is None  # already there: no restart
+
+
+def setting_of(count: int) -> str:
+    return f"glibc.malloc.tcache_count={count}"
