@@ -75,6 +75,10 @@ def load_serve_config(args: argparse.Namespace) -> Any:
     )
 
 
+# Set in the environment of a gateway that started itself again (see run_serve).
+RESTARTED_ENV = "ICAP_GATEWAY_RESTARTED"
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -99,12 +103,16 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from gateway.alloc import tune_malloc, with_tcache
 
-    if not worker:
+    if not worker and RESTARTED_ENV not in os.environ:
         # One process serves: start again with the thread cache YARA needs on
         # the reactor thread (gateway.alloc; glibc reads it only at start).
-        # Same pid and arguments; once it is in the environment, no further start.
+        # Same pid and arguments.  Once only, whatever the environment then
+        # holds: a loader may drop GLIBC_TUNABLES (a binary with file
+        # capabilities runs in secure mode), which must not loop.
         env = with_tcache(os.environ)
         if env is not None:
+            env[RESTARTED_ENV] = "1"
+            sys.stdout.flush()
             sys.stderr.flush()
             os.execve(sys.executable, sys.orig_argv, env)
 

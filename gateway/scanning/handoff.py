@@ -32,7 +32,6 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -42,7 +41,17 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["INLINE_MAX_BYTES", "SIZE_CLASSES", "CompletionQueue", "InlineScans", "Pool", "ScanPool", "size_class"]
+__all__ = [
+    "INLINE_MAX_BYTES",
+    "INLINE_STALL_SECONDS",
+    "INLINE_TIMEOUT",
+    "SIZE_CLASSES",
+    "CompletionQueue",
+    "InlineScans",
+    "Pool",
+    "ScanPool",
+    "size_class",
+]
 
 log = Logger(namespace="gateway.scanning.handoff")
 
@@ -188,14 +197,18 @@ INLINE_MAX_BYTES = 64 * 1024
 # of that class may run inline: the estimate needs a few measurements of
 # the set it speaks for.
 INLINE_LEARN_SCANS = 16
-# An inline scan that took this much CPU stops inline scans of its ruleset
-# for INLINE_COOLDOWN seconds: a body that hits a rule's slow path stalls
-# the reactor once, not once per request.  Shorter spikes (a collector
-# pause, a cold cache: up to a few ms in the benchmarks) are not stalls: the
-# running mean absorbs them, and sends the next scans to the threads until
-# it is back under the budget.
-INLINE_STALL_SECONDS = 0.05
-INLINE_COOLDOWN = 10.0
+# A scan of a small body that took this much CPU, inline or in a thread,
+# ends inline scans of its ruleset for good (until a reload brings a new
+# set): some body hits one of its rules' slow paths, and a peer can send it
+# again.  An attacker may thus turn the optimisation off, never on; the
+# worst an inline scan can do is once per ruleset and worker, for at most
+# INLINE_TIMEOUT.  Ordinary spikes (a collector pause, a cold cache) stay
+# well under it: the running mean absorbs those.
+INLINE_STALL_SECONDS = 0.02
+# The timeout of an inline scan, in YARA's whole seconds (its shortest): a
+# body that reaches it was no verdict yet, and is scanned again in the
+# threads with all of ``[scan] timeout``.
+INLINE_TIMEOUT = 1
 # Weight of the newest measurement in the running mean (1/8: a few dozen
 # scans move it; one outlier does not).
 _EWMA_WEIGHT = 0.125
@@ -214,20 +227,25 @@ SIZE_CLASSES = size_class(INLINE_MAX_BYTES) + 1
 class _Estimate:
     """One ruleset's: the mean CPU seconds of a scan per size class."""
 
-    __slots__ = ("counts", "means", "quiet_until", "ruleset")
+    __slots__ = ("closed", "counts", "means", "ruleset")
 
     def __init__(self, ruleset: object) -> None:
         self.ruleset = ruleset
         self.means = [0.0] * SIZE_CLASSES
         self.counts = [0] * SIZE_CLASSES
-        self.quiet_until = 0.0  # no inline scan before this clock time (a stall)
+        self.closed = False  # a stall: no inline scan of this ruleset any more
 
 
 class InlineScans:
     """Decides, per scan, whether it runs on the reactor thread: only a
     small body (``INLINE_MAX_BYTES``) of a ruleset whose scans of that size
-    were measured to take less than ``budget`` seconds of CPU, never while
-    the ruleset cools down after a stall.  ``budget`` 0: never.
+    were measured to take less than ``budget`` seconds of CPU, and never
+    again once one of its scans stalled (INLINE_STALL_SECONDS).  ``budget``
+    0: never.
+
+    Only full scans teach the mean: a verdict from the cache or a body
+    refused unscanned costs nothing like a scan, and would make an expensive
+    size class look cheap; any scan can be a stall.
 
     One estimate per ruleset (the object it is handed; a reload makes a new
     one, and the estimate starts over).  :meth:`observe` is called from the
@@ -235,44 +253,41 @@ class InlineScans:
     (or the whole estimate) replaced, so a race loses a measurement, never
     corrupts one."""
 
-    def __init__(self, budget: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, budget: float) -> None:
         self.budget = budget
-        self._clock = clock
         self._estimate = _Estimate(None)
-        self.stalls = 0  # inline scans that took over INLINE_STALL_SECONDS
+        self.stalls = 0  # scans that ended inline scans of their ruleset
 
     def allows(self, ruleset: object, size: int) -> bool:
         if size > INLINE_MAX_BYTES or self.budget <= 0:
             return False
         estimate = self._estimate
-        if estimate.ruleset is not ruleset:
+        if estimate.ruleset is not ruleset or estimate.closed:
             return False
         c = size_class(size)
-        if estimate.counts[c] < INLINE_LEARN_SCANS or estimate.means[c] > self.budget:
-            return False
-        return not estimate.quiet_until or self._clock() >= estimate.quiet_until
+        return estimate.counts[c] >= INLINE_LEARN_SCANS and estimate.means[c] <= self.budget
 
-    def observe(self, ruleset: object, size: int, seconds: float) -> None:
-        """A scan of ``size`` bytes with ``ruleset`` took ``seconds`` of CPU."""
+    def observe(self, ruleset: object, size: int, seconds: float, *, full: bool = True) -> bool:
+        """A scan of ``size`` bytes with ``ruleset`` took ``seconds`` of CPU;
+        ``full``: it really scanned the body (no cache hit, no early refusal),
+        so it teaches the mean.  True when it was a stall, which ends inline
+        scans of ``ruleset``."""
         if size > INLINE_MAX_BYTES:
-            return
+            return False
         estimate = self._estimate
         if estimate.ruleset is not ruleset:
             self._estimate = estimate = _Estimate(ruleset)
-        c = size_class(size)
-        count = estimate.counts[c]
-        # The plain mean while learning, then a running one.
-        weight = 1 / (count + 1) if count < INLINE_LEARN_SCANS else _EWMA_WEIGHT
-        estimate.means[c] += (seconds - estimate.means[c]) * weight
-        estimate.counts[c] = count + 1
-
-    def stalled(self, ruleset: object, seconds: float) -> bool:
-        """An inline scan took ``seconds`` of CPU: True (and inline
-        scans of ``ruleset`` pause) when that was a stall."""
-        if seconds <= INLINE_STALL_SECONDS:
-            return False
-        self.stalls += 1
-        estimate = self._estimate
-        if estimate.ruleset is ruleset:
-            estimate.quiet_until = self._clock() + INLINE_COOLDOWN
-        return True
+        if seconds > INLINE_STALL_SECONDS:
+            if estimate.closed:
+                return False
+            estimate.closed = True
+            self.stalls += 1
+            return True
+        if full:
+            c = size_class(size)
+            count = estimate.counts[c]
+            # The plain mean while learning, then a running one.
+            weight = 1 / (count + 1) if count < INLINE_LEARN_SCANS else _EWMA_WEIGHT
+            estimate.means[c] += (seconds - estimate.means[c]) * weight
+            estimate.counts[c] = count + 1
+        return False

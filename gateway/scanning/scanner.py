@@ -78,7 +78,7 @@ from gateway.scanning.decoding import (
     parse_encodings,
 )
 from gateway.scanning.engine import EngineError, EngineTimeout
-from gateway.scanning.handoff import INLINE_COOLDOWN, CompletionQueue, InlineScans, Pool, ScanPool
+from gateway.scanning.handoff import INLINE_TIMEOUT, CompletionQueue, InlineScans, Pool, ScanPool
 from gateway.scanning.rules import CompiledRules, RulesManager
 from gateway.scanning.spool import BodySpool
 
@@ -186,28 +186,37 @@ class YaraScanner:
         started = time.thread_time()
         verdict = self.scan_blocking(body, context, compiled)
         if type(body) is bytes and not context.content_encoding:
-            self._inline.observe(compiled, len(body), time.thread_time() - started)
+            took = time.thread_time() - started
+            if self._inline.observe(compiled, len(body), took, full=_full_scan(verdict, body)):
+                self._log_stall(len(body), took, compiled, "a scanning thread")
         return verdict
 
     def _scan_inline(self, body: bytes, context: ScanContext, compiled: CompiledRules,
                      on_verdict: Callable[[Verdict], object]) -> None:
         """A scan cheaper than the hand-off, here on the reactor thread (see
-        ``gateway.scanning.handoff.InlineScans``)."""
+        ``gateway.scanning.handoff.InlineScans``), with YARA's shortest
+        timeout: one that reaches it is scanned again in the threads."""
         started = time.thread_time()
         try:
-            verdict = self.scan_blocking(body, context, compiled)
+            verdict = self.scan_blocking(body, context, compiled, timeout=INLINE_TIMEOUT)
         except Exception:
             self._failed(on_verdict, compiled.version, Failure())
             return
         # CPU time, not wall time: a reactor the kernel preempted is not a slow scan.
         took = time.thread_time() - started
-        inline = self._inline
-        inline.observe(compiled, len(body), took)
-        if inline.stalled(compiled, took):
-            log.warn("a {size}-byte scan took {ms:.1f} ms on the reactor thread: ruleset {version} scans only "
-                     "in the scanning threads for {cooldown:.0f} s", size=len(body), ms=took * 1000,
-                     version=compiled.version, cooldown=INLINE_COOLDOWN)
+        if self._inline.observe(compiled, len(body), took, full=_full_scan(verdict, body)):
+            self._log_stall(len(body), took, compiled, "the reactor thread")
+        if verdict.reason == "scan-timeout":  # not a verdict yet: the threads have all of [scan] timeout
+            self._pool.callInThreadWithCallback(
+                partial(self._verdict_ready, on_verdict, compiled.version), self._scan_measured, body, context,
+                compiled)
+            return
         on_verdict(verdict)
+
+    def _log_stall(self, size: int, took: float, compiled: CompiledRules, where: str) -> None:
+        log.warn("a {size}-byte scan took {ms:.1f} ms of CPU in {where}: ruleset {version} is scanned only in "
+                 "the scanning threads from now on", size=size, ms=took * 1000, where=where,
+                 version=compiled.version)
 
     def _verdict_ready(self, on_verdict: Callable[[Verdict], object], version: str, ok: bool, result: Any) -> None:
         """In the scanning thread (or the caller's, if the pool is stopped)."""
@@ -234,9 +243,10 @@ class YaraScanner:
 
     def scan_blocking(
         self, body: bytes | bytearray | memoryview | str, context: ScanContext,
-        compiled: CompiledRules | None = None,
+        compiled: CompiledRules | None = None, timeout: float | None = None,
     ) -> Verdict:
-        """The whole scan, in the calling thread (a pool worker; benchmarks)."""
+        """The whole scan, in the calling thread (a pool worker; benchmarks).
+        ``timeout``: seconds, when shorter than ``[scan] timeout``."""
         compiled = compiled or self._rules.current
         if compiled is None:
             return self.unscannable("engine-error", "no rules loaded")
@@ -245,7 +255,7 @@ class YaraScanner:
             body = bytes(body)
         externals = externals_for(context)
         if self.cache is None:
-            return self._scan_uncached(body, context, compiled, externals)
+            return self._scan_uncached(body, context, compiled, externals, timeout)
         try:
             key = self._cache_key(body, context, compiled, externals)
         except OSError as e:
@@ -256,7 +266,7 @@ class YaraScanner:
             return Verdict(cached.outcome, rules=cached.rules, detail="cached", scanned_bytes=0,
                            duration=time.perf_counter() - started, ruleset_version=compiled.version,
                            reason=cached.reason)
-        result = self._scan_uncached(body, context, compiled, externals)
+        result = self._scan_uncached(body, context, compiled, externals, timeout)
         self.cache.put(key, result)
         return result
 
@@ -280,9 +290,9 @@ class YaraScanner:
         return names
 
     def _scan_uncached(self, body: bytes | str, context: ScanContext, compiled: CompiledRules,
-                       externals: dict[str, str]) -> Verdict:
+                       externals: dict[str, str], timeout: float | None = None) -> Verdict:
         started = time.perf_counter()
-        deadline = self._clock() + self.settings.timeout
+        deadline = self._clock() + min(timeout or self.settings.timeout, self.settings.timeout)
         scanned = 0
 
         def verdict(rules: Iterable[str] = ()) -> Verdict:
@@ -397,6 +407,11 @@ class YaraScanner:
             raise _Timeout()
         timeout = max(1, math.ceil(remaining))  # YARA counts whole seconds
         return compiled.engine.match(compiled.rules, target, externals, timeout)
+
+
+def _full_scan(verdict: Verdict, body: bytes | str) -> bool:
+    """The verdict of a real scan of all of ``body``: not the cache's, not a refusal."""
+    return verdict.detail != "cached" and verdict.scanned_bytes == len(body)
 
 
 @contextlib.contextmanager

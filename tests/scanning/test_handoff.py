@@ -14,7 +14,6 @@ from twisted.python.failure import Failure
 from gateway.config import ScanSettings
 from gateway.interfaces import ScanContext, Verdict
 from gateway.scanning.handoff import (
-    INLINE_COOLDOWN,
     INLINE_LEARN_SCANS,
     INLINE_MAX_BYTES,
     INLINE_STALL_SECONDS,
@@ -176,14 +175,6 @@ def test_a_stopped_pool_is_an_engine_error_verdict(tmp_path: Path) -> None:
 # --- inline scans -------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def learnt(inline: InlineScans, ruleset: object, seconds: float, size: int = 1024,
            scans: int = INLINE_LEARN_SCANS) -> None:
     for _ in range(scans):
@@ -229,19 +220,32 @@ def test_expensive_scans_move_the_estimate_back_to_the_threads() -> None:
     assert not inline.allows(rules, 1024)
 
 
-def test_a_stall_pauses_inline_scans_for_the_cooldown() -> None:
-    clock = FakeClock()
-    inline = InlineScans(budget=100e-6, clock=clock)
+def test_a_stall_ends_inline_scans_of_the_ruleset_for_good() -> None:
+    inline = InlineScans(budget=100e-6)
     rules = object()
     learnt(inline, rules, 20e-6)
-    assert not inline.stalled(rules, INLINE_STALL_SECONDS)  # slow, but not a stall
-    assert inline.stalled(rules, INLINE_STALL_SECONDS * 1.01)
+    assert not inline.observe(rules, 1024, INLINE_STALL_SECONDS, full=False)  # slow, but not a stall
+    assert inline.allows(rules, 1024)
+    assert inline.observe(rules, 1024, INLINE_STALL_SECONDS * 1.01, full=False)  # any scan can stall
     assert inline.stalls == 1
     assert not inline.allows(rules, 1024)
-    clock.now += INLINE_COOLDOWN - 0.1
+    learnt(inline, rules, 1e-6, scans=1000)  # cheap scans do not open it again
     assert not inline.allows(rules, 1024)
-    clock.now += 0.2
-    assert inline.allows(rules, 1024)
+    assert not inline.observe(rules, 1024, 1.0)  # counted once
+    assert inline.stalls == 1
+    fresh = object()  # a reload: a new set, learnt anew
+    learnt(inline, fresh, 20e-6)
+    assert inline.allows(fresh, 1024)
+
+
+def test_only_full_scans_teach_the_mean() -> None:
+    inline = InlineScans(budget=100e-6)
+    rules = object()
+    for _ in range(10 * INLINE_LEARN_SCANS):  # cache hits, refusals: cheap, and no measure of a scan
+        inline.observe(rules, 30_000, 20e-6, full=False)
+    assert not inline.allows(rules, 30_000)
+    learnt(inline, rules, 5e-3, size=30_000)  # what scanning such a body really costs
+    assert not inline.allows(rules, 30_000)
 
 
 def _scanner(tmp_path: Path, reactor: Any, pool: ScanPool, **settings: Any) -> YaraScanner:
