@@ -4,9 +4,13 @@ The same bytes scanned by the same ruleset with the same externals give the
 same verdict, so a popular download (a JavaScript library, an installer
 fetched by a whole office) is scanned once.  The key holds:
 
-* a SHA-256 digest of the raw body (SHA-NI makes it the fastest strong hash
-  hashlib has here: about 0.6 ms per MiB, half of BLAKE2b) and its
-  Content-Encoding;
+* a BLAKE3 digest of the raw body and its Content-Encoding.  The body is
+  the peer's: the hash must resist collisions, or a crafted harmless twin
+  would carry a blocked body's "clean".  BLAKE3 does, at 0.16 ms per MiB
+  here, against 0.58 for hashlib's SHA-256 (SHA-NI) and 1.1 for BLAKE2b:
+  with the empty ruleset the SHA-256 was a fifth of a 1 MiB transaction's
+  CPU (``perf``: libcrypto 19.5 %, YARA 40 %).  It lets go of the GIL for
+  large inputs, as hashlib does;
 * the ruleset version: a reload changes it, so a verdict of older rules is
   never served;
 * the values of only those externals the ruleset mentions (``url`` makes
@@ -18,12 +22,13 @@ not repeat, and the policy for an unscannable reason may change on reload.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from blake3 import blake3
 
 from gateway.interfaces import Verdict
 
@@ -40,7 +45,8 @@ def mentioned_externals(sources: Iterable[str], names: Iterable[str]) -> frozens
 
 
 def body_digest(body: bytes | str) -> bytes:
-    h = hashlib.sha256()
+    """The digest of a body in memory, or of the spooled file at that path."""
+    h = blake3()
     if isinstance(body, bytes):
         h.update(body)
     else:

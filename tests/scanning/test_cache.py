@@ -120,3 +120,16 @@ def test_rules_reading_an_external_no_transaction_sets_still_cache(
     again = scan(scanner, b"same bytes", filename="x")
     assert (first.outcome, again.outcome, again.detail) == ("clean", "clean", "cached")
     assert scan(scanner, b"same bytes", filename="y").detail != "cached"  # filename is still in the key
+
+
+def test_the_digest_is_blake3_of_the_body_in_memory_or_spooled(tmp_path: Path) -> None:
+    from blake3 import blake3
+
+    from gateway.scanning.cache import body_digest
+
+    body = bytes(range(256)) * 9000  # over the file reads' 1 MiB block
+    spooled = tmp_path / "body.spool"
+    spooled.write_bytes(body)
+    assert body_digest(body) == body_digest(str(spooled)) == blake3(body).digest()
+    assert body_digest(body[:-1] + b"\x01") != body_digest(body)
+    assert len(body_digest(b"")) == 32
