@@ -190,7 +190,7 @@ def describe(cls: type) -> list[tuple[str, Any, str]]:
     """(key, default, doc) for each key of a section, for docs and examples."""
     out = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         out.append((f.name, default, f.metadata.get("doc", "")))
     return out
 

@@ -234,7 +234,7 @@ class _BrotliDecoder(_Decoder):
         obj = self._obj
         try:
             if self._draining or not obj.can_accept_more_data():
-                out = obj.process(b"", output_buffer_limit=n)
+                out: bytes = obj.process(b"", output_buffer_limit=n)
                 if out:
                     return out
                 self._draining = False
@@ -253,7 +253,8 @@ class _BrotliDecoder(_Decoder):
                 self._done = True
                 raise DecodeError("br: truncated stream")
             self._draining = True
-            return obj.process(data, output_buffer_limit=n)
+            decoded: bytes = obj.process(data, output_buffer_limit=n)
+            return decoded
         except brotli.error as e:
             self._done = True
             raise DecodeError(f"br: {e}") from None

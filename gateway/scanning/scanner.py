@@ -228,7 +228,8 @@ class YaraScanner:
     def _failed(self, on_verdict: Callable[[Verdict], object], version: str, failure: Failure) -> None:
         """A bug or a stopped pool: still a verdict."""
         log.failure("scan failed", failure)
-        on_verdict(self.unscannable("engine-error", f"{failure.type.__name__}: {failure.value}",
+        kind = failure.type.__name__ if failure.type is not None else "error"
+        on_verdict(self.unscannable("engine-error", f"{kind}: {failure.value}",
                                     ruleset_version=version))
 
     def unscannable(self, reason: UnscannableReason, detail: str = "", rules: Iterable[str] = (),
