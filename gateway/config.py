@@ -167,9 +167,9 @@ class ScanSettings:
     )
     timeout: float = setting(30.0, "Seconds one scan may take", kind="duration", validate=positive)
     inline_budget: float = setting(
-        0.001, "A scan measured to take less CPU than this (a body of at most 64 KiB, not encoded, "
+        0.0002, "A scan measured to take less CPU than this (a body of at most 64 KiB, not encoded, "
         "engine yara) runs on the reactor thread: handing it to a scanning thread and back costs "
-        "more (benchmarks/README.md, \"Inline scans\"). \"1ms\"; 0: every scan in a scanning thread",
+        "more (benchmarks/README.md, \"Inline scans\"). \"0.2ms\"; 0: every scan in a scanning thread",
         kind="duration",
         validate=non_negative,
     )
