@@ -282,10 +282,8 @@ def test_cheap_scans_run_on_the_calling_thread_once_learnt(tmp_path: Path) -> No
     assert [(v.outcome, v.reason) for v in verdicts[2:]] == [("unscannable", "engine-error")] * 2  # the pool's
 
 
-def test_no_inline_scans_with_a_zero_budget(tmp_path: Path) -> None:
-    reactor = HeldReactor()
-    pool = ScanPool(1)
-    scanner = _scanner(tmp_path, reactor, pool, inline_budget=0)
+def assert_all_through_the_pool(scanner: YaraScanner, reactor: HeldReactor, pool: ScanPool) -> None:
+    """Twice the learning scans, and not one verdict before the reactor wakes."""
     verdicts: list[Verdict] = []
     pool.start()
     try:
@@ -296,6 +294,12 @@ def test_no_inline_scans_with_a_zero_budget(tmp_path: Path) -> None:
     assert verdicts == []  # none given before the reactor woke: all went through the pool
     reactor.wake()
     assert len(verdicts) == 2 * INLINE_LEARN_SCANS
+
+
+def test_no_inline_scans_with_a_zero_budget(tmp_path: Path) -> None:
+    reactor = HeldReactor()
+    pool = ScanPool(1)
+    assert_all_through_the_pool(_scanner(tmp_path, reactor, pool, inline_budget=0), reactor, pool)
 
 
 class NotInCaller:
@@ -326,13 +330,4 @@ def test_an_engine_that_waits_on_another_process_never_runs_inline(tmp_path: Pat
     manager = RulesManager(BUNDLED_RULES, reactor, pool, 0, engine=NotInCaller(YaraEngine()))
     manager.load_now()
     scanner = YaraScanner(manager, reactor, pool, ScanSettings(inline_budget=1.0), tmp_path)
-    verdicts: list[Verdict] = []
-    pool.start()
-    try:
-        for _ in range(2 * INLINE_LEARN_SCANS):
-            scanner.scan_then(b"clean", ScanContext(direction="response"), verdicts.append)
-    finally:
-        pool.stop()
-    assert verdicts == []
-    reactor.wake()
-    assert len(verdicts) == 2 * INLINE_LEARN_SCANS
+    assert_all_through_the_pool(scanner, reactor, pool)
