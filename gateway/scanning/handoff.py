@@ -198,9 +198,9 @@ INLINE_MAX_BYTES = 64 * 1024
 # the set it speaks for.
 INLINE_LEARN_SCANS = 16
 # A scan of a small body that took this much CPU, inline or in a thread,
-# ends inline scans of its ruleset for good (until a reload brings a new
-# set): some body hits one of its rules' slow paths, and a peer can send it
-# again.  An attacker may thus turn the optimisation off, never on; the
+# ends inline scans of its ruleset for good (until a reload brings changed
+# rules: a new version): some body hits one of its rules' slow paths, and a
+# peer can send it again.  An attacker may thus turn the optimisation off, never on; the
 # worst an inline scan can do is once per ruleset and worker, for at most
 # INLINE_TIMEOUT.  Ordinary spikes (a collector pause, a cold cache) stay
 # well under it: the running mean absorbs those.
@@ -225,11 +225,11 @@ SIZE_CLASSES = size_class(INLINE_MAX_BYTES) + 1
 
 
 class _Estimate:
-    """One ruleset's: the mean CPU seconds of a scan per size class."""
+    """One ruleset version's: the mean CPU seconds of a scan per size class."""
 
     __slots__ = ("closed", "counts", "means", "ruleset")
 
-    def __init__(self, ruleset: object) -> None:
+    def __init__(self, ruleset: str | None) -> None:
         self.ruleset = ruleset
         self.means = [0.0] * SIZE_CLASSES
         self.counts = [0] * SIZE_CLASSES
@@ -247,27 +247,29 @@ class InlineScans:
     refused unscanned costs nothing like a scan, and would make an expensive
     size class look cheap; any scan can be a stall.
 
-    One estimate per ruleset (the object it is handed; a reload makes a new
-    one, and the estimate starts over).  :meth:`observe` is called from the
-    scanning threads and the reactor at once: each update is one list item
-    (or the whole estimate) replaced, so a race loses a measurement, never
-    corrupts one."""
+    One estimate per ruleset version (what the caller hands in as
+    ``ruleset``): a reload of unchanged files (any SIGHUP) keeps it, closure
+    and all; changed rules start over.  The caller reports only scans of the
+    current set: a scan queued before a reload would otherwise reset the new
+    set's estimate.  :meth:`observe` is called from the scanning threads and
+    the reactor at once: each update is one list item (or the whole
+    estimate) replaced, so a race loses a measurement, never corrupts one."""
 
     def __init__(self, budget: float) -> None:
         self.budget = budget
         self._estimate = _Estimate(None)
         self.stalls = 0  # scans that ended inline scans of their ruleset
 
-    def allows(self, ruleset: object, size: int) -> bool:
+    def allows(self, ruleset: str, size: int) -> bool:
         if size > INLINE_MAX_BYTES or self.budget <= 0:
             return False
         estimate = self._estimate
-        if estimate.ruleset is not ruleset or estimate.closed:
+        if estimate.ruleset != ruleset or estimate.closed:
             return False
         c = size_class(size)
         return estimate.counts[c] >= INLINE_LEARN_SCANS and estimate.means[c] <= self.budget
 
-    def observe(self, ruleset: object, size: int, seconds: float, *, full: bool = True) -> bool:
+    def observe(self, ruleset: str, size: int, seconds: float, *, full: bool = True) -> bool:
         """A scan of ``size`` bytes with ``ruleset`` took ``seconds`` of CPU;
         ``full``: it really scanned the body (no cache hit, no early refusal),
         so it teaches the mean.  True when it was a stall, which ends inline
@@ -275,7 +277,7 @@ class InlineScans:
         if size > INLINE_MAX_BYTES:
             return False
         estimate = self._estimate
-        if estimate.ruleset is not ruleset:
+        if estimate.ruleset != ruleset:  # a version: the same files recompiled (SIGHUP) keep their estimate
             self._estimate = estimate = _Estimate(ruleset)
         if seconds > INLINE_STALL_SECONDS:
             if estimate.closed:

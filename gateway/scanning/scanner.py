@@ -174,7 +174,7 @@ class YaraScanner:
             return
         inline = self._inline
         if (type(body) is bytes and not context.content_encoding and compiled.engine.runs_in_caller
-                and inline.allows(compiled, len(body))):
+                and inline.allows(compiled.version, len(body))):
             self._scan_inline(body, context, compiled, on_verdict)
             return
         self._pool.callInThreadWithCallback(
@@ -185,9 +185,11 @@ class YaraScanner:
         inline estimate (unencoded bodies in memory only: what may run inline)."""
         started = time.thread_time()
         verdict = self.scan_blocking(body, context, compiled)
-        if type(body) is bytes and not context.content_encoding:
+        # Not a set a reload replaced since (a scan queued before the swap):
+        # its measurement would reset the current set's estimate, closure and all.
+        if type(body) is bytes and not context.content_encoding and compiled.version == self._rules.version:
             took = time.thread_time() - started
-            if self._inline.observe(compiled, len(body), took, full=_full_scan(verdict, body)):
+            if self._inline.observe(compiled.version, len(body), took, full=_full_scan(verdict, body)):
                 self._log_stall(len(body), took, compiled, "a scanning thread")
         return verdict
 
@@ -204,9 +206,10 @@ class YaraScanner:
             return
         # CPU time, not wall time: a reactor the kernel preempted is not a slow scan.
         took = time.thread_time() - started
-        if self._inline.observe(compiled, len(body), took, full=_full_scan(verdict, body)):
+        if self._inline.observe(compiled.version, len(body), took, full=_full_scan(verdict, body)):
             self._log_stall(len(body), took, compiled, "the reactor thread")
-        if verdict.reason == "scan-timeout":  # not a verdict yet: the threads have all of [scan] timeout
+        # Not a verdict yet only when the threads have more time than the inline scan had.
+        if verdict.reason == "scan-timeout" and self.settings.timeout > INLINE_TIMEOUT:
             self._pool.callInThreadWithCallback(
                 partial(self._verdict_ready, on_verdict, compiled.version), self._scan_measured, body, context,
                 compiled)

@@ -175,7 +175,7 @@ def test_a_stopped_pool_is_an_engine_error_verdict(tmp_path: Path) -> None:
 # --- inline scans -------------------------------------------------------------
 
 
-def learnt(inline: InlineScans, ruleset: object, seconds: float, size: int = 1024,
+def learnt(inline: InlineScans, ruleset: str, seconds: float, size: int = 1024,
            scans: int = INLINE_LEARN_SCANS) -> None:
     for _ in range(scans):
         inline.observe(ruleset, size, seconds)
@@ -183,7 +183,7 @@ def learnt(inline: InlineScans, ruleset: object, seconds: float, size: int = 102
 
 def test_inline_only_after_learning_and_within_the_budget() -> None:
     inline = InlineScans(budget=100e-6)
-    rules = object()
+    rules = "v1"
     assert not inline.allows(rules, 1024)  # nothing known yet: to the threads
     learnt(inline, rules, 20e-6, scans=INLINE_LEARN_SCANS - 1)
     assert not inline.allows(rules, 1024)  # still learning
@@ -195,13 +195,13 @@ def test_inline_only_after_learning_and_within_the_budget() -> None:
     assert inline.allows(rules, 8 * 1024)
     learnt(inline, rules, 170e-6, size=16 * 1024)
     assert not inline.allows(rules, 16 * 1024)  # over the budget
-    assert not inline.allows(object(), 1024)  # another ruleset (a reload): learnt anew
+    assert not inline.allows("v2", 1024)  # changed rules (a reload): learnt anew
     assert [size_class(n) for n in (0, 1, 1024, 1025, 2048, 65536)] == [0, 0, 0, 1, 1, SIZE_CLASSES - 1]
 
 
 def test_inline_never_above_the_size_cap_or_with_a_zero_budget() -> None:
     inline = InlineScans(budget=1.0)
-    rules = object()
+    rules = "v1"
     learnt(inline, rules, 1e-9, size=INLINE_MAX_BYTES)
     assert inline.allows(rules, INLINE_MAX_BYTES)
     assert not inline.allows(rules, INLINE_MAX_BYTES + 1)
@@ -212,7 +212,7 @@ def test_inline_never_above_the_size_cap_or_with_a_zero_budget() -> None:
 
 def test_expensive_scans_move_the_estimate_back_to_the_threads() -> None:
     inline = InlineScans(budget=100e-6)
-    rules = object()
+    rules = "v1"
     learnt(inline, rules, 20e-6)
     assert inline.allows(rules, 1024)
     for _ in range(8):  # the ruleset got expensive (or inline scans cost more)
@@ -222,7 +222,7 @@ def test_expensive_scans_move_the_estimate_back_to_the_threads() -> None:
 
 def test_a_stall_ends_inline_scans_of_the_ruleset_for_good() -> None:
     inline = InlineScans(budget=100e-6)
-    rules = object()
+    rules = "v1"
     learnt(inline, rules, 20e-6)
     assert not inline.observe(rules, 1024, INLINE_STALL_SECONDS, full=False)  # slow, but not a stall
     assert inline.allows(rules, 1024)
@@ -233,14 +233,14 @@ def test_a_stall_ends_inline_scans_of_the_ruleset_for_good() -> None:
     assert not inline.allows(rules, 1024)
     assert not inline.observe(rules, 1024, 1.0)  # counted once
     assert inline.stalls == 1
-    fresh = object()  # a reload: a new set, learnt anew
+    fresh = "v2"  # changed rules: learnt anew
     learnt(inline, fresh, 20e-6)
     assert inline.allows(fresh, 1024)
 
 
 def test_only_full_scans_teach_the_mean() -> None:
     inline = InlineScans(budget=100e-6)
-    rules = object()
+    rules = "v1"
     for _ in range(10 * INLINE_LEARN_SCANS):  # cache hits, refusals: cheap, and no measure of a scan
         inline.observe(rules, 30_000, 20e-6, full=False)
     assert not inline.allows(rules, 30_000)
