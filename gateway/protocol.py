@@ -75,6 +75,13 @@ log = Logger()
 # enough to keep syscalls few, small enough that memory stays flat.
 ECHO_BLOCK_SIZE = 64 * 1024
 
+# Requests one connection has answered in one call of _process before it
+# lets the reactor serve the others (the rest go on in the next turn): a
+# peer that pipelines hundreds of small requests, each answered at once (no
+# body, or a scan on the reactor thread: gateway.scanning.handoff
+# .InlineScans), must not hold a worker for all of them in one go.
+REQUESTS_PER_TURN = 16
+
 # What the connection's read/idle timer guards (see _arm_timer).
 PHASE_IDLE = "idle"  # between requests: idle_timeout, then a quiet close
 PHASE_HEAD = "head"  # a request head is arriving: one head_timeout deadline
@@ -201,6 +208,7 @@ class ICAPServerProtocol(Protocol):
         self._client_cert_read = False
         self._tenant_policy: TenantPolicy | None = None  # the current transaction's tenant's
         self._processing = False  # inside _process: see there
+        self._next_turn: DelayedCall | None = None  # _process again, after the other connections (REQUESTS_PER_TURN)
 
     # --- connection lifecycle ---------------------------------------------
 
@@ -254,6 +262,9 @@ class ICAPServerProtocol(Protocol):
         self.ctx.observer.connection_closed()
         self._cancel_timer()
         self._cancel_write_timer()
+        if self._next_turn is not None and self._next_turn.active():
+            self._next_turn.cancel()
+        self._next_turn = None
         self._stop_echo()
         self._close_spool()
 
@@ -478,7 +489,15 @@ class ICAPServerProtocol(Protocol):
             self._processing = False
 
     def _process_events(self) -> None:
+        conn = self.conn
+        requests_at_start = conn.requests_seen
         while not self._busy and not self._write_blocked and self.transport is not None:
+            if (conn.requests_seen - requests_at_start >= REQUESTS_PER_TURN and conn.their_state == "IDLE"
+                    and conn.has_buffered_input):
+                # Between two requests: the next one waits for the next turn.
+                if self._next_turn is None:
+                    self._next_turn = self.ctx.clock.callLater(0, self._take_turn)
+                break
             try:
                 event = self.conn.next_event()
             except ProtocolError as e:
@@ -501,6 +520,11 @@ class ICAPServerProtocol(Protocol):
             self.transport.loseConnection()  # shutting down and nothing more was sent
             return
         self._arm_timer()
+
+    def _take_turn(self) -> None:
+        self._next_turn = None
+        if self.connected and not self._busy:
+            self._process()
 
     def _dispatch(self, event: object) -> None:
         if isinstance(event, Request):

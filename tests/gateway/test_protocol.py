@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from twisted.internet.task import Clock
 
 from gateway.interfaces import AuthFailure, UserSeen, Verdict
+from gateway.protocol import REQUESTS_PER_TURN
 from tests.gateway.fakes import GOOD_KEY, make_harness
 from tests.icap_responses import parse_responses
 
@@ -385,7 +387,48 @@ def test_pipelined_requests_with_verdicts_given_at_once_do_not_nest(allow_204: b
     one = respmod(chunked(b"hello world"), AUTH, *(["Allow: 204"] if allow_204 else []))
     assert len(one) * count < 256 * 1024  # within max_pipelined_bytes: all buffered at once is fine
     h.send(one * count)
-    statuses = [r.status for r in parse_responses(h.output())]
+    out = h.output()
+    for _ in range(count // REQUESTS_PER_TURN):  # the rest of them, a turn at a time
+        h.clock.advance(0)
+        out += h.output()
+    statuses = [r.status for r in parse_responses(out)]
     assert statuses == [204 if allow_204 else 200] * count
     assert not h.transport.disconnecting
     assert [rec.icap_status for rec in h.observer.records] == statuses
+
+
+class TurnClock(Clock):
+    """Reactor turns: a call scheduled while the due ones run waits for the
+    next turn, as in ``ReactorBase.runUntilCurrent`` (``Clock`` runs it at once)."""
+
+    def advance(self, amount: float) -> None:
+        self.rightNow += amount
+        due = [call for call in self.calls if call.getTime() <= self.seconds()]
+        for call in due:
+            self.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
+def test_a_pipelining_peer_yields_the_reactor_every_few_requests() -> None:
+    # Each answered at once (a verdict given synchronously, as by an inline
+    # scan): without a limit one peer's buffered requests would all be
+    # served in one reactor turn, the other connections waiting.
+    clock = TurnClock()
+    h = make_harness(clock=clock)
+    h.clock = clock
+    count = 2 * REQUESTS_PER_TURN + 3
+    h.send(respmod(chunked(b"hello world"), AUTH, "Allow: 204") * count)
+    turns = [len(parse_responses(h.output()))]
+    while sum(turns) < count and len(turns) < 10:
+        clock.advance(0)  # the next reactor turn
+        turns.append(len(parse_responses(h.output())))
+    assert turns == [REQUESTS_PER_TURN, REQUESTS_PER_TURN, 3]
+    # A connection closed while its next turn waits: the turn is cancelled.
+    h.send(respmod(chunked(b"hello world"), AUTH, "Allow: 204") * (REQUESTS_PER_TURN + 1))
+    assert len(parse_responses(h.output())) == REQUESTS_PER_TURN
+    assert [call.active() for call in clock.getDelayedCalls() if call.getTime() == clock.seconds()] == [True]
+    h.proto.connectionLost(None)
+    assert not [call for call in clock.getDelayedCalls() if call.getTime() == clock.seconds()]
+    clock.advance(0)
+    assert h.output() == b""
