@@ -178,6 +178,9 @@ class Verdict:
     # on a "blocked" verdict (a match in what could be scanned); else "".
     reason: str = ""
     action: Action | Literal[""] = ""  # for unscannable: what the policy does
+    # Scanned on the reactor thread, not in a scanning thread
+    # (gateway.scanning.handoff.InlineScans): for the metrics.
+    inline: bool = False
 
 
 # --- observation ----------------------------------------------------------

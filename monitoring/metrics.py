@@ -329,6 +329,11 @@ class GatewayMetrics:
             ["result"], registry=reg,
         )
         self._cache_children = {r: self.scan_cache.labels(r) for r in ("hit", "miss")}
+        self.scan_thread = Counter(
+            f"{PREFIX}_scan_thread", "Verdicts asked for, by the thread that scanned: reactor (a small body of a "
+            "cheap ruleset, [scan] inline_budget) or pool (a scanning thread)", ["thread"], registry=reg,
+        )
+        self._thread_children = {t: self.scan_thread.labels(t) for t in ("reactor", "pool")}
         self.unscannable = Counter(
             f"{PREFIX}_unscannable", "Bodies not scanned whole, by reason and what became of them",
             ["direction", "reason", "action"], registry=reg,
@@ -507,7 +512,7 @@ class GatewayMetrics:
             self._arm()
 
     def scan_finished(self, direction: str, outcome: str, scanned_bytes: int, duration: float,
-                      rules: Iterable[str], cached: bool = False) -> None:
+                      rules: Iterable[str], cached: bool = False, inline: bool = False) -> None:
         children = self._scan_children.get(direction)
         if children is None:  # not a Direction: nothing sensible to count it under
             return
@@ -515,6 +520,8 @@ class GatewayMetrics:
         counts = self._counts
         if outcome != "unscanned":
             child = self._cache_children["hit" if cached else "miss"]
+            counts[child] = counts.get(child, 0) + 1
+            child = self._thread_children["reactor" if inline else "pool"]
             counts[child] = counts.get(child, 0) + 1
         # A cached verdict: YARA did not run, neither bytes nor time belong to a scan.
         if not cached:

@@ -214,7 +214,7 @@ class YaraScanner:
                 partial(self._verdict_ready, on_verdict, compiled.version), self._scan_measured, body, context,
                 compiled)
             return
-        on_verdict(verdict)
+        on_verdict(replace(verdict, inline=True))
 
     def _log_stall(self, size: int, took: float, compiled: CompiledRules, where: str) -> None:
         log.warn("a {size}-byte scan took {ms:.1f} ms of CPU in {where}: ruleset {version} is scanned only in "

@@ -268,13 +268,14 @@ def test_cheap_scans_run_on_the_calling_thread_once_learnt(tmp_path: Path) -> No
         pool.stop()
     assert verdicts == []
     reactor.wake()
-    assert len(verdicts) == INLINE_LEARN_SCANS
+    assert len(verdicts) == INLINE_LEARN_SCANS and not any(v.inline for v in verdicts)
     # The pool is stopped: only an inline scan can still give real verdicts.
     verdicts.clear()
     scanner.scan_then(EICAR, context, verdicts.append)
     scanner.scan_then(b"clean", context, verdicts.append)
     assert [v.outcome for v in verdicts] == ["blocked", "clean"]  # at once, in this thread
     assert verdicts[0].rules
+    assert all(v.inline for v in verdicts)  # for the metrics
     # Never inline: an encoded body (decoding is not bounded by its size), a large one.
     scanner.scan_then(b"clean", ScanContext(direction="response", content_encoding="gzip"), verdicts.append)
     scanner.scan_then(b"x" * (INLINE_MAX_BYTES + 1), context, verdicts.append)
