@@ -13,8 +13,9 @@ Modules, from the bottom up (each imports only those above it):
   ``spool``: bodies in memory or in temporary files; ``filetypes``: sniffing;
 * ``rules``: the one compile path (``compile_directory``) and the
   ``RulesManager`` (first load, reload, last-good fallback);
-* ``handoff``: the scanning threads and the completion queue that hands
-  verdicts to the reactor in batches;
+* ``handoff``: the scanning threads, the completion queue that hands
+  verdicts to the reactor in batches, and ``InlineScans``, which keeps the
+  scans cheaper than that round trip on the reactor thread;
 * ``scanner``: ``YaraScanner``, the ``gateway.interfaces.Scanner`` the
   protocol calls;
 * ``commands``: ``icap-gateway rules check|bench|compare``.
