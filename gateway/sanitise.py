@@ -60,7 +60,9 @@ _URL_UNSAFE = re.compile(r"[^\x21-\x7e]")  # the usual URL has none: then nothin
 
 
 def _percent(match: re.Match[str]) -> str:
-    return "".join(f"%{b:02X}" for b in match.group().encode("utf-8"))
+    # surrogatepass: a lone surrogate (no wire URL has one, a caller's str
+    # may) is escaped like any other code point instead of raising.
+    return "".join(f"%{b:02X}" for b in match.group().encode("utf-8", "surrogatepass"))
 
 
 def cut(value: str, limit: int) -> str:

@@ -44,6 +44,8 @@ def _lines_of_head(out: bytes) -> list[bytes]:
 def test_url_is_percent_encoded_and_capped() -> None:
     assert sanitise.url(EVIL_URL, 200) == "http://example.com/a%0AX-Evil:%201%0D%0AX-Evil2:%202%00/b"
     assert sanitise.url("http://h/\xe9\u20ac", 100) == "http://h/%E9%E2%82%AC"
+    # A lone surrogate (a caller's str; wire URLs are Latin-1) is escaped, not an exception.
+    assert sanitise.url("http://h/\udc80\ud800x", 100) == "http://h/%ED%B2%80%ED%A0%80x"
     cut = sanitise.url("http://h/" + "\n" * 1000, 50)
     assert len(cut) <= 50 and cut.endswith(sanitise.TRUNCATED)
     assert "%0A" in cut and not cut[: -len(sanitise.TRUNCATED)].endswith(("%", "%0"))
