@@ -92,7 +92,7 @@ def _serve(variant: str, count: int, out: Any) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-protocol-"))
     access_file = AccessLogFile(str(workdir / "access.log"),
                                 clock=None if variant == "line-access-log" else reactor)
-    metrics = GatewayMetrics(metrics_registry(None), max_tenants=10, max_rules=10)
+    metrics = GatewayMetrics(metrics_registry(None), max_tenants=10, max_rules=10, clock=reactor)  # folds, as deployed
     observer = MonitoringObserver(metrics, AccessLog(access_file), clock=reactor.seconds)
     ctx = GatewayContext(
         scanner=Clean(), authenticator=Accept(), recorder=Drop(), observer=observer,  # type: ignore[arg-type]
