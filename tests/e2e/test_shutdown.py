@@ -138,7 +138,12 @@ def test_restart_next_to_a_broken_rule_file_serves_the_last_good_rules(tmp_path:
                 break
             time.sleep(0.1)
         assert "serving the last good set" in gw.log(), gw.log()[-3000:]
-        assert "2 of 2 workers ready" in _wait_ready(gw.metrics_port, timeout=30)
+        # The restarted worker logs that while it loads, before it listens and
+        # says it is ready; /readyz answers 200 already with the other one.
+        deadline = time.monotonic() + 30
+        while "2 of 2 workers ready" not in _wait_ready(gw.metrics_port, timeout=30) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "2 of 2 workers ready" in _wait_ready(gw.metrics_port, timeout=30), gw.log()[-3000:]
         time.sleep(3)  # before: a restart every second
         text = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
         restarts = re.search(r"^icap_gateway_worker_restarts_total (\S+)$", text, re.M)
