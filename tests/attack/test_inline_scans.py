@@ -13,12 +13,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from gateway.interfaces import ScanContext, Verdict
 from gateway.scanning.cache import VerdictCache
 from gateway.scanning.handoff import INLINE_LEARN_SCANS, INLINE_TIMEOUT
 from gateway.scanning.scanner import YaraScanner
+from tests.peers import require_binary, unavailable
 from tests.scanning.conftest import SyncPool, write_rule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,19 +111,23 @@ def test_verdict_cache_hits_do_not_make_a_costly_size_class_look_cheap(
     assert not inline
 
 
-def _setcap_python() -> Path | None:
-    """A copy of the system Python with a file capability (secure execution
-    when a non-root user runs it), or None when this machine cannot make one."""
-    if os.geteuid() != 0 or not shutil.which("setcap") or not shutil.which("setpriv"):
-        return None
+def _setcap_python() -> Path:
+    """A copy of the system Python (Debian's, linked so that it runs from
+    anywhere) with a file capability: secure execution when a non-root user
+    runs it.  .ci/run installs what it takes."""
+    if os.geteuid() != 0:
+        unavailable("needs root: setcap, and setpriv to drop to another user")
+    setcap = require_binary("setcap")
+    require_binary("setpriv")  # the test runs it by name
     system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
     if not system.exists():
-        return None
+        unavailable(f"{system} is not installed (Debian package: see .ci/run)")
     copy = Path(f"/tmp/icap-gateway-test-python-cap-{os.getpid()}")
     shutil.copy2(system, copy)
-    if subprocess.run(["setcap", "cap_net_bind_service+ep", str(copy)], capture_output=True).returncode:
+    done = subprocess.run([setcap, "cap_net_bind_service+ep", str(copy)], capture_output=True, text=True)
+    if done.returncode:
         copy.unlink()
-        return None
+        unavailable(f"setcap failed (a file system without capabilities?): {done.stderr.strip()}")
     return copy
 
 
@@ -133,8 +136,6 @@ def test_a_single_process_gateway_restarts_itself_once_even_when_the_loader_drop
     # with file capabilities run by another user), so gateway.serve found it
     # missing after every restart and started itself again, forever.
     python = _setcap_python()
-    if python is None:
-        pytest.skip("needs root, setcap, setpriv and /usr/bin/pythonX.Y")
     work = Path(tempfile.mkdtemp(prefix="icap-gateway-test-"))  # pytest's own is closed to other users
     try:
         work.chmod(0o777)
