@@ -271,9 +271,10 @@ class ICAPServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._bytes_in += len(data)
         self.conn.receive_data(data)
-        if self._busy or self._write_blocked:
-            # Bytes while we scan or echo (a pipelining client), or while the
-            # peer does not read our answers: keep them, but read no more
+        if self._busy or self._write_blocked or self._next_turn is not None:
+            # Bytes while we scan or echo (a pipelining client), while the
+            # peer does not read our answers, or while its requests wait for
+            # their next turn (REQUESTS_PER_TURN): keep them, but read no more
             # until we answered, so they cannot pile up.  Paused lazily, as
             # Squid sends nothing before our answer: no epoll change per
             # request.  A transport that goes on delivering is cut off.
@@ -525,6 +526,8 @@ class ICAPServerProtocol(Protocol):
         self._next_turn = None
         if self.connected and not self._busy:
             self._process()
+            if self._next_turn is None and not self._busy:
+                self._resume_reading()  # paused while the turn waited (dataReceived)
 
     def _dispatch(self, event: object) -> None:
         if isinstance(event, Request):

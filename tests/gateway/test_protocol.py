@@ -432,3 +432,24 @@ def test_a_pipelining_peer_yields_the_reactor_every_few_requests() -> None:
     assert not [call for call in clock.getDelayedCalls() if call.getTime() == clock.seconds()]
     clock.advance(0)
     assert h.output() == b""
+
+
+def test_input_waiting_for_its_turn_is_bounded_like_pipelined_input() -> None:
+    # Before: a peer whose requests waited for their next turn was still read
+    # at full speed, and each read brought more requests than a turn answers:
+    # its buffered input grew without bound.
+    clock = TurnClock()
+    h = make_harness(clock=clock, max_pipelined_bytes=64 * 1024)
+    one = respmod(chunked(b"hello world"), AUTH, "Allow: 204")
+    h.send(one * (REQUESTS_PER_TURN + 1))
+    assert len(parse_responses(h.output())) == REQUESTS_PER_TURN
+    h.send(one)  # arrives while the 17th waits for its turn: no more reading
+    assert h.transport.producerState == "paused"
+    clock.advance(0)
+    assert len(parse_responses(h.output())) == 2
+    assert h.transport.producerState == "producing"  # all answered: reading again
+    h.send(one * (REQUESTS_PER_TURN + 1))
+    h.output()
+    h.send(one * (64 * 1024 // len(one) + 1))  # past max_pipelined_bytes while a turn waits
+    assert h.transport.disconnecting or h.transport.disconnected
+    assert h.observer.dropped == ["pipelined-overflow"]
