@@ -7,7 +7,7 @@ back.  Like the core it does no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from gateway.icap import limits
@@ -27,6 +27,9 @@ class HTTPRequestHead:
     target: str  # as sent: absolute URL (proxy form) or origin-form path
     version: str
     headers: Headers
+    # The URL's host and raw path, as urlsplit gives them, once _check_url
+    # split it: message_facts then needs no second split.
+    split: tuple[str, str] | None = field(default=None, compare=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -97,16 +100,19 @@ def _check_url(head: HTTPRequestHead) -> None:
     url = head.url
     if len(url) > limits.MAX_URL_LENGTH:
         raise ProtocolError(400, f"encapsulated HTTP URL longer than {limits.MAX_URL_LENGTH} bytes")
+    as_sent = url
     if head.method == "CONNECT" or "://" not in url:
         # authority-form ("host:443"), asterisk-form ("*") or a bare path
         # without Host: split it as a network location.
         url = url if url.startswith("/") or url == "*" else "//" + url
     try:
         parts = urlsplit(url)
-        parts.hostname  # noqa: B018 - evaluated for the ValueError it raises
+        hostname = parts.hostname  # evaluated for the ValueError it raises
         parts.port  # noqa: B018
     except ValueError:
         raise ProtocolError(400, "malformed encapsulated HTTP URL") from None
+    if url is as_sent:  # the split message_facts would make
+        head.split = (hostname or "", parts.path)
 
 
 def parse_response_head(raw: bytes) -> HTTPResponseHead:
@@ -233,14 +239,18 @@ def message_facts(
     response's when there is one, else the request's)."""
     url = request.url if request else ""
     host = path = ""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        path = unquote(parts.path)
-    except ValueError:
-        # parse_request_head refuses such URLs; a head built another way
-        # still gets facts (an empty host) rather than an exception.
-        pass
+    if request is not None and request.split is not None:
+        host, path = request.split
+        path = unquote(path)
+    else:
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            path = unquote(parts.path)
+        except ValueError:
+            # parse_request_head refuses such URLs; a head built another way
+            # still gets facts (an empty host) rather than an exception.
+            pass
     body_headers = response.headers if response else (request.headers if request else Headers())
     filename = content_disposition_filename(body_headers.get("Content-Disposition"))
     if not filename:

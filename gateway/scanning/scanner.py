@@ -98,6 +98,13 @@ def make_scan_pool(settings: ScanSettings) -> ScanPool:
     return ScanPool(threads, name="yara-scan")
 
 
+def as_inline(v: Verdict) -> Verdict:
+    """``replace(v, inline=True)`` at a third of its cost (it looks each field
+    up by name); tests/scanning check it copies every field."""
+    return Verdict(v.outcome, v.rules, v.detail, v.scanned_bytes, v.duration, v.ruleset_version, v.reason,
+                   v.action, True)
+
+
 def externals_for(context: ScanContext) -> dict[str, str]:
     """The per-transaction values of the externals (NULs dropped: C strings)."""
     values: dict[str, str] = {
@@ -214,7 +221,7 @@ class YaraScanner:
                 partial(self._verdict_ready, on_verdict, compiled.version), self._scan_measured, body, context,
                 compiled)
             return
-        on_verdict(replace(verdict, inline=True))
+        on_verdict(as_inline(verdict))
 
     def _log_stall(self, size: int, took: float, compiled: CompiledRules, where: str) -> None:
         log.warn("a {size}-byte scan took {ms:.1f} ms of CPU in {where}: ruleset {version} is scanned only in "

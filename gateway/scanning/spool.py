@@ -73,7 +73,8 @@ class BodySpool:
         self.memory_threshold = memory_threshold
         self.budget = budget
         self._held = 0  # bytes taken from the budget
-        self.spool_dir = Path(spool_dir)
+        # Built once by the caller (a Path per body cost more than the rest of this)
+        self.spool_dir = spool_dir if isinstance(spool_dir, Path) else Path(spool_dir)
         self._prefix = prefix
         # The body in memory as the pieces it arrived in, joined once when
         # the scanner asks for it: appending each piece to one growing
@@ -204,9 +205,10 @@ class BodySpool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:  # last resort: never leave a file behind a lost spool
-        with contextlib.suppress(Exception):
-            self.close()
+    def __del__(self) -> None:  # last resort: never leave a file or held budget behind a lost spool
+        if self._file is not None or self._path is not None or self._held:
+            with contextlib.suppress(Exception):
+                self.close()
 
 
 def purge_stale(spool_dir: Path) -> int:

@@ -366,3 +366,18 @@ def test_externals_are_c_strings_and_shared_when_clean() -> None:
     assert (externals_for(nul)["url"], externals_for(nul)["filename"]) == ("http://a.example/evil", "a.exe")
     odd = ScanContext(direction="response", host=None)  # type: ignore[arg-type]
     assert externals_for(odd)["host"] == ""
+
+
+def test_as_inline_copies_every_field() -> None:
+    """The hand-written copy of an inline verdict must not lose a field
+    added to Verdict later: every field set to a value unlike its default."""
+    from dataclasses import fields, replace
+
+    from gateway.interfaces import Verdict
+    from gateway.scanning.scanner import as_inline
+
+    values = {"outcome": "blocked", "rules": ("a.b",), "detail": "d", "scanned_bytes": 7, "duration": 0.5,
+              "ruleset_version": "v1", "reason": "too-large", "action": "block", "inline": False}
+    assert set(values) == {f.name for f in fields(Verdict)}, "a new Verdict field: add it here and to as_inline"
+    verdict = Verdict(**values)  # type: ignore[arg-type]
+    assert as_inline(verdict) == replace(verdict, inline=True)
