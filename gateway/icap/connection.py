@@ -22,7 +22,7 @@ import string
 from collections import deque
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Final
+from typing import Any, Final
 
 from gateway.icap import limits
 from gateway.icap.errors import LocalProtocolError, ProtocolError
@@ -138,6 +138,33 @@ def parse_encapsulated(value: str | None, method: str) -> list[tuple[str, int]]:
     return entries
 
 
+class _Memo:
+    """Results of a pure parse of short header values a proxy repeats on
+    every request (its request line, its Encapsulated offsets): a dict of at
+    most ``MEMO_ENTRIES`` keys of at most ``MEMO_KEY_MAX`` characters,
+    emptied when full, so a peer varying them costs a parse each, as without
+    it, and holds at most entries * key size.  Only successes are kept: a
+    value in error is parsed (and refused) every time."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[object, Any] = {}
+
+    def get(self, key: object) -> Any:
+        return self._values.get(key)
+
+    def put(self, key: object, value: Any) -> None:
+        values = self._values
+        if len(values) >= limits.MEMO_ENTRIES:
+            values.clear()
+        values[key] = value
+
+
+_request_lines = _Memo()  # request line -> (method, uri, service)
+_encapsulated = _Memo()  # (Encapsulated value, method) -> its entries, a tuple
+
+
 def service_of(uri: str) -> str:
     """``icap://host:1344/respmod?x=1`` -> ``respmod``; ``icaps://...`` and ``/respmod`` too."""
     rest = uri
@@ -178,8 +205,9 @@ class _PendingHead:
 
     method: str
     uri: str
+    service: str
     headers: Headers
-    entries: list[tuple[str, int]]
+    entries: tuple[tuple[str, int], ...]
     head_len: int  # request line, headers and the empty line
 
 
@@ -281,6 +309,8 @@ class ServerConnection:
                     if not self._read_chunk_data():
                         return self._need_data()
                 elif state == CHUNK_SIZE:
+                    if self._read_whole_chunks():
+                        continue
                     if not self._read_chunk_size():
                         return self._need_data()
                 elif state == CHUNK_CRLF:
@@ -349,13 +379,24 @@ class ServerConnection:
             # parsed line by line, which finds and names it.
             clean = not has_control_between_lines(head)
             request_line, sep, header_block = head.partition(b"\r\n")
-            method, uri = self._parse_request_line(request_line, clean=clean)
+            parsed = _request_lines.get(request_line) if clean else None
+            if parsed is None:
+                method, uri = self._parse_request_line(request_line, clean=clean)
+                parsed = (method, uri, service_of(uri))
+                if clean and len(request_line) <= limits.MEMO_KEY_MAX:
+                    _request_lines.put(request_line, parsed)
+            method, uri, service = parsed
             headers = (parse_header_block(header_block, limits.MAX_ICAP_HEADERS, "ICAP", clean=clean)
                        if sep else Headers())
-            entries = parse_encapsulated(headers.get("Encapsulated"), method)
-            pending = self._pending = _PendingHead(method, uri, headers, entries, end + 4)
-        method, uri, headers, entries, head_len = (
-            pending.method, pending.uri, pending.headers, pending.entries, pending.head_len)
+            encapsulated = headers.get("Encapsulated")
+            entries = _encapsulated.get((encapsulated, method))
+            if entries is None:
+                entries = tuple(parse_encapsulated(encapsulated, method))
+                if encapsulated is not None and len(encapsulated) <= limits.MEMO_KEY_MAX:
+                    _encapsulated.put((encapsulated, method), entries)
+            pending = self._pending = _PendingHead(method, uri, service, headers, entries, end + 4)
+        method, uri, service, headers, entries, head_len = (
+            pending.method, pending.uri, pending.service, pending.headers, pending.entries, pending.head_len)
         body_name, body_offset = entries[-1]
         if len(buf) < head_len + body_offset:
             return False  # wait for the encapsulated header blocks
@@ -381,7 +422,7 @@ class ServerConnection:
         self.request = Request(
             method=method,
             uri=uri,
-            service=service_of(uri),
+            service=service,
             headers=headers,
             req_hdr=sections.get("req-hdr"),
             res_hdr=sections.get("res-hdr"),
@@ -428,6 +469,54 @@ class ServerConnection:
         if not (uri.startswith("icap://") or uri.startswith("icaps://") or uri.startswith("/")):
             raise ProtocolError(400, "ICAP URI must be icap://host/service or icaps://host/service")
         return method, uri
+
+    def _read_whole_chunks(self) -> bool:
+        """CHUNK_SIZE, the usual case, in one pass: each chunk whose size
+        line is bare hex and whose data and CRLF are all buffered, then the
+        body's end if its last chunk is a bare "0" with no trailer, consuming
+        the buffer once.  Whatever else comes (an extension, blanks, a chunk
+        still arriving, a trailer, a malformed line) is left where this
+        stopped to the step-per-state path, which handles it and names its
+        error: the same events and errors in fewer steps.  Not in a preview,
+        an OPTIONS body or a body being dropped (their own rules), and only
+        when it moved on: False means nothing was taken."""
+        request = self.request
+        if self._in_preview or self._discarding or request is None or request.method == "OPTIONS":
+            return False
+        buf = self._buf
+        available = len(buf)
+        events = self._events
+        pos = 0
+        ended = False
+        with memoryview(buf) as view:  # released before the buffer is consumed (resized)
+            while True:
+                # At most 16 hex digits (the slow path's limit), then CRLF.
+                line_end = buf.find(b"\r\n", pos, pos + 18)
+                if line_end <= pos:
+                    break
+                digits = buf[pos:line_end]
+                if not _HEXDIGITS.issuperset(digits):
+                    break
+                size = int(digits, 16)
+                if size == 0:
+                    if buf[line_end : line_end + 4] == b"\r\n\r\n":
+                        pos = line_end + 4
+                        ended = True
+                    break
+                start = line_end + 2
+                stop = start + size
+                if stop + 2 > available or buf[stop : stop + 2] != b"\r\n":
+                    break
+                events.append(BodyData(view[start:stop].tobytes()))
+                pos = stop + 2
+        if not pos:
+            return False
+        self._consume(pos)
+        if ended:
+            self._ieof = False
+            self._trailer_size = 0
+            self._end_of_body()
+        return True
 
     def _read_chunk_size(self) -> bool:
         buf = self._buf

@@ -47,3 +47,11 @@ MAX_URL_LENGTH = 8 * 1024
 # answer and by anyone, key or not: without a cap a peer sending one at the
 # minimum body rate held its connection for ever.  Past this: 400.
 MAX_OPTIONS_BODY = 64 * 1024
+
+# The ICAP core remembers the parse of values a proxy repeats on every
+# request (its request line, its Encapsulated offsets; see
+# connection._Memo): at most this many of at most this many characters
+# each, 256 KiB in all, whatever a peer sends.  A proxy's few distinct
+# values fit many times over.
+MEMO_ENTRIES = 512
+MEMO_KEY_MAX = 512

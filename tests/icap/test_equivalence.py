@@ -19,6 +19,7 @@ from gateway.icap.events import NEED_DATA, PAUSED, Request
 from gateway.icap.headers import parse_header_block, parse_header_lines
 from gateway.icap.http import parse_request_head, parse_response_head
 from tests.icap import reference
+from tests.icap.test_fuzz import drive
 
 # Pieces that exercise every rule: separators, blanks, controls (bare CR and
 # LF, NUL, DEL), obs-text, token and non-token name characters, folds.
@@ -164,3 +165,50 @@ def test_input_after_a_bad_encapsulated_block_does_not_break_the_buffer() -> Non
     assert caught.value.status == 400
     conn.receive_data(b"more bytes from the peer")  # no BufferError
     assert conn.send_error(400).startswith(b"ICAP/1.0 400 Bad Request\r\n")
+
+
+# --- the chunked body: one pass (ServerConnection._read_whole_chunks) against
+# one step per state.  Fed whole, a body takes the one-pass path wherever it
+# can; fed a byte at a time, never (no chunk is ever all buffered).
+
+CHUNK_PIECES = [b"0", b"1", b"5", b"a", b"A", b"f", b"10", b"ffffffffffffffff", b"1ffffffffffffffff", b"x", b"-",
+                b" ", b"\t", b";", b";ieof", b"; ieof", b"\r\n", b"\r", b"\n", b"\r\n\r\n", b"abcde", b"\x00",
+                b"Trailer: x\r\n", b"\xb2", b"+1", b"0x1"]
+
+
+@st.composite
+def chunked_requests(draw: st.DrawFn) -> bytes:
+    method, encapsulated, head = draw(st.sampled_from([
+        (b"RESPMOD", b"res-hdr=0, res-body=19", b"HTTP/1.1 200 OK\r\n\r\n"),
+        (b"REQMOD", b"req-hdr=0, req-body=18", b"POST / HTTP/1.1\r\n\r\n"),
+        (b"OPTIONS", b"opt-body=0", b""),
+    ]))
+    preview = draw(st.sampled_from([b"", b"Preview: 0\r\n", b"Preview: 5\r\n"]))
+    body = b"".join(draw(st.lists(st.one_of(
+        st.sampled_from(CHUNK_PIECES),
+        st.integers(0, 40).map(lambda n: b"%x\r\n%s\r\n" % (n, bytes(range(65, 65 + n)))),
+    ), max_size=10)))
+    ending = draw(st.sampled_from([b"0\r\n\r\n", b"0; ieof\r\n\r\n", b"0\r\nX: 1\r\n\r\n", b""]))
+    request = (method + b" icap://gw/svc ICAP/1.0\r\nHost: gw\r\nAllow: 204\r\n" + preview
+               + b"Encapsulated: " + encapsulated + b"\r\n\r\n" + head + body + ending)
+    return request * draw(st.integers(1, 2))  # a second request after the first: pipelined
+
+
+def chunk_events(pieces: list[bytes]) -> tuple[object, ...]:
+    out = drive(pieces)
+    return (tuple(out.events), out.status)
+
+
+@given(chunked_requests())
+def test_chunked_body_one_pass_matches_step_by_step(data: bytes) -> None:
+    assert chunk_events([data]) == chunk_events([data[i : i + 1] for i in range(len(data))])
+
+
+def test_chunked_body_one_pass_edges() -> None:
+    head = b"RESPMOD icap://gw/svc ICAP/1.0\r\nHost: gw\r\nEncapsulated: res-hdr=0, res-body=19\r\n\r\n"
+    head += b"HTTP/1.1 200 OK\r\n\r\n"
+    for body in (b"3\r\nabc\r\n0\r\n\r\n", b"3\r\nabcX\r\n0\r\n\r\n", b"3;x\r\nabc\r\n0\r\n\r\n",
+                 b"ffffffffffffffff\r\nab", b"10000000000000000\r\n", b"3\r\nabc\r\n0\r\nA: b\r\n\r\n",
+                 b"3\r\nab", b"\r\n3\r\nabc\r\n0\r\n\r\n", b"3 \r\nabc\r\n0\r\n\r\n", b"0\r\n\r\n"):
+        data = head + body
+        assert chunk_events([data]) == chunk_events([data[i : i + 1] for i in range(len(data))]), body
