@@ -80,7 +80,9 @@ RESTARTED_ENV = "ICAP_GATEWAY_RESTARTED"
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from twisted.internet import reactor
+    from gateway.reactor import install
+
+    reactor = install()
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from gateway.scanning.engine import RulesError
