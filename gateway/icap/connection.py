@@ -139,8 +139,8 @@ def parse_encapsulated(value: str | None, method: str) -> list[tuple[str, int]]:
 
 
 class _Memo:
-    """Results of a pure parse of short header values a proxy repeats on
-    every request (its request line, its Encapsulated offsets): a dict of at
+    """Results of a pure parse of a short value a proxy repeats on every
+    request (its request line, the same per service): a dict of at
     most ``MEMO_ENTRIES`` keys of at most ``MEMO_KEY_MAX`` characters,
     emptied when full, so a peer varying them costs a parse each, as without
     it, and holds at most entries * key size.  Only successes are kept: a
@@ -162,7 +162,6 @@ class _Memo:
 
 
 _request_lines = _Memo()  # request line -> (method, uri, service)
-_encapsulated = _Memo()  # (Encapsulated value, method) -> its entries, a tuple
 
 
 def service_of(uri: str) -> str:
@@ -388,12 +387,9 @@ class ServerConnection:
             method, uri, service = parsed
             headers = (parse_header_block(header_block, limits.MAX_ICAP_HEADERS, "ICAP", clean=clean)
                        if sep else Headers())
-            encapsulated = headers.get("Encapsulated")
-            entries = _encapsulated.get((encapsulated, method))
-            if entries is None:
-                entries = tuple(parse_encapsulated(encapsulated, method))
-                if encapsulated is not None and len(encapsulated) <= limits.MEMO_KEY_MAX:
-                    _encapsulated.put((encapsulated, method), entries)
+            # Not remembered like the request line: its offsets follow the
+            # sizes of each message's HTTP heads, which vary.
+            entries = tuple(parse_encapsulated(headers.get("Encapsulated"), method))
             pending = self._pending = _PendingHead(method, uri, service, headers, entries, end + 4)
         method, uri, service, headers, entries, head_len = (
             pending.method, pending.uri, pending.service, pending.headers, pending.entries, pending.head_len)

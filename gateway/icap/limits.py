@@ -48,10 +48,9 @@ MAX_URL_LENGTH = 8 * 1024
 # minimum body rate held its connection for ever.  Past this: 400.
 MAX_OPTIONS_BODY = 64 * 1024
 
-# The ICAP core remembers the parse of values a proxy repeats on every
-# request (its request line, its Encapsulated offsets; see
-# connection._Memo): at most this many of at most this many characters
-# each, 256 KiB in all, whatever a peer sends.  A proxy's few distinct
-# values fit many times over.
+# The ICAP core remembers the parse of request lines, which a proxy repeats
+# on every request to a service (see connection._Memo): at most this many,
+# of at most this many bytes each, 256 KiB in all, whatever a peer sends.
+# A proxy's few services fit many times over.
 MEMO_ENTRIES = 512
 MEMO_KEY_MAX = 512

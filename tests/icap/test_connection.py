@@ -364,3 +364,30 @@ def test_parse_encapsulated(value: str, method: str, expected: list[tuple[str, i
 )
 def test_service_of(uri: str, service: str) -> None:
     assert service_of(uri) == service
+
+
+def test_request_line_memo_is_bounded_and_gives_the_same_requests() -> None:
+    """Request lines are remembered (a proxy repeats its own), within
+    limits.MEMO_ENTRIES whatever a peer sends, and a remembered line parses
+    to what it parsed to the first time."""
+    from gateway.icap import connection
+
+    def first_request(line: bytes) -> Request:
+        conn = ServerConnection()
+        conn.receive_data(line + b"\r\nHost: gw\r\nEncapsulated: null-body=0\r\n\r\n")
+        event = conn.next_event()
+        assert isinstance(event, Request)
+        return event
+
+    seen = []
+    for i in range(limits.MEMO_ENTRIES * 2 + 5):
+        line = b"OPTIONS icap://gw/svc%d ICAP/1.0" % i
+        request = first_request(line)
+        assert (request.method, request.uri, request.service) == ("OPTIONS", f"icap://gw/svc{i}", f"svc{i}")
+        assert len(connection._request_lines._values) <= limits.MEMO_ENTRIES
+        seen.append(line)
+    again = first_request(seen[-1])
+    assert again.service == f"svc{len(seen) - 1}"
+    long_line = b"OPTIONS icap://gw/" + b"a" * limits.MEMO_KEY_MAX + b" ICAP/1.0"
+    first_request(long_line)
+    assert long_line not in connection._request_lines._values
