@@ -190,6 +190,10 @@ class ICAPServerProtocol(Protocol):
         self._busy = False  # a scan or an echo is under way: events wait
         self._timer: DelayedCall | None = None
         self._timer_phase: tuple[str, int] = ("", 0)  # what the running timer guards: (PHASE_*, request)
+        # The idle timer outlives idle periods (see _arm_timer): one
+        # DelayedCall per idle_timeout, not one per request.
+        self._idle_timer: DelayedCall | None = None
+        self._idle_since = 0.0  # when the current idle period began (the clock's seconds)
         self._bytes_in = 0  # bytes read from the peer, ever
         self._window_start = 0  # _bytes_in when the current body window began
         self._paused = False  # we stopped reading the transport (see dataReceived)
@@ -262,6 +266,9 @@ class ICAPServerProtocol(Protocol):
         self.ctx.observer.connection_closed()
         self._cancel_timer()
         self._cancel_write_timer()
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
         if self._next_turn is not None and self._next_turn.active():
             self._next_turn.cancel()
         self._next_turn = None
@@ -417,15 +424,25 @@ class ICAPServerProtocol(Protocol):
             phase = PHASE_DRAIN
         else:
             phase = PHASE_BODY
+        if phase == PHASE_IDLE:
+            if self._timer_phase == (PHASE_IDLE, conn.requests_seen):
+                return  # idle since this request was answered: its deadline stands
+            self._set_phase(phase)
+            ctx.idle_connections[self] = None
+            # A keep-alive connection goes idle after every answer: arming a
+            # timer each time (and cancelling it at the next request) cost
+            # more than the rest of the timer work.  The one timer pending
+            # stays, and when it fires it checks the idle period's start.
+            self._idle_since = ctx.clock.seconds()
+            if self._idle_timer is None:
+                self._idle_timer = ctx.clock.callLater(ctx.idle_timeout, self._idle_check)
+            return
         timer = self._timer
         # Per request: a pipelined request's head gets its own deadline.
         if timer is not None and timer.active() and self._timer_phase == (phase, conn.requests_seen):
             return
         self._set_phase(phase)
-        if phase == PHASE_IDLE:
-            ctx.idle_connections[self] = None
-            self._timer = ctx.clock.callLater(ctx.idle_timeout, self._idle_timed_out)
-        elif phase == PHASE_HEAD:
+        if phase == PHASE_HEAD:
             self._timer = ctx.clock.callLater(ctx.head_timeout, self._read_timed_out, "head-timeout")
         elif phase == PHASE_DRAIN:
             self._timer = ctx.clock.callLater(ctx.read_timeout, self._drain_timed_out)
@@ -438,6 +455,20 @@ class ICAPServerProtocol(Protocol):
         if self._timer_phase[0] == PHASE_IDLE:
             self.ctx.idle_connections.pop(self, None)
         self._timer_phase = (phase, self.conn.requests_seen)
+
+    def _idle_check(self) -> None:
+        """The idle timer fired: close if the connection has been idle since
+        ``idle_timeout`` ago, else wait for the rest of its idle period.  Not
+        idle now (a request under way): it is armed again once it is."""
+        self._idle_timer = None
+        if self._timer_phase[0] != PHASE_IDLE or self.transport is None or not self.connected:
+            return
+        ctx = self.ctx
+        left = self._idle_since + ctx.idle_timeout - ctx.clock.seconds()
+        if left > 1e-9:  # not rounding noise
+            self._idle_timer = ctx.clock.callLater(left, self._idle_check)
+            return
+        self._idle_timed_out()
 
     def _body_progress_check(self) -> None:
         """Every read_timeout while a body arrives: enough bytes since the last check?"""

@@ -217,6 +217,45 @@ def test_idle_timeout_closes_quietly() -> None:
     assert h.transport.disconnecting
 
 
+def test_idle_timeout_counts_from_the_last_answer_with_one_timer() -> None:
+    # The idle timer is armed once and outlives idle periods (one
+    # DelayedCall, not one per request): when it fires it must still measure
+    # idle_timeout from the latest answer, and then close on time.
+    h = make_harness(idle_timeout=60.0)
+    for _ in range(5):
+        h.send(respmod(chunked(b"hello"), AUTH, "Allow: 204"))
+        assert [r.status for r in parse_responses(h.output())] == [204]
+        assert len(h.clock.getDelayedCalls()) == 1
+        h.clock.advance(50)
+    # The first timer fired 10 s ago and found the connection idle 40 s only.
+    assert not h.transport.disconnecting
+    h.clock.advance(9.5)
+    assert not h.transport.disconnecting
+    h.clock.advance(0.5)  # 60 s after the last answer
+    assert h.transport.disconnecting
+    assert h.transport.value() == b""
+
+
+def test_idle_timer_waits_out_a_request_under_way() -> None:
+    # Fired while a request is being read (head timer running): the idle
+    # timer does nothing; after the answer the connection idles in full again.
+    h = make_harness(idle_timeout=60.0, head_timeout=100.0)
+    h.send(options())
+    h.output()
+    h.clock.advance(59)
+    h.send(b"OPTIONS icap://gw/respmod ICAP/1.0\r\n")  # a head, slowly
+    h.clock.advance(30)  # the idle timer fired meanwhile
+    assert not h.transport.disconnecting
+    h.send(b"Host: gw\r\nEncapsulated: null-body=0\r\n\r\n")
+    assert [r.status for r in parse_responses(h.output())] == [200]
+    h.clock.advance(59)
+    assert not h.transport.disconnecting
+    h.clock.advance(1)
+    assert h.transport.disconnecting
+    h.proto.connectionLost(None)
+    assert h.clock.getDelayedCalls() == []
+
+
 def test_reading_pauses_while_scanning_and_pipelined_requests_wait() -> None:
     h = make_harness()
     h.scanner.hold = True
