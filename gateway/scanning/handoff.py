@@ -269,6 +269,18 @@ class InlineScans:
         c = size_class(size)
         return estimate.counts[c] >= INLINE_LEARN_SCANS and estimate.means[c] <= self.budget
 
+    def cheaper_than(self, ruleset: str, size: int, seconds: float) -> bool:
+        """Scans of ``size`` bytes with ``ruleset`` were measured (learnt, as
+        for :meth:`allows`) to cost under ``seconds`` of CPU on average.
+        Inline scans or not: the verdict cache asks it too."""
+        if size > INLINE_MAX_BYTES:
+            return False
+        estimate = self._estimate
+        if estimate.ruleset != ruleset:
+            return False
+        c = size_class(size)
+        return estimate.counts[c] >= INLINE_LEARN_SCANS and estimate.means[c] < seconds
+
     def observe(self, ruleset: str, size: int, seconds: float, *, full: bool = True) -> bool:
         """A scan of ``size`` bytes with ``ruleset`` took ``seconds`` of CPU;
         ``full``: it really scanned the body (no cache hit, no early refusal),

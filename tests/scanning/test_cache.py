@@ -133,3 +133,29 @@ def test_the_digest_is_blake3_of_the_body_in_memory_or_spooled(tmp_path: Path) -
     assert body_digest(body) == body_digest(str(spooled)) == blake3(body).digest()
     assert body_digest(body[:-1] + b"\x01") != body_digest(body)
     assert len(body_digest(b"")) == 32
+
+
+def test_scans_cheaper_than_the_cache_skip_it(make_scanner: Callable[..., YaraScanner]) -> None:
+    """Once a ruleset's scans of a size were measured under
+    CACHE_MIN_SCAN_SECONDS, those bodies are scanned again rather than
+    looked up: the digest and the LRU would cost more than they save.  An
+    expensive size class keeps the cache."""
+    from gateway.scanning.handoff import INLINE_LEARN_SCANS
+    from gateway.scanning.scanner import CACHE_MIN_SCAN_SECONDS
+
+    scanner = cached_scanner(make_scanner)
+    version = scanner.version
+
+    def taught(body: bytes) -> bytes:
+        # Each real scan teaches its own CPU time too: enough measurements
+        # first that one slow scan on a busy machine cannot move the mean.
+        for _ in range(max(INLINE_LEARN_SCANS, 40)):
+            scanner._inline.observe(version, 1000, CACHE_MIN_SCAN_SECONDS / 100)
+            scanner._inline.observe(version, 5000, CACHE_MIN_SCAN_SECONDS * 10)
+        return body
+
+    small, large = b"s" * 1000, b"l" * 5000
+    assert [scan(scanner, taught(small)).detail for _ in range(2)] == ["", ""]  # scanned twice, never stored
+    assert scanner.cache is not None and scanner.cache.stats.misses == 0
+    assert [scan(scanner, taught(large)).detail for _ in range(2)] == ["", "cached"]
+    assert scan(scanner, taught(EICAR)).outcome == "blocked"  # a cheap match is a match all the same

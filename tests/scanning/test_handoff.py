@@ -332,3 +332,18 @@ def test_an_engine_that_waits_on_another_process_never_runs_inline(tmp_path: Pat
     manager.load_now()
     scanner = YaraScanner(manager, reactor, pool, ScanSettings(inline_budget=1.0), tmp_path)
     assert_all_through_the_pool(scanner, reactor, pool)
+
+
+def test_cheaper_than_needs_a_learnt_mean_of_the_same_ruleset() -> None:
+    inline = InlineScans(budget=0)  # inline scans off: the estimate still serves the cache
+    assert not inline.cheaper_than("v1", 1024, 50e-6)
+    learnt(inline, "v1", 10e-6, scans=INLINE_LEARN_SCANS - 1)
+    assert not inline.cheaper_than("v1", 1024, 50e-6)  # still learning
+    learnt(inline, "v1", 10e-6, scans=1)
+    assert inline.cheaper_than("v1", 1024, 50e-6)
+    assert not inline.cheaper_than("v1", 1024, 10e-6)  # not under it
+    assert not inline.cheaper_than("v2", 1024, 50e-6)  # another ruleset
+    assert not inline.cheaper_than("v1", 4096, 50e-6)  # another size class, not learnt
+    assert not inline.cheaper_than("v1", 128 * 1024, 1.0)  # above INLINE_MAX_BYTES: never measured
+    learnt(inline, "v1", 5e-3, scans=1)  # one expensive scan moves the running mean over
+    assert not inline.cheaper_than("v1", 1024, 50e-6)
