@@ -35,7 +35,9 @@ class LeanEPollReactor(EPollReactor):
                 continue  # removed by a descriptor served before it in this poll
             try:
                 serve(selectable, fd, event)
-            except Exception:
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # as callWithLogger: SystemExit in a callback too
                 log.failure("unhandled error serving {selectable}", selectable=type(selectable).__name__)
 
     doIteration = doPoll

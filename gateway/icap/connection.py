@@ -467,51 +467,45 @@ class ServerConnection:
         return method, uri
 
     def _read_whole_chunks(self) -> bool:
-        """CHUNK_SIZE, the usual case, in one pass: each chunk whose size
-        line is bare hex and whose data and CRLF are all buffered, then the
-        body's end if its last chunk is a bare "0" with no trailer, consuming
-        the buffer once.  Whatever else comes (an extension, blanks, a chunk
-        still arriving, a trailer, a malformed line) is left where this
-        stopped to the step-per-state path, which handles it and names its
-        error: the same events and errors in fewer steps.  Not in a preview,
-        an OPTIONS body or a body being dropped (their own rules), and only
-        when it moved on: False means nothing was taken."""
+        """CHUNK_SIZE, the usual case, in one step: a chunk whose size line
+        is bare hex and whose data and CRLF are all buffered, or the body's
+        end when its last chunk is a bare "0" with no trailer.  Whatever
+        else comes (an extension, blanks, a chunk still arriving, a trailer,
+        a malformed line) is left to the step-per-state path, which handles
+        it and names its error: the same events and errors in fewer steps.
+        One chunk per call, as that path: the caller may answer after any
+        BodyData, and then what follows of the body is dropped (and past
+        events are not queued ahead of input the pipelining bound counts).
+        Not in a preview, an OPTIONS body or a body being dropped (their own
+        rules).  False: nothing was taken."""
         request = self.request
         if self._in_preview or self._discarding or request is None or request.method == "OPTIONS":
             return False
         buf = self._buf
-        available = len(buf)
-        events = self._events
-        pos = 0
-        ended = False
-        with memoryview(buf) as view:  # released before the buffer is consumed (resized)
-            while True:
-                # At most 16 hex digits (the slow path's limit), then CRLF.
-                line_end = buf.find(b"\r\n", pos, pos + 18)
-                if line_end <= pos:
-                    break
-                digits = buf[pos:line_end]
-                if not _HEXDIGITS.issuperset(digits):
-                    break
-                size = int(digits, 16)
-                if size == 0:
-                    if buf[line_end : line_end + 4] == b"\r\n\r\n":
-                        pos = line_end + 4
-                        ended = True
-                    break
-                start = line_end + 2
-                stop = start + size
-                if stop + 2 > available or buf[stop : stop + 2] != b"\r\n":
-                    break
-                events.append(BodyData(view[start:stop].tobytes()))
-                pos = stop + 2
-        if not pos:
+        # At most 16 hex digits (the slow path's limit), then CRLF.
+        line_end = buf.find(b"\r\n", 0, 18)
+        if line_end <= 0:
             return False
-        self._consume(pos)
-        if ended:
+        digits = buf[:line_end]
+        if not _HEXDIGITS.issuperset(digits):
+            return False
+        size = int(digits, 16)
+        if size == 0:
+            if buf[line_end : line_end + 4] != b"\r\n\r\n":
+                return False
+            self._consume(line_end + 4)
             self._ieof = False
             self._trailer_size = 0
             self._end_of_body()
+            return True
+        start = line_end + 2
+        stop = start + size
+        if stop + 2 > len(buf) or buf[stop : stop + 2] != b"\r\n":
+            return False
+        with memoryview(buf) as view:  # released before the buffer is consumed (resized)
+            data = view[start:stop].tobytes()
+        self._consume(stop + 2)
+        self._events.append(BodyData(data))
         return True
 
     def _read_chunk_size(self) -> bool:

@@ -277,7 +277,9 @@ class YaraScanner:
         if isinstance(body, bytearray | memoryview):
             body = bytes(body)
         externals = externals_for(context)
-        if self.cache is None or (type(body) is bytes
+        # The estimate speaks for unencoded bodies only (what it learns from):
+        # a small gzip body may decode to megabytes, and keeps the cache.
+        if self.cache is None or (type(body) is bytes and not context.content_encoding
                                   and self._inline.cheaper_than(compiled.version, len(body), CACHE_MIN_SCAN_SECONDS)):
             return self._scan_uncached(body, context, compiled, externals, timeout)
         try:

@@ -212,3 +212,47 @@ def test_chunked_body_one_pass_edges() -> None:
                  b"3\r\nab", b"\r\n3\r\nabc\r\n0\r\n\r\n", b"3 \r\nabc\r\n0\r\n\r\n", b"0\r\n\r\n"):
         data = head + body
         assert chunk_events([data]) == chunk_events([data[i : i + 1] for i in range(len(data))]), body
+
+
+def events_answering_early(pieces: list[bytes]) -> list[object]:
+    """Events until the connection idles, answering 403 at the first body
+    piece, as the gateway does for a body over max_scan_size."""
+    conn = ServerConnection()
+    seen: list[object] = []
+    for piece in pieces:
+        conn.receive_data(piece)
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA or event is PAUSED:
+                break
+            seen.append(type(event).__name__ if not isinstance(event, Request) else ("Request", event.method))
+            if type(event).__name__ == "BodyData" and conn.our_state == "SEND_RESPONSE":
+                conn.send_response(403, [])
+                seen.append("answered")
+    return seen
+
+
+def test_nothing_of_an_answered_body_comes_out_of_the_one_pass_path() -> None:
+    # Found by an attack on the one-pass chunk reader: it queued every
+    # buffered chunk, and the body's end, before the caller could answer the
+    # first; their events then came after the answer (and after the cycle
+    # reset), where the step-per-state path drops them.
+    data = (b"RESPMOD icap://x/respmod ICAP/1.0\r\nHost: x\r\nEncapsulated: res-hdr=0, res-body=19\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n"
+            b"OPTIONS icap://x/respmod ICAP/1.0\r\nEncapsulated: null-body=0\r\n\r\n")
+    whole = events_answering_early([data])
+    assert whole == [("Request", "RESPMOD"), "BodyData", "answered", ("Request", "OPTIONS"), "EndOfMessage"]
+    assert whole == events_answering_early([data[i : i + 1] for i in range(len(data))])
+
+
+def test_the_one_pass_path_queues_one_chunk_at_a_time() -> None:
+    # Input not yet turned into events is what max_pipelined_bytes bounds:
+    # a megabyte of one-byte chunks must stay input, not become events.
+    head = (b"RESPMOD icap://x/respmod ICAP/1.0\r\nHost: x\r\nEncapsulated: res-hdr=0, res-body=19\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\n\r\n")
+    conn = ServerConnection()
+    conn.receive_data(head + b"1\r\nx\r\n" * 200_000)
+    assert isinstance(conn.next_event(), Request)
+    assert conn.next_event() is not NEED_DATA
+    assert len(conn._events) == 0
+    assert conn.buffered_bytes == 6 * (200_000 - 1)

@@ -159,3 +159,21 @@ def test_scans_cheaper_than_the_cache_skip_it(make_scanner: Callable[..., YaraSc
     assert scanner.cache is not None and scanner.cache.stats.misses == 0
     assert [scan(scanner, taught(large)).detail for _ in range(2)] == ["", "cached"]
     assert scan(scanner, taught(EICAR)).outcome == "blocked"  # a cheap match is a match all the same
+
+
+def test_encoded_bodies_keep_the_cache_whatever_their_size_class(
+        make_scanner: Callable[..., YaraScanner]) -> None:
+    # Found by an attack on the bypass: the estimate is learnt from unencoded
+    # bodies, but was asked with an encoded body's raw size, so a 1 KiB gzip
+    # body decoding to 900 KB was decoded and scanned again every time.
+    from gateway.scanning.handoff import INLINE_LEARN_SCANS
+    from gateway.scanning.scanner import CACHE_MIN_SCAN_SECONDS
+
+    scanner = cached_scanner(make_scanner)
+    for _ in range(INLINE_LEARN_SCANS):
+        scanner._inline.observe(scanner.version, 1000, CACHE_MIN_SCAN_SECONDS / 100)
+    body = gzip.compress(b"x" * 900_000, 9)
+    assert len(body) <= 1024
+    verdicts = [scan(scanner, body, content_encoding="gzip") for _ in range(2)]
+    assert verdicts[0].scanned_bytes == 900_000
+    assert [v.detail for v in verdicts] == ["", "cached"]
