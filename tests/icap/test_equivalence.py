@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from gateway.icap import limits
 from gateway.icap.connection import ServerConnection, _safe_fields, parse_encapsulated
 from gateway.icap.errors import LocalProtocolError, ProtocolError
-from gateway.icap.events import NEED_DATA, PAUSED, Request
+from gateway.icap.events import NEED_DATA, PAUSED, BodyData, Request
 from gateway.icap.headers import parse_header_block, parse_header_lines
 from gateway.icap.http import parse_request_head, parse_response_head
 from tests.icap import reference
@@ -226,7 +226,7 @@ def events_answering_early(pieces: list[bytes]) -> list[object]:
             if event is NEED_DATA or event is PAUSED:
                 break
             seen.append(type(event).__name__ if not isinstance(event, Request) else ("Request", event.method))
-            if type(event).__name__ == "BodyData" and conn.our_state == "SEND_RESPONSE":
+            if isinstance(event, BodyData) and conn.our_state == "SEND_RESPONSE":
                 conn.send_response(403, [])
                 seen.append("answered")
     return seen
