@@ -158,6 +158,7 @@ UnscannableReason = Literal[
     "scan-timeout", "engine-error",
 ]
 Action = Literal["block", "pass"]
+CacheUse = Literal["hit", "miss", "bypass"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +182,11 @@ class Verdict:
     # Scanned on the reactor thread, not in a scanning thread
     # (gateway.scanning.handoff.InlineScans): for the metrics.
     inline: bool = False
+    # What the verdict cache had to do with it, for the metrics: "hit" (it
+    # answered), "miss" (asked, then scanned) or "bypass" (never asked: no
+    # cache, a body whose scan costs less than a lookup, a verdict made
+    # without a scan).
+    cache: CacheUse = "bypass"
 
 
 # --- observation ----------------------------------------------------------

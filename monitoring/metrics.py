@@ -325,10 +325,12 @@ class GatewayMetrics:
             f"{PREFIX}_rule_matches", "YARA rule matches, by rule (namespace.rule)", ["rule"], registry=reg,
         )
         self.scan_cache = Counter(
-            f"{PREFIX}_scan_cache", "Verdicts asked for, by whether the verdict cache answered",
+            f"{PREFIX}_scan_cache", "Verdicts asked for, by what the verdict cache did: hit (it answered), miss "
+            "(asked, then scanned) or bypass (not asked: no cache, a scan cheaper than a lookup, or a verdict made "
+            "without a scan)",
             ["result"], registry=reg,
         )
-        self._cache_children = {r: self.scan_cache.labels(r) for r in ("hit", "miss")}
+        self._cache_children = {r: self.scan_cache.labels(r) for r in ("hit", "miss", "bypass")}
         self.scan_thread = Counter(
             f"{PREFIX}_scan_thread", "Verdicts asked for, by the thread that scanned: reactor (a small body of a "
             "cheap ruleset, [scan] inline_budget) or pool (a scanning thread)", ["thread"], registry=reg,
@@ -512,19 +514,20 @@ class GatewayMetrics:
             self._arm()
 
     def scan_finished(self, direction: str, outcome: str, scanned_bytes: int, duration: float,
-                      rules: Iterable[str], cached: bool = False, inline: bool = False) -> None:
+                      rules: Iterable[str], cache: str = "bypass", inline: bool = False) -> None:
+        """``cache``: hit, miss or bypass (``Verdict.cache``)."""
         children = self._scan_children.get(direction)
         if children is None:  # not a Direction: nothing sensible to count it under
             return
         self._records += 1
         counts = self._counts
         if outcome != "unscanned":
-            child = self._cache_children["hit" if cached else "miss"]
+            child = self._cache_children.get(cache) or self._cache_children["bypass"]
             counts[child] = counts.get(child, 0) + 1
             child = self._thread_children["reactor" if inline else "pool"]
             counts[child] = counts.get(child, 0) + 1
         # A cached verdict: YARA did not run, neither bytes nor time belong to a scan.
-        if not cached:
+        if cache != "hit":
             scanned, observe = children
             if scanned_bytes:
                 counts[scanned] = counts.get(scanned, 0) + scanned_bytes

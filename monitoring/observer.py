@@ -81,7 +81,7 @@ class MonitoringObserver:
                        else verdict.outcome)
             self.metrics.scan_finished(
                 direction, outcome, verdict.scanned_bytes, verdict.duration, verdict.rules,
-                cached=verdict.detail == "cached", inline=verdict.inline,
+                cache=verdict.cache, inline=verdict.inline,
             )
             if verdict.reason:
                 action = "matched" if verdict.outcome == "blocked" else verdict.action or "block"

@@ -67,7 +67,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.config import ScanSettings
-from gateway.interfaces import ScanContext, UnscannableReason, Verdict
+from gateway.interfaces import CacheUse, ScanContext, UnscannableReason, Verdict
 from gateway.scanning.cache import VerdictCache, body_digest
 from gateway.scanning.decoding import (
     KNOWN_CODINGS,
@@ -114,7 +114,7 @@ def as_inline(v: Verdict) -> Verdict:
     """``replace(v, inline=True)`` at a third of its cost (it looks each field
     up by name); tests/scanning check it copies every field."""
     return Verdict(v.outcome, v.rules, v.detail, v.scanned_bytes, v.duration, v.ruleset_version, v.reason,
-                   v.action, True)
+                   v.action, True, v.cache)
 
 
 def externals_for(context: ScanContext) -> dict[str, str]:
@@ -291,8 +291,8 @@ class YaraScanner:
         if cached is not None:
             return Verdict(cached.outcome, rules=cached.rules, detail="cached", scanned_bytes=0,
                            duration=time.perf_counter() - started, ruleset_version=compiled.version,
-                           reason=cached.reason)
-        result = self._scan_uncached(body, context, compiled, externals, timeout)
+                           reason=cached.reason, cache="hit")
+        result = self._scan_uncached(body, context, compiled, externals, timeout, cache="miss")
         self.cache.put(key, result)
         return result
 
@@ -316,7 +316,10 @@ class YaraScanner:
         return names
 
     def _scan_uncached(self, body: bytes | str, context: ScanContext, compiled: CompiledRules,
-                       externals: dict[str, str], timeout: float | None = None) -> Verdict:
+                       externals: dict[str, str], timeout: float | None = None,
+                       cache: CacheUse = "bypass") -> Verdict:
+        """``cache``: what the verdict cache had to do with this scan (the
+        metrics' hit, miss or bypass)."""
         started = time.perf_counter()
         deadline = self._clock() + min(timeout or self.settings.timeout, self.settings.timeout)
         scanned = 0
@@ -325,13 +328,13 @@ class YaraScanner:
             matched = tuple(dict.fromkeys(rules))
             return Verdict(
                 "blocked" if matched else "clean", rules=matched, scanned_bytes=scanned,
-                duration=time.perf_counter() - started, ruleset_version=compiled.version,
+                duration=time.perf_counter() - started, ruleset_version=compiled.version, cache=cache,
             )
 
         def unscannable(reason: UnscannableReason, detail: str = "", rules: Iterable[str] = ()) -> Verdict:
             return self.unscannable(
                 reason, detail, rules, scanned_bytes=scanned, duration=time.perf_counter() - started,
-                ruleset_version=compiled.version,
+                ruleset_version=compiled.version, cache=cache,
             )
 
         try:

@@ -127,15 +127,21 @@ def test_the_service_stop_folds_what_waits(monkeypatch: pytest.MonkeyPatch) -> N
     c.observer.transaction_finished(TransactionRecord(
         started=0.0, duration=0.01, method="RESPMOD", service="respmod", icap_status=204,
         client_ip="10.0.0.1", peer="127.0.0.1", tenant="acme", outcome="clean"))
-    c.observer.scan_finished(Verdict("clean", scanned_bytes=100, duration=0.002), "response")
-    c.observer.scan_finished(Verdict("clean", scanned_bytes=50, duration=0.001, inline=True), "response")
+    c.observer.scan_finished(Verdict("clean", scanned_bytes=100, duration=0.002, cache="miss"), "response")
+    c.observer.scan_finished(Verdict("clean", scanned_bytes=50, duration=0.001, inline=True, cache="miss"), "response")
+    # A cached verdict scanned nothing; one the cache never saw counts as a bypass.
+    c.observer.scan_finished(Verdict("clean", scanned_bytes=0, duration=0.0001, detail="cached", cache="hit"),
+                             "response")
+    c.observer.scan_finished(Verdict("clean", scanned_bytes=30, duration=0.0001), "response")
     assert (c.registry.get_sample_value(REQUESTS, LABELS) or 0.0) == 0.0
     c.service.stopService()
     assert c.registry.get_sample_value(REQUESTS, LABELS) == 1.0
-    assert c.registry.get_sample_value("icap_gateway_scanned_bytes_total", {"direction": "response"}) == 150.0
+    assert c.registry.get_sample_value("icap_gateway_scanned_bytes_total", {"direction": "response"}) == 180.0
     assert c.registry.get_sample_value("icap_gateway_scan_cache_total", {"result": "miss"}) == 2.0
+    assert c.registry.get_sample_value("icap_gateway_scan_cache_total", {"result": "hit"}) == 1.0
+    assert c.registry.get_sample_value("icap_gateway_scan_cache_total", {"result": "bypass"}) == 1.0
     assert c.registry.get_sample_value("icap_gateway_scan_thread_total", {"thread": "reactor"}) == 1.0
-    assert c.registry.get_sample_value("icap_gateway_scan_thread_total", {"thread": "pool"}) == 1.0
+    assert c.registry.get_sample_value("icap_gateway_scan_thread_total", {"thread": "pool"}) == 3.0
 
 
 def test_no_increment_is_lost_whatever_the_timing() -> None:

@@ -32,6 +32,17 @@ def test_same_body_is_answered_from_the_cache(make_scanner: Callable[..., YaraSc
     assert scanner.cache is not None and scanner.cache.stats.hits == 2 and scanner.cache.stats.misses == 2
 
 
+def test_each_verdict_says_what_the_cache_did_for_the_metrics(make_scanner: Callable[..., YaraScanner]) -> None:
+    """icap_gateway_scan_cache_total{result}: hit / (hit + miss) is the hit
+    ratio of the lookups made; a verdict the cache never saw is a bypass."""
+    scanner = cached_scanner(make_scanner)
+    assert [scan(scanner, EICAR).cache for _ in range(2)] == ["miss", "hit"]
+    unscannable = [scan(scanner, b"x" * 100, max_scan_size=10).cache for _ in range(2)]
+    assert unscannable == ["miss", "miss"]  # asked each time: an unscannable verdict is not kept
+    scanner.cache = None  # [scan] cache_entries = 0
+    assert [scan(scanner, EICAR).cache for _ in range(2)] == ["bypass", "bypass"]
+
+
 def test_unscannable_verdicts_are_not_cached_and_a_cached_match_keeps_its_reason(
     make_scanner: Callable[..., YaraScanner],
 ) -> None:
@@ -157,7 +168,8 @@ def test_scans_cheaper_than_the_cache_skip_it(make_scanner: Callable[..., YaraSc
     small, large = b"s" * 1000, b"l" * 5000
     assert [scan(scanner, taught(small)).detail for _ in range(2)] == ["", ""]  # scanned twice, never stored
     assert scanner.cache is not None and scanner.cache.stats.misses == 0
-    assert [scan(scanner, taught(large)).detail for _ in range(2)] == ["", "cached"]
+    assert scan(scanner, taught(small)).cache == "bypass"  # what the metrics count it as
+    assert [scan(scanner, taught(large)).cache for _ in range(2)] == ["miss", "hit"]
     assert scan(scanner, taught(EICAR)).outcome == "blocked"  # a cheap match is a match all the same
 
 

@@ -377,7 +377,7 @@ def test_as_inline_copies_every_field() -> None:
     from gateway.scanning.scanner import as_inline
 
     values = {"outcome": "blocked", "rules": ("a.b",), "detail": "d", "scanned_bytes": 7, "duration": 0.5,
-              "ruleset_version": "v1", "reason": "too-large", "action": "block", "inline": False}
+              "ruleset_version": "v1", "reason": "too-large", "action": "block", "inline": False, "cache": "hit"}
     assert set(values) == {f.name for f in fields(Verdict)}, "a new Verdict field: add it here and to as_inline"
     verdict = Verdict(**values)  # type: ignore[arg-type]
     assert as_inline(verdict) == replace(verdict, inline=True)
