@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-size", type=int)
     p.add_argument("--duration", type=float, help="measured seconds per row (3; --quick 2)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each row (1; --quick 0.5)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="measure every row in N whole passes and report each row's median (1); "
+                        "the targets are then decided on the medians")
     p.add_argument("--body-file", metavar="PATH",
                    help="send this file's bytes (scenario 'file'), made unique per request; a "
                         "directory: all its files, taken in turn")
@@ -112,6 +115,9 @@ def options_from(args: argparse.Namespace) -> Options:
     o.duration = args.duration if args.duration is not None else o.duration
     o.warmup = args.warmup if args.warmup is not None else o.warmup
     o.body_file = args.body_file
+    if args.repeat < 1:
+        raise SystemExit("--repeat takes a number of passes, 1 or more")
+    o.repeat = args.repeat
     o.huge = args.huge
     if args.huge_size:
         o.huge_size = args.huge_size

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -76,6 +77,9 @@ class Options:
     # connection counts of the worker-balance rows (gateway, 1 KiB, the empty
     # ruleset or else the first); empty: none
     balance: list[int] = field(default_factory=lambda: [4, 8])
+    # Whole passes over the servers and rows; each row is then the median of
+    # its passes (fold_passes): one pass's ratios move by 20-40 % here.
+    repeat: int = 1
 
 
 Row = dict[str, Any]
@@ -95,6 +99,8 @@ class Suite:
         self.special: list[Row] = []
         self.started = time.monotonic()
         self._rules: dict[str, Any] = {}
+        self._pass = 0
+        self.passes: list[Row] = []  # every row of every pass, with --repeat
 
     # --- running --------------------------------------------------------
 
@@ -116,6 +122,25 @@ class Suite:
             block_rs = resolve(BLOCK_RULESET)
             if block_rs is not None:
                 rulesets.append(block_rs)
+        for number in range(max(1, self.opts.repeat)):
+            self._pass = number
+            if self.opts.repeat > 1:
+                self.log(f"pass {self._pass + 1} of {self.opts.repeat}")
+            self._measure(rulesets)
+        if self.opts.repeat > 1:
+            self.passes = self.rows
+            self.rows = fold_passes(self.rows)
+        if self.opts.idle:
+            for target in self.opts.idle_targets:
+                self.run_idle(target)
+        if self.opts.huge:
+            for target in ("gateway", "pyicap"):
+                if target in self.opts.targets:
+                    self.run_huge(target)
+        return self.report()
+
+    def _measure(self, rulesets: list[Ruleset]) -> None:
+        """One pass over the servers: every row once."""
         if "cicap" in self.opts.targets and self.opts.scenarios:
             self.run_server("cicap", None, start_cicap)
         # raw YARA runs right before each server row it is compared with (the
@@ -134,17 +159,9 @@ class Suite:
             start = self._start_pyicap if target == "pyicap" else self._start_gateway
             for rs in rulesets:
                 balance = target == "gateway" and self.opts.balance \
-                    and rs.name == self.balance_ruleset()
+                    and rs.name == self.balance_ruleset() and self._pass == 0
                 if self.scenarios_for(rs) or balance:
                     self.run_server(target, rs, lambda rs=rs, start=start: start(rs))
-        if self.opts.idle:
-            for target in self.opts.idle_targets:
-                self.run_idle(target)
-        if self.opts.huge:
-            for target in ("gateway", "pyicap"):
-                if target in self.opts.targets:
-                    self.run_huge(target)
-        return self.report()
 
     def note(self, msg: str) -> None:
         self.notes.append(msg)
@@ -240,7 +257,8 @@ class Suite:
                     if rs is not None and "rawx" in self.opts.targets and target == "gateway":
                         self.run_rawx(rs, sc, target)
                     self.run_one(target, rs.name if rs else "-", sc, server, preview)
-            if target == "gateway" and rs is not None and rs.name == self.balance_ruleset():
+            # The worker balance in the first pass only: it is a share, not a speed.
+            if target == "gateway" and rs is not None and rs.name == self.balance_ruleset() and self._pass == 0:
                 for connections in self.opts.balance:
                     if server.alive():
                         self.run_balance(rs.name, server, connections)
@@ -402,6 +420,8 @@ class Suite:
                 "preview": preview, "concurrency": self.opts.concurrency}
 
     def _add(self, row: Row) -> None:
+        if self.opts.repeat > 1:
+            row["pass"] = self._pass + 1
         self.rows.append(row)
         self.log(format_row(row))
 
@@ -497,6 +517,7 @@ class Suite:
             "machine": machine_info(),
             "options": {k: v for k, v in asdict(self.opts).items()},
             "results": self.rows,
+            "passes": self.passes,
             "special": self.special,
             "ratios": ratios,
             "targets": self.targets(ratios),
@@ -514,6 +535,41 @@ MIN_REQUESTS = 50  # fewer requests traced to workers than this: no balance verd
 MIN_CPU_SECONDS = 0.25
 BALANCE_SHARE = 0.6
 KEY_SIZE = 64 * 1024  # signature-base: under this 0.75 x raw YARA, from this 0.9 x
+
+
+# What a row's passes are folded by: each its own median.  The rest of the
+# row (statuses, requests per process, the window's request count) is the
+# pass whose CPU per request is the median's, so it stays one real window.
+MEDIAN_FIELDS = ("rps", "mbps", "decoded_mbps", "p50_ms", "p99_ms", "server_cores", "generator_cores",
+                 "machine_cores", "generator_us_per_request", "cpu_ms_per_req")
+
+
+def fold_passes(rows: list[Row]) -> list[Row]:
+    """One row per (target, rules, body, preview, pairing, connections) in
+    the order first measured: the median of each of MEDIAN_FIELDS over its
+    passes, errors summed, ``runs`` and the spread of req/s and of CPU per
+    request kept (``rps_range``, ``cpu_range``)."""
+    groups: dict[tuple[Any, ...], list[Row]] = {}
+    for row in rows:
+        key = (row["target"], row["ruleset"], row["scenario"], row["preview"], row.get("pair"),
+               row.get("concurrency"))
+        groups.setdefault(key, []).append(row)
+    out: list[Row] = []
+    for group in groups.values():
+        by_cpu = sorted(group, key=lambda r: (r.get("cpu_ms_per_req") is None, r.get("cpu_ms_per_req") or 0.0))
+        folded = dict(by_cpu[(len(by_cpu) - 1) // 2])
+        folded.pop("pass", None)
+        for name in MEDIAN_FIELDS:
+            values = [r[name] for r in group if r.get(name) is not None]
+            if values:
+                folded[name] = statistics.median(values)
+        folded["errors"] = sum(int(r.get("errors") or 0) for r in group)
+        folded["runs"] = len(group)
+        for name, spread in (("rps", "rps_range"), ("cpu_ms_per_req", "cpu_range")):
+            values = [r[name] for r in group if r.get(name) is not None]
+            folded[spread] = [min(values), max(values)] if values else None
+        out.append(folded)
+    return out
 
 
 def _cpu_seconds(row: Row | None) -> float | None:
@@ -655,6 +711,9 @@ def markdown(report: dict[str, Any]) -> str:
            f"Python {m['python']}, yara-python {m['yara-python']}, yara-x {m['yara-x']}, "
            f"pyicap {m['pyicap']}, Twisted {m['twisted']}, c-icap {m['c-icap']}; "
            f"commit {m['commit']}; {m['date']}.", ""]
+    runs = max((r.get("runs", 1) for r in report["results"]), default=1)
+    if runs > 1:
+        out[-1:] = ["", f"Each row is the median of its {runs} passes (`--repeat {runs}`).", ""]
     ratio = {(x["target"], x["ruleset"], x["scenario"], x["preview"]): x for x in report["ratios"]}
     out.append("| target | rules | body | req/s | MB/s | p50 ms | p99 ms | err | srv cores | "
                "gen cores | busy cores | srv CPU ms/req | peak RSS MiB | conns/process | "
@@ -691,10 +750,16 @@ def table(report: dict[str, Any]) -> str:
     with_x = any(r["target"] == "rawx" for r in report["results"])
     if with_x:
         head += ["x rawx", "CPU x rawx"]
+    folded = any(r.get("runs", 1) > 1 for r in report["results"])
+    if folded:  # --repeat: each row is a median; how far its passes spread
+        head += ["passes", "CPU ms/req range"]
     lines = [head]
     for r in report["results"]:
         x = ratio.get((r["target"], r["ruleset"], r["scenario"], r["preview"]), {})
         extra = [_fmt(x.get("vs_rawx"), ".2f"), _fmt(x.get("cpu_vs_rawx"), ".2f")] if with_x else []
+        if folded:
+            spread = r.get("cpu_range")
+            extra += [str(r.get("runs", 1)), f"{spread[0]:.3f}-{spread[1]:.3f}" if spread else "-"]
         lines.append([
             _label(r), r["ruleset"], r["scenario"], str(r["preview"] or "off"),
             _fmt(r["rps"]), _fmt(r["mbps"]), _fmt(r["p50_ms"], ".2f"), _fmt(r["p99_ms"], ".2f"),

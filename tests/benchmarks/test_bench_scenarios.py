@@ -263,6 +263,79 @@ def test_req_per_s_targets_are_unsure_when_other_work_took_the_cores() -> None:
     assert v["gateway empty ruleset 1 KiB server CPU/transaction <= 3 x c-icap's"] is True
 
 
+def test_repeated_passes_fold_into_medians() -> None:
+    from benchmarks.runner import fold_passes
+
+    rows = [
+        {**_row("gateway", "empty", "1k", 7000, 0.20), "pass": 1, "errors": 0},
+        {**_row("pyicap", "empty", "1k", 9000, 0.10), "pass": 1},
+        {**_row("gateway", "empty", "1k", 5000, 0.30), "pass": 2, "errors": 2},
+        {**_row("pyicap", "empty", "1k", 9500, 0.09), "pass": 2},
+        {**_row("gateway", "empty", "1k", 8000, 0.18), "pass": 3, "errors": 0},
+        {**_row("pyicap", "empty", "1k", 8000, 0.12), "pass": 3},
+        {**_row("raw", "signature-base", "1k", 2000, 0.5, pair="gateway"), "pass": 1},
+        {**_row("raw", "signature-base", "1k", 2100, 0.5, pair="pyicap"), "pass": 1},
+    ]
+    folded = fold_passes(rows)
+    assert [(r["target"], r.get("pair")) for r in folded] == [
+        ("gateway", None), ("pyicap", None), ("raw", "gateway"), ("raw", "pyicap")]  # first-seen order
+    gateway = folded[0]
+    assert (gateway["rps"], gateway["cpu_ms_per_req"], gateway["runs"]) == (7000, 0.20, 3)
+    assert gateway["errors"] == 2 and "pass" not in gateway  # an error in any pass stays visible
+    assert gateway["cpu_range"] == [0.18, 0.30] and gateway["rps_range"] == [5000, 8000]
+    assert folded[1]["cpu_ms_per_req"] == 0.10 and folded[2]["runs"] == 1
+    report = _suite(folded)
+    assert {t["target"]: t["value"] for t in report["targets"]}[
+        "gateway CPU/transaction <= pyicap's, empty 1k"] == 2.0  # decided on the medians
+    from benchmarks.runner import table
+
+    assert "0.180-0.300" in table(report)
+
+
+def test_repeat_runs_every_server_each_pass_and_the_balance_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import runner
+    from benchmarks.__main__ import build_parser, options_from
+
+    opts = options_from(build_parser().parse_args(
+        ["--repeat", "2", "--targets", "pyicap,gateway", "--rulesets", "empty", "--scenarios", "1k",
+         "--idle", "0", "--balance", "4"]))
+    assert opts.repeat == 2
+    suite = runner.Suite(opts, log=lambda _msg: None)
+
+    class Server:  # what run_server asks of a started server
+        port, preview_size, info = 0, None, {}  # type: ignore[var-annotated]
+
+        def __init__(self, target: str) -> None:
+            self.target = target
+            self.proc = type("Proc", (), {"returncode": None})()
+
+        def __enter__(self) -> Server:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def alive(self) -> bool:
+            return True
+
+    calls: list[tuple[int, str]] = []
+
+    def run_one(target: str, ruleset: str, sc: str, server: object, preview: object) -> None:
+        calls.append((suite._pass, target))
+        suite._add(_row(target, ruleset, sc, 1000 * (suite._pass + 1), 0.1 * (suite._pass + 1)))
+
+    monkeypatch.setattr(suite, "_start_pyicap", lambda rs: Server("pyicap"))
+    monkeypatch.setattr(suite, "_start_gateway", lambda rs: Server("gateway"))
+    monkeypatch.setattr(suite, "run_one", run_one)
+    monkeypatch.setattr(suite, "run_balance", lambda *a: calls.append((suite._pass, "balance")))
+    report = suite.run()
+    assert calls == [(0, "pyicap"), (0, "gateway"), (0, "balance"), (1, "pyicap"), (1, "gateway")]
+    assert [r["runs"] for r in report["results"]] == [2, 2] and len(report["passes"]) == 4
+    assert report["results"][0]["cpu_ms_per_req"] == pytest.approx(0.15)
+    with pytest.raises(SystemExit):
+        options_from(build_parser().parse_args(["--repeat", "0"]))
+
+
 def test_block_scenarios_run_only_with_the_rules_they_match() -> None:
     from benchmarks.runner import Options, Suite
 
