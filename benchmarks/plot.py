@@ -102,7 +102,9 @@ def plot_throughput(report: dict[str, Any], path: str | Path) -> Path | None:
             ax.legend(fontsize="small")
     m = report.get("machine", {})
     opts = report.get("options", {})
-    fig.suptitle(f"Throughput against body size, one run\n{m.get('cores', '?')} cores, "
+    passes = int(opts.get("repeat") or 1)
+    which = f"the median of {passes} passes" if passes > 1 else "one run"
+    fig.suptitle(f"Throughput against body size, {which}\n{m.get('cores', '?')} cores, "
                  f"{opts.get('concurrency', '?')} connections, commit {m.get('commit', '?')}, "
                  f"{m.get('date', '')}", fontsize="medium")
     fig.tight_layout()
