@@ -564,7 +564,9 @@ def fold_passes(rows: list[Row]) -> list[Row]:
             if values:
                 folded[name] = statistics.median(values)
         folded["errors"] = sum(int(r.get("errors") or 0) for r in group)
-        folded["runs"] = len(group)
+        # Passes, not rows: with --preview both, raw YARA runs before each
+        # preview's row, twice a pass (both windows enter its medians).
+        folded["runs"] = len({r.get("pass") for r in group})
         for name, spread in (("rps", "rps_range"), ("cpu_ms_per_req", "cpu_range")):
             values = [r[name] for r in group if r.get(name) is not None]
             folded[spread] = [min(values), max(values)] if values else None
@@ -711,7 +713,7 @@ def markdown(report: dict[str, Any]) -> str:
            f"Python {m['python']}, yara-python {m['yara-python']}, yara-x {m['yara-x']}, "
            f"pyicap {m['pyicap']}, Twisted {m['twisted']}, c-icap {m['c-icap']}; "
            f"commit {m['commit']}; {m['date']}.", ""]
-    runs = max((r.get("runs", 1) for r in report["results"]), default=1)
+    runs = int(report.get("options", {}).get("repeat") or 1)
     if runs > 1:
         out[-1:] = ["", f"Each row is the median of its {runs} passes (`--repeat {runs}`).", ""]
     ratio = {(x["target"], x["ruleset"], x["scenario"], x["preview"]): x for x in report["ratios"]}

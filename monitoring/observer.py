@@ -77,8 +77,10 @@ class MonitoringObserver:
     def scan_finished(self, verdict: Verdict, direction: Direction) -> None:
         try:
             # Too large to scan at all: no YARA ran, as the older "unscanned".
+            # Not a cache hit: that scanned nothing either, but was asked for
+            # (a match in the part decoded before max_scan_size, kept).
             outcome = ("unscanned" if verdict.reason == "too-large" and not verdict.scanned_bytes
-                       else verdict.outcome)
+                       and verdict.cache != "hit" else verdict.outcome)
             self.metrics.scan_finished(
                 direction, outcome, verdict.scanned_bytes, verdict.duration, verdict.rules,
                 cache=verdict.cache, inline=verdict.inline,

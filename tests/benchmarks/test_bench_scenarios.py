@@ -290,6 +290,9 @@ def test_repeated_passes_fold_into_medians() -> None:
     from benchmarks.runner import table
 
     assert "0.180-0.300" in table(report)
+    # --preview both: raw YARA runs before each preview's row, twice a pass.
+    twice = [{**_row("raw", "empty", "1k", 9000 + n, 0.01, pair="gateway"), "pass": n // 2 + 1} for n in range(4)]
+    assert fold_passes(twice)[0]["runs"] == 2
 
 
 def test_repeat_runs_every_server_each_pass_and_the_balance_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,6 +43,31 @@ def test_each_verdict_says_what_the_cache_did_for_the_metrics(make_scanner: Call
     assert [scan(scanner, EICAR).cache for _ in range(2)] == ["bypass", "bypass"]
 
 
+def test_a_cached_match_in_a_too_large_body_counts_as_a_hit(make_scanner: Callable[..., YaraScanner]) -> None:
+    # Found by a review of the bypass label: such a verdict scanned nothing
+    # (scanned_bytes 0, reason too-large), so the observer took it for a body
+    # never scanned, and no scan_cache{result} counted it at all.
+    from prometheus_client import CollectorRegistry
+    from twisted.internet import task
+
+    from monitoring.metrics import GatewayMetrics
+    from monitoring.observer import MonitoringObserver
+
+    scanner = cached_scanner(make_scanner)
+    body = gzip.compress(EICAR + bytes(200_000), 9)
+    verdicts = [scan(scanner, body, content_encoding="gzip", max_scan_size=100_000) for _ in range(2)]
+    assert [(v.outcome, v.reason, v.cache) for v in verdicts] == [
+        ("blocked", "too-large", "miss"), ("blocked", "too-large", "hit")]
+    clock, registry = task.Clock(), CollectorRegistry()
+    observer = MonitoringObserver(GatewayMetrics(registry, clock=clock), clock=clock)
+    for verdict in verdicts:
+        observer.scan_finished(verdict, "response")
+    clock.advance(10)
+    counted = {r: registry.get_sample_value("icap_gateway_scan_cache_total", {"result": r})
+               for r in ("hit", "miss", "bypass")}
+    assert counted == {"hit": 1.0, "miss": 1.0, "bypass": 0.0}
+
+
 def test_unscannable_verdicts_are_not_cached_and_a_cached_match_keeps_its_reason(
     make_scanner: Callable[..., YaraScanner],
 ) -> None:
