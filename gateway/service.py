@@ -229,8 +229,10 @@ def build_gateway(
         RulesService(manager).setServiceParent(top)
 
     cache = VerdictCache(config.scan.cache_entries) if config.scan.cache_entries else None
-    default_scanner = YaraScanner(rules, reactor, pool, config.scan, spool_dir, cache=cache)
-    ruleset_scanners = {name: YaraScanner(manager, reactor, pool, config.scan, spool_dir, cache=cache)
+    closed = monitoring.observer.inline_scans_closed
+    default_scanner = YaraScanner(rules, reactor, pool, config.scan, spool_dir, cache=cache, on_inline_closed=closed)
+    ruleset_scanners = {name: YaraScanner(manager, reactor, pool, config.scan, spool_dir, cache=cache,
+                                          on_inline_closed=closed)
                         for name, manager in rulesets.items()}  # the cache keys on each set's version
     scanner = RulesetScanners(default_scanner, ruleset_scanners)
     late_blocks = None

@@ -336,6 +336,11 @@ class GatewayMetrics:
             "cheap ruleset, [scan] inline_budget) or pool (a scanning thread)", ["thread"], registry=reg,
         )
         self._thread_children = {t: self.scan_thread.labels(t) for t in ("reactor", "pool")}
+        self.inline_closures = Counter(
+            f"{PREFIX}_inline_scans_closed", "Times a scan of a small body took over 20 ms of CPU, which ends "
+            "inline scans of its ruleset: its small bodies then go through the scanning threads until a reload "
+            "changes the rules", registry=reg,
+        )
         self.unscannable = Counter(
             f"{PREFIX}_unscannable", "Bodies not scanned whole, by reason and what became of them",
             ["direction", "reason", "action"], registry=reg,
@@ -569,6 +574,9 @@ class GatewayMetrics:
 
     def connection_dropped(self, reason: str) -> None:
         self._add(self.connections_dropped.labels(reason))
+
+    def inline_scans_closed(self) -> None:
+        self._add(self.inline_closures)
 
     def late_block(self, event: str) -> None:
         child = self._late_block_children.get(event)

@@ -58,6 +58,14 @@ class MonitoringObserver:
         except Exception:
             self._fault()
 
+    def inline_scans_closed(self, version: str) -> None:
+        """A stall ended inline scans of ruleset ``version`` (not a label:
+        versions are many over a gateway's life)."""
+        try:
+            self.metrics.inline_scans_closed()
+        except Exception:
+            self._fault()
+
     def transaction_finished(self, record: TransactionRecord) -> None:
         try:
             self.metrics.request_finished(

@@ -158,8 +158,12 @@ class YaraScanner:
         *,
         clock: Callable[[], float] = time.monotonic,
         cache: VerdictCache | None = None,
+        on_inline_closed: Callable[[str], object] | None = None,
     ) -> None:
+        """``on_inline_closed(version)``: on the reactor thread, once a stall
+        ended inline scans of that ruleset version (the metrics count it)."""
         self.cache = cache
+        self._on_inline_closed = on_inline_closed
         self._rules = rules
         self._reactor = reactor
         self._pool = pool
@@ -236,9 +240,12 @@ class YaraScanner:
         on_verdict(as_inline(verdict))
 
     def _log_stall(self, size: int, took: float, compiled: CompiledRules, where: str) -> None:
+        """In the thread that measured the stall (a scanning thread or the reactor's)."""
         log.warn("a {size}-byte scan took {ms:.1f} ms of CPU in {where}: ruleset {version} is scanned only in "
                  "the scanning threads from now on", size=size, ms=took * 1000, where=where,
                  version=compiled.version)
+        if self._on_inline_closed is not None:
+            self._completions.deliver(self._on_inline_closed, compiled.version)
 
     def _verdict_ready(self, on_verdict: Callable[[Verdict], object], version: str, ok: bool, result: Any) -> None:
         """In the scanning thread (or the caller's, if the pool is stopped)."""

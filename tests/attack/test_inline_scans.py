@@ -80,7 +80,9 @@ def test_a_hostile_body_stalls_the_reactor_once_and_no_longer_than_yaras_shortes
     pool = TimedPool()
     manager = RulesManager(tmp_path / "rules", reactor, pool, interval=0)  # type: ignore[arg-type]
     manager.load_now()
-    scanner = YaraScanner(manager, reactor, pool, ScanSettings(timeout=2.0), tmp_path / "spool")  # type: ignore[arg-type]
+    closed: list[str] = []
+    scanner = YaraScanner(manager, reactor, pool, ScanSettings(timeout=2.0), tmp_path / "spool",  # type: ignore[arg-type]
+                          on_inline_closed=closed.append)
     hostile = b"AB" * 32768  # 64 KiB: within INLINE_MAX_BYTES
     held = []
     for _ in range(2):
@@ -93,6 +95,7 @@ def test_a_hostile_body_stalls_the_reactor_once_and_no_longer_than_yaras_shortes
     assert held[0] <= INLINE_TIMEOUT + 0.5, held  # once, bounded by YARA's shortest timeout
     assert held[1] < 0.1, held  # never again for this ruleset: straight to the threads
     assert scanner._inline.stalls == 1
+    assert closed == [manager.version]  # the metrics hear of it once (icap_gateway_inline_scans_closed_total)
 
 
 def test_verdict_cache_hits_do_not_make_a_costly_size_class_look_cheap(

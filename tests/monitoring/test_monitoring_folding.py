@@ -133,6 +133,7 @@ def test_the_service_stop_folds_what_waits(monkeypatch: pytest.MonkeyPatch) -> N
     c.observer.scan_finished(Verdict("clean", scanned_bytes=0, duration=0.0001, detail="cached", cache="hit"),
                              "response")
     c.observer.scan_finished(Verdict("clean", scanned_bytes=30, duration=0.0001), "response")
+    c.observer.inline_scans_closed("v1")
     assert (c.registry.get_sample_value(REQUESTS, LABELS) or 0.0) == 0.0
     c.service.stopService()
     assert c.registry.get_sample_value(REQUESTS, LABELS) == 1.0
@@ -142,6 +143,7 @@ def test_the_service_stop_folds_what_waits(monkeypatch: pytest.MonkeyPatch) -> N
     assert c.registry.get_sample_value("icap_gateway_scan_cache_total", {"result": "bypass"}) == 1.0
     assert c.registry.get_sample_value("icap_gateway_scan_thread_total", {"thread": "reactor"}) == 1.0
     assert c.registry.get_sample_value("icap_gateway_scan_thread_total", {"thread": "pool"}) == 3.0
+    assert c.registry.get_sample_value("icap_gateway_inline_scans_closed_total") == 1.0
 
 
 def test_no_increment_is_lost_whatever_the_timing() -> None:

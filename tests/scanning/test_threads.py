@@ -111,3 +111,29 @@ def test_reload_compiles_outside_the_scanning_threads(tmp_path: Path, monkeypatc
     finally:
         yield gateway.service.stopService()
     assert compiled_in and all(name.startswith("rules-compile") for name in compiled_in)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_stall_reaches_the_metrics_of_the_built_gateway(tmp_path: Path) -> Any:
+    """build_gateway hands the scanners the observer: a stall measured in any
+    thread is counted on the reactor (icap_gateway_inline_scans_closed_total)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from gateway.config import parse_config
+    from gateway.service import build_gateway
+
+    write_rule(tmp_path / "rules", "a.yar", 'rule a { strings: $a = "one" condition: $a }\n')
+    config = parse_config({"server": {"state_dir": str(tmp_path / "state"), "listen": ["tcp:0:interface=127.0.0.1"]},
+                           "scan": {"rules": str(tmp_path / "rules")},
+                           "monitoring": {"metrics_listen": "tcp:0:interface=127.0.0.1"}}, "test")
+    gateway = build_gateway(config, reactor)
+    scanner = gateway.context.scanner.default
+    assert gateway.rules.current is not None
+    stalled = threading.Thread(target=scanner._log_stall, args=(1000, 0.05, gateway.rules.current, "a test"))
+    stalled.start()
+    stalled.join()
+    yield deferLater(reactor, 0.05, lambda: None)  # the completion queue's reactor call
+    gateway.monitoring.service.stopService()  # folds what waits
+    registry = gateway.monitoring.registry
+    assert registry.get_sample_value("icap_gateway_inline_scans_closed_total") == 1.0
