@@ -236,6 +236,16 @@ class _Estimate:
         self.closed = False  # a stall: no inline scan of this ruleset any more
 
 
+def _learnt_mean(estimate: _Estimate, ruleset: str, size: int) -> float | None:
+    """The mean CPU seconds of a scan of ``size`` bytes with ``ruleset``,
+    once INLINE_LEARN_SCANS scans of its size class taught it; else None
+    (a body too large to be estimated, another ruleset, still learning)."""
+    if size > INLINE_MAX_BYTES or estimate.ruleset != ruleset:
+        return None
+    c = size_class(size)
+    return estimate.means[c] if estimate.counts[c] >= INLINE_LEARN_SCANS else None
+
+
 class InlineScans:
     """Decides, per scan, whether it runs on the reactor thread: only a
     small body (``INLINE_MAX_BYTES``) of a ruleset whose scans of that size
@@ -261,25 +271,18 @@ class InlineScans:
         self.stalls = 0  # scans that ended inline scans of their ruleset
 
     def allows(self, ruleset: str, size: int) -> bool:
-        if size > INLINE_MAX_BYTES or self.budget <= 0:
+        if self.budget <= 0:
             return False
         estimate = self._estimate
-        if estimate.ruleset != ruleset or estimate.closed:
-            return False
-        c = size_class(size)
-        return estimate.counts[c] >= INLINE_LEARN_SCANS and estimate.means[c] <= self.budget
+        mean = _learnt_mean(estimate, ruleset, size)
+        return mean is not None and not estimate.closed and mean <= self.budget
 
     def cheaper_than(self, ruleset: str, size: int, seconds: float) -> bool:
         """Scans of ``size`` bytes with ``ruleset`` were measured (learnt, as
         for :meth:`allows`) to cost under ``seconds`` of CPU on average.
         Inline scans or not: the verdict cache asks it too."""
-        if size > INLINE_MAX_BYTES:
-            return False
-        estimate = self._estimate
-        if estimate.ruleset != ruleset:
-            return False
-        c = size_class(size)
-        return estimate.counts[c] >= INLINE_LEARN_SCANS and estimate.means[c] < seconds
+        mean = _learnt_mean(self._estimate, ruleset, size)
+        return mean is not None and mean < seconds
 
     def observe(self, ruleset: str, size: int, seconds: float, *, full: bool = True) -> bool:
         """A scan of ``size`` bytes with ``ruleset`` took ``seconds`` of CPU;
